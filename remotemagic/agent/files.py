@@ -1,0 +1,242 @@
+"""On-disk layout of a target's root, atomic writes and object (pickle) files.
+
+Layout under the root (folders 0700, files 0600 -- pickles are code)::
+
+    agent/<version>/remotemagic_agent/   this package, as shipped
+    objects/<sha256>                     content-addressed pushed values (bounded, LRU)
+    store/<name>.obj, store/<name>.json  %ec2_store values and their metadata
+    sessions/<name>/                     one worker per session: lock, pid, socket, log
+    jobs/<job id>/                       spec.json, events.jsonl, status.json, outputs/<name>.obj
+
+An object file is ``MAGIC``, a count of out-of-band buffers, the length of the pickle and of each
+buffer, the pickle (protocol 5), then the buffers. Loading reads each buffer straight into its
+final bytearray, so a 1 GiB array needs 1 GiB, not 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import struct
+import tempfile
+from typing import Any, BinaryIO, Iterable
+
+MAGIC = b"RMOBJ1\n"
+_COUNT = struct.Struct(">IQ")  # number of buffers, pickle length
+_LEN = struct.Struct(">Q")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+JOB_RE = re.compile(r"^\d{8}-\d{6}-\d{3}-[0-9a-f]{4}$")
+TERMINAL = ("done", "error", "interrupted", "failed", "timeout", "cancelled")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Refuse names that could escape their folder (``..``, ``/``, empty, too long)."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"invalid {kind} name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            "not starting with '.' or '-'"
+        )
+    return name
+
+
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_RE.match(job_id):
+        raise ValueError(f"invalid job id {job_id!r} (expected like 20260101-120000-123-ab12)")
+    return job_id
+
+
+def private_dir(path: str) -> str:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview]) -> int:
+    """Write to a temporary file beside ``path``, fsync, rename over ``path``. Returns bytes."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                size += len(memoryview(chunk).cast("B")) if not isinstance(chunk, bytes) else len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(folder)
+    return size
+
+
+def write_json(path: str, data: Any) -> None:
+    atomic_write(path, [json.dumps(data, indent=1, sort_keys=True).encode()])
+
+
+def read_json(path: str, default: Any = None) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return default
+    except ValueError:
+        return default
+
+
+class Encoded:
+    """A value pickled with protocol 5: the pickle and its out-of-band buffers, not yet joined."""
+
+    def __init__(self, header: bytes, buffers: list[memoryview]):
+        self.pickle = header
+        self.buffers = buffers
+        self.prefix = MAGIC + _COUNT.pack(len(buffers), len(header)) + b"".join(
+            _LEN.pack(len(b)) for b in buffers
+        )
+        self.size = len(self.prefix) + len(header) + sum(len(b) for b in buffers)
+        self._digest: str | None = None
+
+    def parts(self) -> list[bytes | memoryview]:
+        return [self.prefix, self.pickle, *self.buffers]
+
+    def chunks(self, size: int = 256 * 1024) -> Iterable[memoryview]:
+        for part in self.parts():
+            view = memoryview(part).cast("B")
+            for start in range(0, len(view), size):
+                yield view[start : start + size]
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            h = hashlib.sha256()
+            for part in self.parts():
+                h.update(part)
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+def encode(value: Any, dumps: Any = None) -> Encoded:
+    """Pickle ``value`` (cloudpickle by default) keeping large buffers out of band."""
+    if dumps is None:
+        import cloudpickle
+
+        dumps = cloudpickle.dumps
+    buffers: list[memoryview] = []
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        try:
+            view = buf.raw()
+        except BufferError:  # not contiguous: let pickle copy it in band
+            return True
+        if view.nbytes < 64 * 1024:
+            return True
+        buffers.append(view.cast("B") if view.format != "B" else view)
+        return False
+
+    header = dumps(value, protocol=5, buffer_callback=keep)
+    return Encoded(header, buffers)
+
+
+def write_object(path: str, enc: Encoded) -> int:
+    return atomic_write(path, enc.chunks())
+
+
+def read_object(f: BinaryIO) -> Any:
+    """Load a value from an object file (or stream) written by ``write_object``."""
+    magic = f.read(len(MAGIC))
+    if magic != MAGIC:
+        raise ValueError("not a remotemagic object file (bad magic)")
+    nbuf, hlen = _COUNT.unpack(_read(f, _COUNT.size))
+    lengths = [_LEN.unpack(_read(f, _LEN.size))[0] for _ in range(nbuf)]
+    header = _read(f, hlen)
+    buffers = []
+    for n in lengths:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = f.readinto(view[got:])
+            if not k:
+                raise ValueError("object file is truncated")
+            got += k
+        buffers.append(buf)
+    return pickle.loads(header, buffers=buffers)
+
+
+def load_object(path: str) -> Any:
+    with open(path, "rb", buffering=0) as f:
+        return read_object(f)
+
+
+def _read(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("object file is truncated")
+    return data
+
+
+def preview(value: Any, width: int = 60) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ must not break storing
+        text = f"<unrepresentable: {type(exc).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def type_name(value: Any) -> str:
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+class store_lock:
+    """Serialises store writers across agents and workers (flock on ``store/.lock``)."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(private_dir(os.path.join(root, "store")), ".lock")
+
+    def __enter__(self) -> "store_lock":
+        import fcntl
+
+        self.f = open(self.path, "a+")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+def link_or_copy(src: str, dest: str) -> None:
+    """Atomically make ``dest`` hold the bytes of ``src`` (a hard link where possible)."""
+    folder = os.path.dirname(dest)
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(dest)}")
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as f:
+            atomic_write(tmp, iter(lambda: f.read(1 << 20), b""))
+    os.replace(tmp, dest)
+    fsync_dir(folder)

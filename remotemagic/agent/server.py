@@ -1,0 +1,647 @@
+"""The agent: ``python -m remotemagic_agent.server ROOT``, speaking frames on stdin/stdout.
+
+One agent runs per connection (a pipe to a local subprocess, or one SSH exec channel). It is
+stateless beyond that connection: everything it knows is on disk under ROOT, so a new agent
+after a dropped link picks up exactly where the last one was. Workers are separate detached
+processes and outlive it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from . import PROTOCOL, files, wire
+from .worker import mark_orphans
+
+DATA = 1024 * 1024
+WORKER_START_TIMEOUT = 120.0
+
+
+class RequestError(Exception):
+    """An error to report to the client as-is (``kind`` becomes the local exception class)."""
+
+    def __init__(self, message: str, kind: str = "RemoteRequestError"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class Upload:
+    def __init__(self, tmp: str, final: str, size: int, digest: str | None, offset: int = 0):
+        self.tmp, self.final, self.size, self.digest = tmp, final, size, digest
+        mode = "r+b" if offset else "wb"
+        self.f = open(tmp, mode)
+        if offset:
+            self.f.truncate(offset)
+            self.f.seek(offset)
+        self.received = offset
+        self.hash = hashlib.sha256() if digest else None
+        self.error: str | None = None
+
+    def write(self, data: bytearray) -> None:
+        if self.error:
+            return
+        try:
+            self.f.write(data)
+        except OSError as exc:  # disk full: remember, answer at the end, keep reading frames
+            self.error = f"{type(exc).__name__}: {exc}"
+        if self.hash:
+            self.hash.update(data)
+        self.received += len(data)
+
+
+class Agent:
+    def __init__(self, root: str, out: Any):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.writer = wire.FrameWriter(out.write, out.flush)
+        self.uploads: dict[int, Upload] = {}
+        self.cancelled: set[int] = set()
+        self.children: list[subprocess.Popen] = []
+        for sub in ("objects", "store", "sessions", "jobs"):
+            files.private_dir(os.path.join(self.root, sub))
+        self.agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    # -- plumbing --------------------------------------------------------------------------
+    def serve(self, readinto: Callable[[memoryview], int]) -> None:
+        while True:
+            try:
+                header, payload = wire.read_frame(readinto)
+            except wire.ConnectionLost:
+                break
+            rid = header.get("id", 0)
+            op = header.get("op", "")
+            if op in ("data", "upload_begin", "upload_end"):
+                try:
+                    self.upload_frame(rid, op, header, payload)
+                except Exception as exc:
+                    self.uploads.pop(rid, None)
+                    self.fail(rid, exc)
+                continue
+            if op == "cancel_stream":
+                self.cancelled.add(int(header.get("target", -1)))
+                continue
+            threading.Thread(target=self.handle, args=(rid, op, header), daemon=True).start()
+        for up in self.uploads.values():  # a dropped link: object temps go, file .rmpart stays
+            up.f.close()
+            if up.digest:
+                try:
+                    os.unlink(up.tmp)
+                except OSError:
+                    pass
+
+    def handle(self, rid: int, op: str, req: dict[str, Any]) -> None:
+        method = getattr(self, "op_" + op, None)
+        try:
+            if method is None:
+                raise RequestError(f"unknown request {op!r} (agent protocol {PROTOCOL})")
+            result = method(rid, req)
+            payload = b""
+            if isinstance(result, tuple):
+                result, payload = result
+            self.writer.send({"id": rid, "ok": True, "result": result}, payload)
+        except Exception as exc:
+            self.fail(rid, exc)
+        finally:
+            self.cancelled.discard(rid)
+
+    def fail(self, rid: int, exc: BaseException) -> None:
+        kind = getattr(exc, "kind", type(exc).__name__)
+        detail = "" if isinstance(exc, (RequestError, ValueError, KeyError, FileNotFoundError)) else traceback.format_exc()
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        self.writer.send({"id": rid, "ok": False, "error": {"type": kind, "message": message, "detail": detail}})
+
+    def more(self, rid: int, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+        self.writer.send({"id": rid, "more": True, **header}, payload)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    # -- uploads (handled in the reader thread, in order) -------------------------------------
+    def upload_frame(self, rid: int, op: str, header: dict[str, Any], payload: bytearray) -> None:
+        if op == "upload_begin":
+            if header.get("kind") == "object":
+                digest = header["hash"]
+                if not all(c in "0123456789abcdef" for c in digest) or len(digest) != 64:
+                    raise RequestError(f"invalid object hash {digest!r}")
+                final = self.path("objects", digest)
+                tmp = self.path("objects", f".tmp-{os.getpid()}-{rid}")
+                self.uploads[rid] = Upload(tmp, final, int(header["size"]), digest)
+            else:
+                final = self.user_path(header["dest"])
+                files.private_dir(os.path.dirname(final)) if not os.path.isdir(os.path.dirname(final)) else None
+                tmp = final + ".rmpart"
+                offset = int(header.get("offset", 0))
+                if offset and (not os.path.exists(tmp) or os.path.getsize(tmp) < offset):
+                    raise RequestError(f"cannot resume {final}: partial file is missing or shorter")
+                up = Upload(tmp, final, int(header["size"]), None, offset)
+                up.mode = header.get("mode")  # type: ignore[attr-defined]
+                self.uploads[rid] = up
+        elif op == "data":
+            up = self.uploads.get(rid)
+            if up is not None:
+                up.write(payload)
+        else:
+            up = self.uploads.pop(rid, None)
+            if up is None:
+                raise RequestError("upload_end without upload_begin")
+            threading.Thread(target=self.finish_upload, args=(rid, up), daemon=True).start()
+
+    def finish_upload(self, rid: int, up: Upload) -> None:
+        try:
+            try:
+                up.f.flush()
+                os.fsync(up.f.fileno())
+            except OSError as exc:
+                up.error = up.error or f"{type(exc).__name__}: {exc}"
+            up.f.close()
+            if up.error:
+                if up.digest:
+                    os.unlink(up.tmp)
+                raise RequestError(f"writing {up.final} on the target failed: {up.error}", "RemoteDiskError")
+            if up.received != up.size:
+                raise RequestError(f"upload of {up.final} incomplete: {up.received} of {up.size} bytes")
+            if up.digest and up.hash and up.hash.hexdigest() != up.digest:
+                os.unlink(up.tmp)
+                raise RequestError("uploaded object does not match its hash (corrupted in transit)")
+            mode = getattr(up, "mode", None)
+            if mode is not None:
+                os.chmod(up.tmp, int(mode) & 0o777)
+            os.replace(up.tmp, up.final)
+            files.fsync_dir(os.path.dirname(up.final))
+            self.writer.send({"id": rid, "ok": True, "result": {"size": up.received, "path": up.final}})
+        except Exception as exc:
+            self.fail(rid, exc)
+
+    # -- basics ----------------------------------------------------------------------------
+    def op_hello(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        import cloudpickle
+
+        try:
+            import IPython
+
+            ipy = IPython.__version__
+        except ImportError:
+            ipy = None
+        return {
+            "protocol": PROTOCOL,
+            "python": platform.python_version(),
+            "executable": sys.executable,
+            "cloudpickle": cloudpickle.__version__,
+            "ipython": ipy,
+            "root": self.root,
+            "home": os.path.expanduser("~"),
+            "pid": os.getpid(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        }
+
+    def op_ping(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {"time": time.time()}
+
+    # -- values ------------------------------------------------------------------------------
+    def op_has_objects(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        missing = []
+        for digest in req.get("hashes", []):
+            path = self.path("objects", digest)
+            if os.path.exists(path):
+                os.utime(path)
+            else:
+                missing.append(digest)
+        return {"missing": missing}
+
+    def op_evict_objects(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Drop least recently used objects until the cache is under ``limit`` bytes."""
+        limit = int(req["limit"])
+        odir = self.path("objects")
+        entries = []
+        for name in os.listdir(odir):
+            if name.startswith("."):
+                continue
+            st = os.stat(os.path.join(odir, name))
+            entries.append((st.st_mtime, st.st_size, name))
+        entries.sort()
+        total = sum(e[1] for e in entries)
+        removed = 0
+        keep = set(req.get("keep", []))
+        for _, size, name in entries:
+            if total <= limit:
+                break
+            if name in keep:
+                continue
+            os.unlink(os.path.join(odir, name))
+            total -= size
+            removed += 1
+        return {"removed": removed, "total": total}
+
+    # -- sessions and workers -----------------------------------------------------------------
+    def session_dir(self, session: str) -> str:
+        return files.private_dir(self.path("sessions", files.check_name("session", session)))
+
+    @staticmethod
+    def worker_alive(sdir: str) -> bool:
+        try:
+            with open(os.path.join(sdir, "lock"), "a+") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    return True
+                return False
+        except OSError:
+            return False
+
+    def ensure_worker(self, session: str, cwd: str) -> str | None:
+        sdir = self.session_dir(session)
+        with open(os.path.join(sdir, "start.lock"), "a+") as start_lock:
+            fcntl.flock(start_lock, fcntl.LOCK_EX)
+            if self.worker_alive(sdir) and os.path.exists(os.path.join(sdir, "worker.json")):
+                return None
+            deadline = time.monotonic() + 10
+            while self.worker_alive(sdir) and time.monotonic() < deadline:
+                time.sleep(0.02)  # a supervisor is still recording its worker's death
+            notice = None
+            died = files.read_json(os.path.join(sdir, "died.json"))
+            if died:
+                notice = (
+                    f"the previous worker of session '{session}' stopped ({died.get('cause')}); "
+                    "its namespace was lost -- this job starts in a fresh one"
+                )
+                os.replace(os.path.join(sdir, "died.json"), os.path.join(sdir, "died.prev.json"))
+            fifo = os.path.join(sdir, "in.fifo")
+            if not os.path.exists(fifo):
+                os.mkfifo(fifo, 0o600)
+            try:
+                os.unlink(os.path.join(sdir, "worker.json"))
+            except FileNotFoundError:
+                pass
+            env = dict(os.environ)
+            env["PYTHONPATH"] = self.agent_dir
+            env["PYTHONUNBUFFERED"] = "1"
+            log = open(os.path.join(sdir, "worker.log"), "ab")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "remotemagic_agent.worker", self.root, session, cwd],
+                cwd=self.agent_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
+            log.close()
+            threading.Thread(target=proc.wait, daemon=True).start()
+            deadline = time.monotonic() + WORKER_START_TIMEOUT
+            while not os.path.exists(os.path.join(sdir, "worker.json")):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = _tail(os.path.join(sdir, "worker.log"))
+                    raise RequestError(f"the worker for session '{session}' did not start:\n{tail}", "WorkerStartError")
+                time.sleep(0.01)
+            return notice
+
+    def submit(self, session: str, job_id: str, cwd: str) -> str | None:
+        notice = self.ensure_worker(session, cwd)
+        fifo = os.path.join(self.session_dir(session), "in.fifo")
+        for _attempt in range(3):
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # no reader: the worker has just died; start another
+                notice = self.ensure_worker(session, cwd) or notice
+                continue
+            try:
+                os.write(fd, job_id.encode() + b"\n")
+            finally:
+                os.close(fd)
+            return notice
+        raise RequestError(f"could not hand job {job_id} to the worker of session '{session}'")
+
+    def op_run(self, rid: int, req: dict[str, Any]) -> Any:
+        spec = dict(req["spec"])
+        job_id = files.check_job_id(spec["id"])
+        session = files.check_name("session", spec.get("session", "default"))
+        for digest in (spec.get("inputs") or {}).values():
+            if not os.path.exists(self.path("objects", digest)):
+                raise RequestError(f"pushed value {digest[:12]} is missing on the target", "MissingObject")
+        jdir = self.path("jobs", job_id)
+        os.makedirs(jdir, mode=0o700)
+        spec["submitted"] = time.time()
+        files.write_json(os.path.join(jdir, "spec.json"), spec)
+        files.write_json(os.path.join(jdir, "status.json"), {"state": "queued"})
+        open(os.path.join(jdir, "events.jsonl"), "ab").close()
+        files.atomic_write(os.path.join(jdir, "queued"), [b""])
+        cwd = os.path.expanduser(spec.get("cwd") or "~")
+        try:
+            notice = self.submit(session, job_id, cwd)
+        except Exception as exc:
+            mark_orphans(self.root, session, f"could not start: {exc}")
+            raise
+        if notice:
+            self.more(rid, {"notice": notice})
+        if not req.get("follow"):
+            return {"job": job_id, "state": "queued"}
+        return self.op_events(rid, {"job": job_id, "offset": 0, "follow": True})
+
+    def op_events(self, rid: int, req: dict[str, Any]) -> Any:
+        """Stream the job's event log from a byte offset; end with its status (and small outputs)."""
+        job_id = files.check_job_id(req["job"])
+        jdir = self.job_dir(job_id)
+        offset = int(req.get("offset", 0))
+        follow = bool(req.get("follow", True))
+        log_path = os.path.join(jdir, "events.jsonl")
+        nap = 0.001
+        checked = time.monotonic()
+        with open(log_path, "rb") as f:
+            while rid not in self.cancelled:
+                f.seek(offset)
+                data = f.read(DATA)
+                if data and not data.endswith(b"\n"):
+                    data += f.readline()
+                    cut = data.rfind(b"\n") + 1
+                    data = data[:cut]
+                if data:
+                    self.more(rid, {"offset": offset}, data)
+                    offset += len(data)
+                    nap = 0.001
+                    continue
+                status = files.read_json(os.path.join(jdir, "status.json"), {})
+                if status.get("state") in files.TERMINAL:
+                    f.seek(offset)
+                    if f.read(1):
+                        continue  # a last event landed between our read and the status
+                    return self.final_status(jdir, job_id, status, offset, req.get("inline", 0))
+                if not follow:
+                    return {"job": job_id, "status": status, "offset": offset}
+                if time.monotonic() - checked > 2.0:
+                    checked = time.monotonic()
+                    self.check_orphan(jdir, status)
+                time.sleep(nap)
+                nap = min(nap * 2, 0.05)
+        return {"job": job_id, "detached": True, "offset": offset}
+
+    def check_orphan(self, jdir: str, status: dict[str, Any]) -> None:
+        spec = files.read_json(os.path.join(jdir, "spec.json"), {})
+        sdir = self.path("sessions", spec.get("session", "default"))
+        if status.get("state") == "running" and not self.worker_alive(sdir):
+            mark_orphans(self.root, spec.get("session", "default"),
+                         "worker died (cause unknown: its supervisor is gone too)")
+
+    def final_status(self, jdir: str, job_id: str, status: dict[str, Any], offset: int, inline: int) -> Any:
+        """The status, with outputs smaller than ``inline`` bytes carried in the payload."""
+        sizes: dict[str, int] = {}
+        parts: list[bytes] = []
+        budget = int(inline or 0)
+        for name, meta in (status.get("outputs") or {}).items():
+            if meta.get("size", 0) <= budget:
+                with open(os.path.join(jdir, "outputs", name + ".obj"), "rb") as f:
+                    data = f.read()
+                sizes[name] = len(data)
+                parts.append(data)
+                budget -= len(data)
+        return {"job": job_id, "status": status, "offset": offset, "inline": sizes}, b"".join(parts)
+
+    def job_dir(self, job_id: str) -> str:
+        jdir = self.path("jobs", files.check_job_id(job_id))
+        if not os.path.isdir(jdir):
+            raise RequestError(f"no job {job_id} on this target", "UnknownJob")
+        return jdir
+
+    def op_status(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        jdir = self.job_dir(req["job"])
+        return {
+            "spec": files.read_json(os.path.join(jdir, "spec.json"), {}),
+            "status": files.read_json(os.path.join(jdir, "status.json"), {}),
+            "log_size": os.path.getsize(os.path.join(jdir, "events.jsonl")),
+        }
+
+    def op_jobs(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        ids = sorted(n for n in os.listdir(self.path("jobs")) if files.JOB_RE.match(n))
+        limit = int(req.get("limit", 50))
+        out = []
+        for job_id in ids[-limit:]:
+            jdir = self.path("jobs", job_id)
+            spec = files.read_json(os.path.join(jdir, "spec.json"), {})
+            status = files.read_json(os.path.join(jdir, "status.json"), {})
+            out.append({
+                "id": job_id, "session": spec.get("session"), "kind": spec.get("kind", "cell"),
+                "code": spec.get("code", "")[:200], "outputs": spec.get("outputs") or [],
+                "submitted": spec.get("submitted"), "state": status.get("state"),
+                "started": status.get("started"), "finished": status.get("finished"),
+            })
+        return {"jobs": out}
+
+    def op_cancel(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        job_id = req["job"]
+        jdir = self.job_dir(job_id)
+        try:
+            os.unlink(os.path.join(jdir, "queued"))
+        except FileNotFoundError:
+            pass
+        else:  # never started: it is ours to finish
+            files.write_json(os.path.join(jdir, "status.json"), {"state": "cancelled", "finished": time.time()})
+            return {"state": "cancelled"}
+        status = files.read_json(os.path.join(jdir, "status.json"), {})
+        if status.get("state") in files.TERMINAL:
+            return {"state": status["state"]}
+        spec = files.read_json(os.path.join(jdir, "spec.json"), {})
+        sdir = self.path("sessions", spec.get("session", "default"))
+        try:
+            with open(os.path.join(sdir, "current")) as f:
+                current = f.read().strip()
+        except FileNotFoundError:
+            current = ""
+        worker = files.read_json(os.path.join(sdir, "worker.json"), {})
+        if current == job_id and worker.get("pid"):
+            os.kill(int(worker["pid"]), signal.SIGINT)
+            return {"state": "interrupting"}
+        return {"state": status.get("state", "unknown")}
+
+    def op_read_output(self, rid: int, req: dict[str, Any]) -> Any:
+        jdir = self.job_dir(req["job"])
+        name = files.check_name("output", req["name"])
+        return self.stream_file(rid, os.path.join(jdir, "outputs", name + ".obj"), 0)
+
+    def stream_file(self, rid: int, path: str, offset: int) -> dict[str, Any]:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise RequestError(f"{path} does not exist on the target", "FileNotFoundError") from None
+        with f:
+            st = os.fstat(f.fileno())
+            f.seek(offset)
+            buf = bytearray(wire.CHUNK)
+            view = memoryview(buf)
+            while rid not in self.cancelled:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                self.more(rid, {}, view[:n])
+        return {"size": st.st_size, "mode": st.st_mode & 0o777, "mtime": st.st_mtime}
+
+    def op_sessions(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for name in sorted(os.listdir(self.path("sessions"))):
+            sdir = self.path("sessions", name)
+            worker = files.read_json(os.path.join(sdir, "worker.json"), {})
+            alive = self.worker_alive(sdir) and bool(worker)
+            current = None
+            try:
+                with open(os.path.join(sdir, "current")) as f:
+                    current = f.read().strip()
+            except FileNotFoundError:
+                pass
+            out.append({"name": name, "alive": alive, "pid": worker.get("pid") if alive else None,
+                        "started": worker.get("started") if alive else None, "current": current if alive else None})
+        return {"sessions": out}
+
+    def op_stop_session(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        sdir = self.session_dir(req["session"])
+        worker = files.read_json(os.path.join(sdir, "worker.json"), {})
+        if not self.worker_alive(sdir) or not worker:
+            return {"stopped": False}
+        fd = os.open(os.path.join(sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b"exit\n")
+        os.close(fd)
+        deadline = time.monotonic() + 10
+        while self.worker_alive(sdir) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return {"stopped": True}
+
+    # -- the store -----------------------------------------------------------------------------
+    def op_store_put(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        name = _identifier(req["name"])
+        src = self.path("objects", req["hash"])
+        if not os.path.exists(src):
+            raise RequestError(f"value for {name!r} was not uploaded", "MissingObject")
+        meta = dict(req.get("meta") or {})
+        meta.update({"name": name, "stored": time.time(), "size": os.path.getsize(src)})
+        with files.store_lock(self.root):
+            files.link_or_copy(src, self.path("store", name + ".obj"))
+            files.write_json(self.path("store", name + ".json"), meta)
+        return meta
+
+    def op_store_list(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        sdir = self.path("store")
+        for fname in sorted(os.listdir(sdir)):
+            if fname.endswith(".obj") and not fname.startswith("."):
+                name = fname[:-4]
+                meta = files.read_json(os.path.join(sdir, name + ".json"), {}) or {"name": name}
+                meta.setdefault("size", os.path.getsize(os.path.join(sdir, fname)))
+                out.append(meta)
+        return {"values": out}
+
+    def op_store_get(self, rid: int, req: dict[str, Any]) -> Any:
+        name = _identifier(req["name"])
+        path = self.path("store", name + ".obj")
+        if not os.path.exists(path):
+            raise RequestError(f"no stored value named {name!r}", "KeyError")
+        result = self.stream_file(rid, path, 0)
+        result["meta"] = files.read_json(self.path("store", name + ".json"), {})
+        return result
+
+    def op_store_delete(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        names = req.get("names")
+        with files.store_lock(self.root):
+            if names is None:
+                names = [f[:-4] for f in os.listdir(self.path("store")) if f.endswith(".obj") and not f.startswith(".")]
+            for name in names:
+                _identifier(name)
+                path = self.path("store", name + ".obj")
+                if not os.path.exists(path):
+                    raise RequestError(f"no stored value named {name!r}", "KeyError")
+                os.unlink(path)
+                try:
+                    os.unlink(self.path("store", name + ".json"))
+                except FileNotFoundError:
+                    pass
+        return {"deleted": names}
+
+    # -- files ---------------------------------------------------------------------------------
+    def user_path(self, path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
+
+    def op_stat(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        path = self.user_path(req["path"])
+        out: dict[str, Any] = {"path": path, "exists": os.path.exists(path)}
+        if out["exists"]:
+            st = os.stat(path)
+            out.update(size=st.st_size, mode=st.st_mode & 0o777, is_dir=os.path.isdir(path))
+        part = path + ".rmpart"
+        if req.get("partial") and os.path.exists(part):
+            size = os.path.getsize(part)
+            h = hashlib.sha256()
+            with open(part, "rb") as f:
+                for chunk in iter(lambda: f.read(DATA), b""):
+                    h.update(chunk)
+            out["partial"] = {"size": size, "sha256": h.hexdigest()}
+        return out
+
+    def op_list_tree(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        top = self.user_path(req["path"])
+        if not os.path.exists(top):
+            raise RequestError(f"{top} does not exist on the target", "FileNotFoundError")
+        if not os.path.isdir(top):
+            st = os.stat(top)
+            return {"root": top, "dir": False, "files": [["", st.st_size, st.st_mode & 0o777]], "dirs": []}
+        entries, dirs = [], []
+        for base, dnames, fnames in os.walk(top):
+            rel = os.path.relpath(base, top)
+            for d in sorted(dnames):
+                dirs.append(os.path.normpath(os.path.join(rel, d)))
+            for fname in sorted(fnames):
+                p = os.path.join(base, fname)
+                if os.path.isfile(p):
+                    st = os.stat(p)
+                    entries.append([os.path.normpath(os.path.join(rel, fname)), st.st_size, st.st_mode & 0o777])
+        return {"root": top, "dir": True, "files": entries, "dirs": dirs}
+
+    def op_read_file(self, rid: int, req: dict[str, Any]) -> Any:
+        return self.stream_file(rid, self.user_path(req["path"]), int(req.get("offset", 0)))
+
+    def op_mkdir(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        path = self.user_path(req["path"])
+        os.makedirs(path, exist_ok=True)
+        return {"path": path}
+
+    def op_disk(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        usage = shutil.disk_usage(self.root)
+        return {"total": usage.total, "free": usage.free}
+
+
+def _identifier(name: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise RequestError(f"invalid store name {name!r}: must be a Python identifier", "ValueError")
+    return name
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
+    except OSError:
+        return "(no log)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argv or sys.argv[1:]
+    if not args:
+        sys.stderr.write("usage: python -m remotemagic_agent.server ROOT\n")
+        sys.exit(2)
+    os.umask(0o077)
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # stray prints must never corrupt the frame stream
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    agent = Agent(args[0], out)
+    agent.serve(wire.fd_readinto(sys.stdin.buffer))
+
+
+if __name__ == "__main__":
+    main()

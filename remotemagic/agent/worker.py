@@ -1,0 +1,501 @@
+"""The per-session worker: ``python -m remotemagic_agent.worker ROOT SESSION CWD``.
+
+Started detached by the agent (own session and process group, so it outlives the SSH link and
+the local kernel). The process forks once:
+
+* the **supervisor** (parent) holds the session lock, waits for the worker and, if the worker
+  dies (SIGKILL, out of memory, a crash in C code), marks its jobs failed with the cause and
+  leaves ``died.json`` so the next job is told that the namespace was lost;
+* the **worker** (child) holds the session namespace in a headless IPython shell and runs the
+  jobs named on its FIFO one after another. Every output -- stream text, display data, execute
+  results, errors -- is appended to the job's ``events.jsonl`` before anything else sees it.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import io
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from . import files
+
+FLUSH_INTERVAL = 0.05
+FLUSH_BYTES = 64 * 1024
+TIMEOUT_GRACE = 30.0
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return repr(obj)
+
+
+class EventLog:
+    """Append-only JSON-lines log of one job. Lines are written whole with one ``write``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.lock = threading.Lock()
+        self.failed: str | None = None
+
+    def emit(self, event: dict[str, Any]) -> None:
+        event.setdefault("time", time.time())
+        line = (json.dumps(event, default=_jsonable, separators=(",", ":")) + "\n").encode()
+        with self.lock:
+            if self.fd < 0:
+                return
+            try:
+                view = memoryview(line)
+                while view:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+            except OSError as exc:  # disk full: keep running, report at the end
+                self.failed = f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                try:
+                    os.fsync(self.fd)
+                except OSError:
+                    pass
+                os.close(self.fd)
+                self.fd = -1
+
+
+class Router:
+    """Where events go right now: the running job's log, else nowhere (worker.log via fd 2)."""
+
+    def __init__(self) -> None:
+        self.log: EventLog | None = None
+        self.streams: list[EventStream] = []
+
+    def emit(self, event: dict[str, Any]) -> None:
+        for s in self.streams:
+            s.flush()
+        if self.log is not None:
+            self.log.emit(event)
+
+
+class EventStream(io.TextIOBase):
+    """sys.stdout / sys.stderr of user code: text batched for up to 50 ms or 64 KiB."""
+
+    def __init__(self, router: Router, name: str, fallback: Any):
+        self.router = router
+        self.name = name
+        self.fallback = fallback
+        self.parts: list[str] = []
+        self.size = 0
+        self.lock = threading.RLock()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if not text:
+            return 0
+        with self.lock:
+            self.parts.append(text)
+            self.size += len(text)
+            if self.size >= FLUSH_BYTES:
+                self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.parts:
+                return
+            text = "".join(self.parts)
+            self.parts.clear()
+            self.size = 0
+            log = self.router.log
+            if log is not None:
+                log.emit({"type": "stream", "name": self.name, "text": text})
+            else:
+                self.fallback.write(text)
+                self.fallback.flush()
+
+
+def make_shell(router: Router) -> Any:
+    """A headless IPython shell whose outputs become Jupyter-shaped events."""
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+
+    class Publisher(DisplayPublisher):
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):
+            router.emit(
+                {
+                    "type": "update_display_data" if update else "display_data",
+                    "data": data,
+                    "metadata": metadata or {},
+                    "transient": transient or {},
+                }
+            )
+
+        def clear_output(self, wait=False):
+            router.emit({"type": "clear_output", "wait": bool(wait)})
+
+    class Hook(DisplayHook):
+        def write_output_prompt(self):
+            pass
+
+        def write_format_data(self, format_dict, md_dict=None):
+            router.emit(
+                {
+                    "type": "execute_result",
+                    "data": format_dict,
+                    "metadata": md_dict or {},
+                    "execution_count": self.prompt_count,
+                }
+            )
+
+    class Shell(InteractiveShell):
+        display_pub_class = Publisher
+        displayhook_class = Hook
+
+        def _showtraceback(self, etype, evalue, stb):
+            name = etype.__name__ if isinstance(etype, type) else str(etype)
+            router.emit(
+                {
+                    "type": "error",
+                    "ename": name,
+                    "evalue": str(evalue),
+                    "traceback": stb if isinstance(stb, list) else [stb],
+                }
+            )
+
+        def enable_gui(self, gui=None):  # no event loop here; 'inline' needs none
+            pass
+
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    shell = Shell.instance(colors="Linux")
+    shell.history_manager.enabled = False
+    return shell
+
+
+class Worker:
+    def __init__(self, root: str, session: str):
+        self.root = root
+        self.session = session
+        self.sdir = os.path.join(root, "sessions", session)
+        self.router = Router()
+        self.in_user_code = False
+        self.timed_out = False
+        self._timer_job: str | None = None
+
+    # -- signals -------------------------------------------------------------------------
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        if self.in_user_code:
+            raise KeyboardInterrupt
+
+    # -- main loop -----------------------------------------------------------------------
+    def serve(self) -> None:
+        fifo = os.path.join(self.sdir, "in.fifo")
+        out = sys.stdout
+        self.stdout = EventStream(self.router, "stdout", out)
+        self.stderr = EventStream(self.router, "stderr", sys.stderr)
+        self.router.streams = [self.stdout, self.stderr]
+        self.shell = make_shell(self.router)
+        sys.stdout, sys.stderr = self.stdout, self.stderr  # type: ignore[assignment]
+        signal.signal(signal.SIGINT, self.on_sigint)
+        threading.Thread(target=self._flusher, daemon=True).start()
+        # O_RDWR keeps the FIFO open with no writer, so readline never sees EOF.
+        fd = os.open(fifo, os.O_RDWR)
+        files.write_json(os.path.join(self.sdir, "worker.json"), {"pid": os.getpid(), "started": time.time()})
+        with os.fdopen(fd, "rb", buffering=0) as pipe:
+            buf = b""
+            while True:
+                chunk = pipe.read(4096)
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    job_id = line.decode().strip()
+                    if job_id == "exit":
+                        return
+                    try:
+                        files.check_job_id(job_id)
+                    except ValueError:
+                        continue
+                    self.run_job(job_id)
+
+    def _flusher(self) -> None:
+        while True:
+            time.sleep(FLUSH_INTERVAL)
+            for s in self.router.streams:
+                try:
+                    s.flush()
+                except Exception:
+                    pass
+
+    # -- one job -------------------------------------------------------------------------
+    def run_job(self, job_id: str) -> None:
+        jdir = os.path.join(self.root, "jobs", job_id)
+        try:
+            os.unlink(os.path.join(jdir, "queued"))  # claim it; a cancel may have claimed it first
+        except FileNotFoundError:
+            return
+        spec = files.read_json(os.path.join(jdir, "spec.json"), {})
+        log = EventLog(os.path.join(jdir, "events.jsonl"))
+        status: dict[str, Any] = {"state": "running", "started": time.time(), "pid": os.getpid()}
+        files.write_json(os.path.join(jdir, "status.json"), status)
+        files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()])
+        self.router.log = log
+        log.emit({"type": "status", "state": "running"})
+        state = "done"
+        error: dict[str, Any] | None = None
+        try:
+            kind = spec.get("kind", "cell")
+            if kind == "cell":
+                state, error, extra = self.run_cell(jdir, spec)
+                status.update(extra)
+            elif kind == "store":
+                status.update(self.store_names(spec))
+            elif kind == "restore":
+                status.update(self.restore_names(spec))
+            else:
+                raise ValueError(f"unknown job kind {kind!r}")
+        except BaseException as exc:  # a broken input or a full disk: report it, keep serving
+            state = "error"
+            error = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": []}
+            log.emit({"type": "error", **error})
+        finally:
+            for s in self.router.streams:
+                s.flush()
+        if log.failed:
+            state = "error"
+            error = {"ename": "OSError", "evalue": f"writing output failed: {log.failed}", "traceback": []}
+        status.update({"state": state, "finished": time.time()})
+        if error:
+            status["error"] = error
+        log.emit({"type": "status", "state": state})
+        self.router.log = None
+        log.close()
+        try:
+            files.write_json(os.path.join(jdir, "status.json"), status)
+        except OSError as exc:
+            sys.__stderr__.write(f"remotemagic worker: cannot write status of {job_id}: {exc}\n")
+        try:
+            os.unlink(os.path.join(self.sdir, "current"))
+        except OSError:
+            pass
+
+    def run_cell(self, jdir: str, spec: dict[str, Any]) -> tuple[str, dict | None, dict]:
+        ns = self.shell.user_ns
+        for name, digest in (spec.get("inputs") or {}).items():
+            path = os.path.join(self.root, "objects", digest)
+            ns[name] = files.load_object(path)
+            try:
+                os.utime(path)  # most recently used
+            except OSError:
+                pass
+        timeout = spec.get("timeout")
+        self.timed_out = False
+        if timeout:
+            self._timer_job = spec["id"]
+            threading.Thread(target=self._timeout, args=(float(timeout), spec["id"]), daemon=True).start()
+        self.in_user_code = True
+        try:
+            result = self.shell.run_cell(spec.get("code", ""), store_history=True)
+        except KeyboardInterrupt:  # arrived between user code and IPython's own handler
+            result = None
+        finally:
+            self.in_user_code = False
+            self._timer_job = None
+        err = None if result is None else (result.error_in_exec or result.error_before_exec)
+        state = "done"
+        error = None
+        if result is None or err is not None:
+            ename = type(err).__name__ if err is not None else "KeyboardInterrupt"
+            state = "timeout" if self.timed_out else ("interrupted" if ename == "KeyboardInterrupt" else "error")
+            error = {"ename": ename, "evalue": str(err) if err is not None else ""}
+            if self.timed_out:
+                error["evalue"] = f"job exceeded its timeout of {timeout} s"
+        extra = self.save_outputs(jdir, spec.get("outputs") or [])
+        return state, error, extra
+
+    def _timeout(self, seconds: float, job_id: str) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            if self._timer_job != job_id:
+                return
+        while self._timer_job == job_id:
+            self.timed_out = True
+            self.router.emit({"type": "stream", "name": "stderr", "text": f"\n[remotemagic] timeout of {seconds:g} s reached: interrupting\n"})
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(TIMEOUT_GRACE)
+
+    def save_outputs(self, jdir: str, names: list[str]) -> dict[str, Any]:
+        ns = self.shell.user_ns
+        outputs: dict[str, Any] = {}
+        missing: list[str] = []
+        failed: dict[str, str] = {}
+        if names:
+            files.private_dir(os.path.join(jdir, "outputs"))
+        for name in names:
+            if name not in ns:
+                missing.append(name)
+                continue
+            try:
+                enc = files.encode(ns[name])
+                files.write_object(os.path.join(jdir, "outputs", name + ".obj"), enc)
+                outputs[name] = {"size": enc.size, "type": files.type_name(ns[name])}
+            except Exception as exc:
+                failed[name] = f"{type(exc).__name__}: {exc}"
+        return {"outputs": outputs, "missing": missing, "unpicklable": failed}
+
+    # -- store <-> namespace ----------------------------------------------------------------
+    def store_names(self, spec: dict[str, Any]) -> dict[str, Any]:
+        ns = self.shell.user_ns
+        sdir = files.private_dir(os.path.join(self.root, "store"))
+        stored, missing = {}, []
+        for name in spec.get("names", []):
+            if name not in ns:
+                missing.append(name)
+                continue
+            value = ns[name]
+            enc = files.encode(value)
+            meta = {"name": name, "type": files.type_name(value), "size": enc.size,
+                    "preview": files.preview(value), "stored": time.time(), "by": f"session {self.session}"}
+            files.write_object(os.path.join(sdir, name + ".obj"), enc)
+            files.write_json(os.path.join(sdir, name + ".json"), meta)
+            stored[name] = meta
+            self.router.emit({"type": "stream", "name": "stdout", "text": f"Stored '{name}' ({meta['type']})\n"})
+        return {"stored": stored, "missing": missing}
+
+    def restore_names(self, spec: dict[str, Any]) -> dict[str, Any]:
+        ns = self.shell.user_ns
+        sdir = os.path.join(self.root, "store")
+        restored, missing = [], []
+        for name in spec.get("names", []):
+            path = os.path.join(sdir, name + ".obj")
+            if not os.path.exists(path):
+                missing.append(name)
+                continue
+            ns[name] = files.load_object(path)
+            restored.append(name)
+        return {"restored": restored, "missing": missing}
+
+
+def mark_orphans(root: str, session: str, cause: str) -> list[str]:
+    """Mark every unfinished job of ``session`` failed with ``cause``; return their ids."""
+    jroot = os.path.join(root, "jobs")
+    marked = []
+    try:
+        names = sorted(os.listdir(jroot))
+    except FileNotFoundError:
+        return marked
+    for job_id in names:
+        jdir = os.path.join(jroot, job_id)
+        status = files.read_json(os.path.join(jdir, "status.json"), {})
+        if status.get("state") in files.TERMINAL or not status:
+            continue
+        spec = files.read_json(os.path.join(jdir, "spec.json"), {})
+        if spec.get("session") != session:
+            continue
+        try:
+            os.unlink(os.path.join(jdir, "queued"))
+        except OSError:
+            pass
+        error = {"ename": "WorkerDied", "evalue": cause, "traceback": []}
+        log = EventLog(os.path.join(jdir, "events.jsonl"))
+        log.emit({"type": "error", **error})
+        log.emit({"type": "status", "state": "failed"})
+        log.close()
+        status.update({"state": "failed", "finished": time.time(), "error": error})
+        files.write_json(os.path.join(jdir, "status.json"), status)
+        marked.append(job_id)
+    return marked
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        hint = " -- killed, possibly by the out-of-memory killer" if sig == signal.SIGKILL else ""
+        return f"worker died, signal {sig} ({name}){hint}"
+    return f"worker exited with status {os.WEXITSTATUS(status)}"
+
+
+def supervise(root: str, session: str, child: int) -> None:
+    sdir = os.path.join(root, "sessions", session)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            os.kill(child, signum)
+        except OSError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            status = 0
+            break
+    clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    for name in ("worker.json", "current"):
+        try:
+            os.unlink(os.path.join(sdir, name))
+        except OSError:
+            pass
+    if not clean:
+        cause = describe_exit(status)
+        jobs = mark_orphans(root, session, cause)
+        files.write_json(os.path.join(sdir, "died.json"), {"cause": cause, "time": time.time(), "jobs": jobs})
+
+
+def main(argv: list[str] | None = None) -> None:
+    root, session, cwd = (argv or sys.argv[1:])[:3]
+    os.umask(0o077)
+    files.check_name("session", session)
+    sdir = os.path.join(root, "sessions", session)
+    lock = open(os.path.join(sdir, "lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # another worker serves this session
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        supervise(root, session, child)
+        return
+    os.chdir(cwd if os.path.isdir(cwd) else os.path.expanduser("~"))
+    sys.path.insert(0, "")
+    os.environ.pop("PYTHONPATH", None)
+    Worker(root, session).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,567 @@
+"""The plain-Python API: ``connect(target)`` returns a :class:`Remote`; ``Remote.run`` a :class:`Job`.
+
+No IPython display code here: the magics (``remotemagic.magics``) are a thin layer over this,
+and everything works the same from a script::
+
+    import remotemagic
+    r = remotemagic.connect("local")
+    job = r.run("y = x * 2\\nprint(y)", push={"x": 21}, pull=["y"])
+    job.result()          # {'y': 42}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from . import errors, progress, state, values
+from .agent import files
+from .connection import AgentConnection, Call
+from .transport.base import Transport
+
+log = logging.getLogger("remotemagic")
+
+EventHandler = Callable[[dict[str, Any]], None]
+INLINE_LIMIT = 1024 * 1024
+OBJECT_CACHE_LIMIT = 20 * 1024**3
+
+
+class CallReader(io.RawIOBase):
+    """A file-like view of a streaming call's data frames (to unpickle without a second copy)."""
+
+    def __init__(self, call: Call, on_bytes: Callable[[int], None] | None = None):
+        self.it = iter(call)
+        self.buf = memoryview(b"")
+        self.on_bytes = on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.buf:
+            try:
+                _, payload = next(self.it)
+            except StopIteration:
+                return 0
+            self.buf = memoryview(payload)
+            if self.on_bytes:
+                self.on_bytes(len(payload))
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+    def drain(self) -> None:
+        for _ in self.it:
+            pass
+
+
+def parse_events(data: bytes) -> Iterator[dict[str, Any]]:
+    for line in data.splitlines():
+        if line:
+            yield json.loads(line)
+
+
+class Job:
+    """A cell submitted to a target. Its log is mirrored locally as it streams."""
+
+    def __init__(self, remote: "Remote", job_id: str):
+        self.remote = remote
+        self.id = job_id
+        self.record = state.JobRecord(remote.state_root, job_id)
+        self._values: dict[str, Any] = {}
+        self._status: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} on {self.remote.target} [{self.state}]>"
+
+    # -- status --------------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.record.meta
+
+    @property
+    def state(self) -> str:
+        """queued, running, done, error, interrupted, timeout, cancelled or failed."""
+        if self._status and self._status.get("state") in files.TERMINAL:
+            return self._status["state"]
+        meta = self.meta
+        if meta.get("state") in files.TERMINAL:
+            return meta["state"]
+        try:
+            self._status = self.remote.request("status", job=self.id)["status"]
+            return self._status.get("state", "unknown")
+        except errors.ConnectionLostError:
+            return meta.get("state", "unknown")
+
+    @property
+    def done(self) -> bool:
+        return self.state in files.TERMINAL
+
+    # -- events --------------------------------------------------------------------------------
+    def events(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        """Every event mirrored so far, from byte ``start`` (no network)."""
+        return self.record.events(start)
+
+    def follow(self, on_event: EventHandler | None = None, timeout: float | None = None) -> str:
+        """Stream events after the mirror's end until the job ends; return its final state."""
+        return self.remote._follow(self, None, on_event, timeout)
+
+    def wait(self, timeout: float | None = None, on_event: EventHandler | None = None) -> str:
+        """Block until the job ends (``TimeoutError`` after ``timeout`` s); return its state."""
+        if self.meta.get("state") in files.TERMINAL and self._status is None:
+            self._status = self.meta.get("status")
+        if self._status and self._status.get("state") in files.TERMINAL:
+            return self._status["state"]
+        return self.follow(on_event, timeout)
+
+    def sync(self) -> None:
+        """Fetch whatever the target has logged beyond the mirror, without waiting for more."""
+        call = self.remote.connection().start("events", job=self.id, offset=self.record.offset, follow=False)
+        for header, payload in call:
+            self.record.append(header["offset"], payload)
+        status = (call.result or {}).get("status") or {}
+        if status.get("state") in files.TERMINAL:
+            self._status = status
+            self.record.update(state=status["state"], finished=status.get("finished"), status=status)
+
+    def cancel(self) -> str:
+        """Interrupt the job if running (KeyboardInterrupt on the target), drop it if queued."""
+        return self.remote.request("cancel", job=self.id)["state"]
+
+    # -- results -------------------------------------------------------------------------------
+    def error(self) -> errors.RemoteError | None:
+        """The job's failure as an exception (with the remote traceback), or None."""
+        st = self._status or self.meta.get("status") or {}
+        stt = st.get("state")
+        if stt in (None, "done"):
+            return None
+        err = st.get("error") or {}
+        tb: list[str] = []
+        for ev in self.events():
+            if ev.get("type") == "error":
+                tb = ev.get("traceback") or []
+                err = {**ev, **{k: v for k, v in err.items() if v}} if not err else err
+        return errors.RemoteError(self.id, stt, err.get("ename", stt), err.get("evalue", ""), tb)
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait, then return the pulled ``-o`` values by name.
+
+        Raises :class:`RemoteError` if the code failed, :class:`MissingOutputError` (carrying
+        the values that did arrive) if some names were not defined or could not be pickled.
+        """
+        self.wait(timeout)
+        exc = self.error()
+        if exc is not None:
+            raise exc
+        st = self._status or {}
+        got: dict[str, Any] = {}
+        for name in (st.get("outputs") or {}):
+            if name not in self._values:
+                self._values[name] = self.remote._read_output(self, name, st["outputs"][name].get("size", 0))
+            got[name] = self._values[name]
+        problems = []
+        if st.get("missing"):
+            problems.append("not defined by the cell: " + ", ".join(st["missing"]))
+        for name, why in (st.get("unpicklable") or {}).items():
+            problems.append(f"{name!r} could not be pickled on the target ({why})")
+        if problems:
+            raise errors.MissingOutputError(f"job {self.id}: some outputs did not arrive -- " + "; ".join(problems), got)
+        return got
+
+
+class Remote:
+    """One target (local worker, SSH host or EC2 instance) and its sessions, jobs and store."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        session: str = "default",
+        cwd: str | None = None,
+        state_root: str | os.PathLike[str] | None = None,
+        reconnect_timeout: float = 60.0,
+        inline_limit: int = INLINE_LIMIT,
+        object_cache_limit: int = OBJECT_CACHE_LIMIT,
+        show_progress: bool = True,
+    ):
+        self.transport = transport
+        self.target = transport.name
+        self.session = files.check_name("session", session)
+        self.cwd = cwd
+        self.state_root = Path(state_root) if state_root else state.state_dir()
+        self.reconnect_timeout = reconnect_timeout
+        self.inline_limit = inline_limit
+        self.object_cache_limit = object_cache_limit
+        self.show_progress = show_progress
+        self.info: dict[str, Any] = {}
+        self._conn: AgentConnection | None = None
+        self._lock = threading.RLock()
+        self._known: set[str] = set()
+        self.last_job: Job | None = None
+        self._connect_first()
+
+    def __repr__(self) -> str:
+        return f"<Remote {self.target} session={self.session}>"
+
+    def __enter__(self) -> "Remote":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- the connection ----------------------------------------------------------------------
+    def _open(self) -> AgentConnection:
+        conn = AgentConnection(self.transport.start_agent(), self.target)
+        try:
+            info = conn.request("hello")
+        except Exception:
+            conn.close()
+            raise
+        local = sys.version_info[:2]
+        remote = tuple(int(x) for x in info["python"].split(".")[:2])
+        if remote != local:
+            conn.close()
+            raise errors.VersionMismatchError(
+                f"{self.target} runs Python {info['python']} ({info['executable']}) but this kernel "
+                f"runs {sys.version.split()[0]}: pickles need the same minor version at both ends"
+            )
+        self.info = info
+        return conn
+
+    def _connect_first(self) -> None:
+        self._conn = self._open()
+        log.info("connected to %s (Python %s, agent pid %s)", self.target, self.info["python"], self.info["pid"])
+
+    def connection(self) -> AgentConnection:
+        """The open connection; after a drop, reconnect with backoff (up to ``reconnect_timeout``)."""
+        with self._lock:
+            if self._conn is not None and not self._conn.lost:
+                return self._conn
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            deadline = time.monotonic() + self.reconnect_timeout
+            delay = 0.1
+            while True:
+                try:
+                    self._conn = self._open()
+                    log.warning("reconnected to %s", self.target)
+                    return self._conn
+                except (OSError, EOFError, errors.ConnectionLostError) as exc:
+                    if time.monotonic() + delay > deadline:
+                        raise errors.ConnectionLostError(
+                            f"lost the connection to {self.target} and could not reconnect within "
+                            f"{self.reconnect_timeout:g} s: {exc}"
+                        ) from exc
+                    log.info("reconnecting to %s in %.1f s (%s)", self.target, delay, exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    def request(self, op: str, **args: Any) -> Any:
+        """One request/answer with the agent, retried once over a fresh connection if the link dropped."""
+        try:
+            return self.connection().request(op, **args)
+        except errors.ConnectionLostError:
+            return self.connection().request(op, **args)
+
+    def close(self) -> None:
+        """Close the link. Workers, jobs and stored values stay on the target."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            self.transport.close()
+
+    # -- values --------------------------------------------------------------------------------
+    def _push(self, items: dict[str, Any]) -> dict[str, str]:
+        """Pickle and upload the values the target does not have yet; return name -> hash."""
+        encoded = {name: values.encode(name, value) for name, value in items.items()}
+        digests = {name: enc.digest for name, enc in encoded.items()}
+        unknown = sorted({d for d in digests.values() if d not in self._known})
+        missing = set(self.request("has_objects", hashes=unknown)["missing"]) if unknown else set()
+        self._known.update(set(unknown) - missing)
+        sent: set[str] = set()
+        for name, enc in encoded.items():
+            if enc.digest not in missing or enc.digest in sent:
+                continue
+            update, close = progress.bar(enc.size, f"push {name}", self.show_progress)
+            try:
+                self.connection().upload(
+                    {"kind": "object", "hash": enc.digest, "size": enc.size}, enc.chunks(), update
+                )
+            finally:
+                close()
+            sent.add(enc.digest)
+            self._known.add(enc.digest)
+        if sent:
+            self.request("evict_objects", limit=self.object_cache_limit, keep=sorted(set(digests.values())))
+        return digests
+
+    def _read_output(self, job: Job, name: str, size: int) -> Any:
+        update, close = progress.bar(size, f"pull {name}", self.show_progress)
+        try:
+            reader = CallReader(self.connection().start("read_output", job=job.id, name=name), update)
+            value = files.read_object(reader)
+            reader.drain()
+            return value
+        finally:
+            close()
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def run(
+        self,
+        code: str,
+        push: dict[str, Any] | None = None,
+        pull: Iterable[str] | None = None,
+        *,
+        background: bool = False,
+        session: str | None = None,
+        timeout: float | None = None,
+        on_event: EventHandler | None = None,
+    ) -> Job:
+        """Run ``code`` in a session on the target.
+
+        ``push`` values are bound in the session namespace first; ``pull`` names are pickled
+        when the cell ends (``Job.result()`` returns them). In the foreground, events go to
+        ``on_event`` as they arrive and the call returns when the job ends; with
+        ``background=True`` it returns at once.
+        """
+        session = files.check_name("session", session or self.session)
+        pull = list(pull or [])
+        for name in pull:
+            if not name.isidentifier():
+                raise ValueError(f"cannot pull {name!r}: not a Python identifier")
+        inputs = self._push(dict(push or {}))
+        job_id = state.new_job_id()
+        spec = {"id": job_id, "session": session, "kind": "cell", "code": code, "inputs": inputs,
+                "outputs": pull, "timeout": timeout, "cwd": self.cwd}
+        return self._submit(spec, background, on_event)
+
+    def _submit(self, spec: dict[str, Any], background: bool, on_event: EventHandler | None) -> Job:
+        job = Job(self, spec["id"])
+        self.last_job = job
+        job.record.create(target=self.target, session=spec["session"], kind=spec["kind"],
+                          code=spec.get("code", ""), outputs=spec.get("outputs", []),
+                          submitted=time.time(), state="queued")
+        if background:
+            ans = self.request("run", spec=spec, follow=False)
+            self._notice(ans)
+            return job
+        self._follow(job, spec, on_event, None)
+        return job
+
+    def _notice(self, header: dict[str, Any]) -> None:
+        if header.get("notice"):
+            log.warning("%s", header["notice"])
+
+    def _follow(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
+                timeout: float | None) -> str:
+        """Submit (if ``spec``) and/or stream the job's log into the mirror until it ends."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            conn = self.connection()
+            try:
+                if spec is not None:
+                    call = conn.start("run", spec=spec, follow=True, inline=self.inline_limit)
+                else:
+                    call = conn.start("events", job=job.id, offset=job.record.offset, follow=True,
+                                      inline=self.inline_limit)
+                self._consume(job, call, on_event, deadline)
+                return job.state
+            except errors.ConnectionLostError as exc:
+                log.warning("connection to %s lost while following job %s (%s); resuming", self.target, job.id, exc)
+                if spec is not None:
+                    try:
+                        self.connection().request("status", job=job.id)
+                        spec = None  # it was submitted; just resume the log
+                    except errors.UnknownJobError:
+                        pass  # never arrived: submit again
+            except errors.UnknownJobError:
+                raise errors.UnknownJobError(f"job {job.id} is not on {self.target} (was its folder removed?)") from None
+
+    def _consume(self, job: Job, call: Call, on_event: EventHandler | None, deadline: float | None) -> None:
+        if deadline is not None:
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), _expire, args=(call,))
+            timer.daemon = True
+            timer.start()
+        try:
+            for header, payload in call:
+                if header.get("expired"):
+                    call.abandon()
+                    raise TimeoutError(f"job {job.id} still running after the wait timeout")
+                if "notice" in header:
+                    self._notice(header)
+                    continue
+                new = job.record.append(header["offset"], payload)
+                if on_event is not None:
+                    for event in parse_events(new):
+                        on_event(event)
+        finally:
+            if deadline is not None:
+                timer.cancel()
+        result = call.result or {}
+        if result.get("detached"):
+            return
+        status = result.get("status") or {}
+        job._status = status
+        offset = 0
+        for name, size in (result.get("inline") or {}).items():
+            job._values[name] = values.decode(memoryview(call.payload)[offset : offset + size])
+            offset += size
+        job.record.update(state=status.get("state"), finished=status.get("finished"), status=status)
+
+    def job(self, job_id: str) -> Job:
+        """A job by id (or unique suffix/prefix), from the local index or the target."""
+        return Job(self, self.resolve_job(job_id))
+
+    def resolve_job(self, ref: str) -> str:
+        ref = ref.strip()
+        if files.JOB_RE.match(ref):
+            if not state.JobRecord(self.state_root, ref).exists:
+                info = self.request("status", job=ref)  # raises UnknownJobError
+                self._adopt(ref, info["spec"], info["status"])
+            return ref
+        if not re.match(r"^[0-9a-f-]{2,}$", ref):
+            raise errors.UnknownJobError(f"no job {ref!r}: give a job id, or a unique end of one")
+        known = {j["id"] for j in state.list_jobs(self.state_root)}
+        try:
+            known |= {j["id"] for j in self.request("jobs", limit=1000)["jobs"]}
+        except errors.ConnectionLostError:
+            pass
+        hits = sorted(j for j in known if j.endswith(ref) or j.startswith(ref))
+        if len(hits) != 1:
+            what = "no job" if not hits else f"{len(hits)} jobs"
+            raise errors.UnknownJobError(f"{what} matching {ref!r} on {self.target}")
+        return self.resolve_job(hits[0])
+
+    def _adopt(self, job_id: str, spec: dict[str, Any], status: dict[str, Any]) -> None:
+        """Index a job that another kernel submitted, so it can be waited on and mirrored here."""
+        state.JobRecord(self.state_root, job_id).create(
+            target=self.target, session=spec.get("session"), kind=spec.get("kind", "cell"),
+            code=spec.get("code", ""), outputs=spec.get("outputs", []), submitted=spec.get("submitted"),
+            state=status.get("state"),
+        )
+
+    def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Jobs on the target (all sessions), newest last; the local index if it is unreachable."""
+        try:
+            return self.request("jobs", limit=limit)["jobs"]
+        except errors.ConnectionLostError:
+            return state.list_jobs(self.state_root, self.target)[-limit:]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        return self.request("sessions")["sessions"]
+
+    def stop_session(self, session: str | None = None) -> bool:
+        """Stop a session's worker (its namespace is dropped)."""
+        return self.request("stop_session", session=session or self.session)["stopped"]
+
+    def status(self) -> dict[str, Any]:
+        return {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": self.jobs(20)}
+
+    # -- the store -----------------------------------------------------------------------------
+    def store_put(self, name: str, value: Any) -> dict[str, Any]:
+        """Store ``value`` under ``name`` on the target (like ``%store``, but remote)."""
+        if not name.isidentifier():
+            raise ValueError(f"cannot store {name!r}: not a Python identifier")
+        digest = self._push({name: value})[name]
+        meta = {"type": files.type_name(value), "preview": files.preview(value),
+                "by": f"{os.uname().nodename} pid {os.getpid()}"}
+        try:
+            return self.request("store_put", name=name, hash=digest, meta=meta)
+        except errors.RemoteRequestError as exc:
+            if exc.kind != "MissingObject":
+                raise
+            self._known.discard(digest)  # evicted meanwhile: send again
+            digest = self._push({name: value})[name]
+            return self.request("store_put", name=name, hash=digest, meta=meta)
+
+    def store_get(self, name: str) -> Any:
+        """Load a stored value (``KeyError`` if there is none)."""
+        call = self.connection().start("store_get", name=name)
+        reader = CallReader(call)
+        try:
+            value = files.read_object(reader)
+        except ValueError:
+            reader.drain()
+            raise
+        reader.drain()
+        return value
+
+    def store_list(self) -> list[dict[str, Any]]:
+        """Stored names with type, size in bytes and a short preview."""
+        return self.request("store_list")["values"]
+
+    def store_delete(self, *names: str) -> list[str]:
+        return self.request("store_delete", names=list(names))["deleted"]
+
+    def store_clear(self) -> list[str]:
+        return self.request("store_delete", names=None)["deleted"]
+
+    def store_from_session(self, names: Iterable[str], session: str | None = None,
+                           on_event: EventHandler | None = None) -> dict[str, Any]:
+        """Store values that exist only in a remote session's namespace (they never travel here)."""
+        job = self._internal_job("store", list(names), session, on_event)
+        return job._status or {}
+
+    def restore_to_session(self, names: Iterable[str], session: str | None = None) -> dict[str, Any]:
+        """Load stored values straight into a remote session's namespace."""
+        job = self._internal_job("restore", list(names), session, None)
+        return job._status or {}
+
+    def _internal_job(self, kind: str, names: list[str], session: str | None, on_event: EventHandler | None) -> Job:
+        for name in names:
+            if not name.isidentifier():
+                raise ValueError(f"{name!r} is not a Python identifier")
+        session = files.check_name("session", session or self.session)
+        spec = {"id": state.new_job_id(), "session": session, "kind": kind, "names": names, "cwd": self.cwd}
+        job = self._submit(spec, False, on_event)
+        exc = job.error()
+        if exc is not None:
+            raise exc
+        return job
+
+
+def _expire(call: Call) -> None:
+    try:
+        call.queue.put_nowait(({"more": True, "expired": True}, b""))
+    except Exception:
+        pass
+
+
+def default_session() -> str:
+    """The notebook's file name when Jupyter tells us (``JPY_SESSION_NAME``), else ``default``."""
+    name = os.environ.get("JPY_SESSION_NAME", "")
+    stem = Path(name).stem if name else ""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")[:64]
+    return stem or "default"
+
+
+def default_local_root() -> Path:
+    env = os.environ.get("REMOTEMAGIC_LOCAL_ROOT")
+    return Path(env) if env else state.state_dir() / "local-target"
+
+
+def connect(target: str = "local", *, session: str | None = None, root: str | None = None, **options: Any) -> Remote:
+    """Connect to a target and return a :class:`Remote`.
+
+    ``target`` is ``"local"`` (a worker process on this machine under ``root``), more to come:
+    ``"ssh://user@host:port"`` or an SSH config alias, ``"ec2:NAME"``. ``session`` names the
+    remote namespace (default: the notebook's name, else ``default``).
+    """
+    from .transport.local import LocalTransport
+
+    session = session or default_session()
+    if target == "local" or target.startswith("local:"):
+        path = root or (target[6:] if target.startswith("local:") else None) or default_local_root()
+        return Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
+    raise ValueError(f"unknown target {target!r}: use 'local', 'ssh://user@host[:port]' or 'ec2:NAME'")

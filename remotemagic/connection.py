@@ -1,0 +1,174 @@
+"""The client side of the agent protocol: many concurrent requests over one byte stream.
+
+A reader thread sorts incoming frames by request id into per-request queues. Data frames of a
+download are bounded per request (backpressure goes all the way to the SSH window), so pulling
+a large value never buffers more than a few MiB in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from . import errors
+from .agent import wire
+
+log = logging.getLogger("remotemagic")
+
+_LOST = object()
+QUEUE_FRAMES = 64  # 64 frames of <= 1 MiB each
+
+
+class AgentStream(Protocol):
+    """A bidirectional byte stream to a running agent (a pipe, an SSH channel)."""
+
+    def readinto(self, view: memoryview) -> int: ...
+
+    def write(self, data: Any) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Call:
+    """One request in flight. Iterate for its data frames; ``result`` once it has ended."""
+
+    def __init__(self, conn: "AgentConnection", rid: int):
+        self.conn = conn
+        self.id = rid
+        self.queue: queue.Queue = queue.Queue(QUEUE_FRAMES)
+        self.result: Any = None
+        self.payload: bytes = b""
+        self.done = False
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], bytearray]]:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is _LOST:
+                    raise errors.ConnectionLostError(f"connection to {self.conn.name} lost")
+                header, payload = item
+                if header.get("more"):
+                    yield header, payload
+                    continue
+                self.done = True
+                if not header.get("ok"):
+                    raise errors.from_agent(header.get("error") or {})
+                self.result = header.get("result")
+                self.payload = bytes(payload)
+                return
+        finally:
+            if not self.done:
+                self.abandon()
+
+    def wait(self) -> Any:
+        for _ in self:
+            pass
+        return self.result
+
+    def abandon(self) -> None:
+        """Stop listening (e.g. after Ctrl-C): ask the agent to stop streaming, drop frames."""
+        self.conn.calls.pop(self.id, None)
+        if not self.done and not self.conn.lost:
+            try:
+                self.conn.writer.send({"id": 0, "op": "cancel_stream", "target": self.id})
+            except OSError:
+                pass
+
+
+class AgentConnection:
+    """An open conversation with one agent."""
+
+    def __init__(self, stream: AgentStream, name: str):
+        self.stream = stream
+        self.name = name
+        self.writer = wire.FrameWriter(self._write, stream.flush)
+        self.calls: dict[int, Call] = {}
+        self.ids = itertools.count(1)
+        self.lost = False
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, name=f"remotemagic-reader-{name}", daemon=True)
+        self.reader.start()
+
+    def _write(self, data: Any) -> None:
+        if self.lost:
+            raise errors.ConnectionLostError(f"connection to {self.name} lost")
+        try:
+            self.stream.write(data)
+        except (OSError, EOFError, ValueError) as exc:
+            self._mark_lost()
+            raise errors.ConnectionLostError(f"connection to {self.name} lost: {exc}") from exc
+
+    def _read(self) -> None:
+        try:
+            while True:
+                header, payload = wire.read_frame(self.stream.readinto)
+                call = self.calls.get(header.get("id", -1))
+                if call is None:
+                    continue  # an abandoned stream's late frames
+                if not header.get("more"):
+                    self.calls.pop(call.id, None)
+                while True:
+                    try:
+                        call.queue.put((header, payload), timeout=0.5)
+                        break
+                    except queue.Full:
+                        if call.id not in self.calls and header.get("more"):
+                            break  # abandoned while we waited
+        except (wire.ConnectionLost, OSError, ValueError) as exc:
+            log.debug("reader for %s ended: %s", self.name, exc)
+        finally:
+            self._mark_lost()
+
+    def _mark_lost(self) -> None:
+        with self.lock:
+            if self.lost:
+                return
+            self.lost = True
+            pending = list(self.calls.values())
+            self.calls.clear()
+        for call in pending:
+            try:
+                call.queue.put_nowait(_LOST)
+            except queue.Full:
+                # a consumer this far behind re-reads on its own; make room for the news
+                try:
+                    call.queue.get_nowait()
+                except queue.Empty:
+                    pass
+                call.queue.put_nowait(_LOST)
+
+    def start(self, op: str, payload: bytes = b"", **args: Any) -> Call:
+        if self.lost:
+            raise errors.ConnectionLostError(f"connection to {self.name} lost")
+        call = Call(self, next(self.ids))
+        self.calls[call.id] = call
+        self.writer.send({"id": call.id, "op": op, **args}, payload)
+        return call
+
+    def request(self, op: str, **args: Any) -> Any:
+        return self.start(op, **args).wait()
+
+    def upload(self, begin: dict[str, Any], chunks: Iterable[Any], progress: Callable[[int], None] | None = None) -> Any:
+        """Send ``upload_begin``, the chunks as data frames, ``upload_end``; return the answer."""
+        call = self.start("upload_begin", **begin)
+        for chunk in chunks:
+            if call.id not in self.calls:  # the agent refused early
+                break
+            self.writer.send({"id": call.id, "op": "data"}, chunk)
+            if progress:
+                progress(len(chunk))
+        if call.id in self.calls:
+            self.writer.send({"id": call.id, "op": "upload_end"})
+        return call.wait()
+
+    def close(self) -> None:
+        self.lost = True
+        try:
+            self.stream.close()
+        except Exception:
+            pass

@@ -1,0 +1,444 @@
+"""The IPython magics: ``%ec2`` / ``%%ec2`` and ``%ec2_store``, a thin layer over :mod:`remotemagic.api`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import shlex
+import sys
+import time
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from traitlets import Bool, Float, Int, Unicode, observe
+
+from . import api, errors, state
+from .agent import files
+from .render import Renderer
+
+log = logging.getLogger("remotemagic")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().strip()}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        if message:
+            raise UsageError(message)
+        raise UsageError(self.format_help())
+
+
+def _names(text: str | None) -> list[str]:
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    for n in names:
+        if not n.isidentifier():
+            raise UsageError(f"{n!r} is not a variable name")
+    return names
+
+
+def _parsers() -> dict[str, _Parser]:
+    p: dict[str, _Parser] = {}
+    use = p["use"] = _Parser(prog="%ec2 use", add_help=False)
+    use.add_argument("kind", choices=["local"], help="where cells run")
+    use.add_argument("--root", help="folder of the local backend's target")
+    use.add_argument("--session", help="session (remote namespace) to use")
+    run = p["run"] = _Parser(prog="%%ec2 run", add_help=False)
+    run.add_argument("-i", "--push", default="", help="comma-separated local variables to send")
+    run.add_argument("-o", "--pull", default="", help="comma-separated variables to bring back")
+    run.add_argument("--bg", action="store_true", help="return at once; the job runs on")
+    run.add_argument("--session", help="session (remote namespace) to run in")
+    run.add_argument("--timeout", type=float, help="interrupt the job after this many seconds")
+    for name in ("output", "wait", "cancel"):
+        q = p[name] = _Parser(prog=f"%ec2 {name}", add_help=False)
+        q.add_argument("job", nargs="?" if name != "cancel" else None, help="job id or its unique end")
+        if name == "wait":
+            q.add_argument("--timeout", type=float)
+    jobs = p["jobs"] = _Parser(prog="%ec2 jobs", add_help=False)
+    jobs.add_argument("-n", type=int, default=20, help="how many (newest last)")
+    p["status"] = _Parser(prog="%ec2 status", add_help=False)
+    restart = p["restart"] = _Parser(prog="%ec2 restart", add_help=False)
+    restart.add_argument("--session")
+    store = p["store"] = _Parser(prog="%ec2_store", add_help=False)
+    store.add_argument("names", nargs="*")
+    store.add_argument("-r", action="store_true", help="restore (all, or the names given)")
+    store.add_argument("-d", metavar="NAME", action="append", help="delete a stored value")
+    store.add_argument("-z", action="store_true", help="delete every stored value")
+    store.add_argument("--remote", action="store_true",
+                       help="act on the remote session's namespace instead of this kernel's")
+    store.add_argument("--session", help="with --remote: which session")
+    return p
+
+
+PARSERS = _parsers()
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+def _duration(start: float | None, end: float | None) -> str:
+    if not start:
+        return "-"
+    secs = (end or time.time()) - start
+    return f"{secs:.1f}s" if secs < 120 else f"{secs / 60:.1f}m"
+
+
+def _size(n: int | None) -> str:
+    n = int(n or 0)
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+@magics_class
+class Ec2Magics(Magics):
+    """Run cells on a bigger machine. Configure with ``%config Ec2Magics.<name> = value``."""
+
+    target = Unicode("local", help="Target used when none was chosen with %ec2 use: 'local'.").tag(config=True)
+    session = Unicode("", help="Remote namespace; default: the notebook's name, else 'default'.").tag(config=True)
+    local_root = Unicode("", help="Folder of the local backend (default: <state dir>/local-target).").tag(config=True)
+    timeout = Float(0.0, help="Default --timeout for %%ec2 run, in seconds (0: none).").tag(config=True)
+    reconnect_timeout = Float(60.0, help="How long to keep reconnecting after the link drops, in s.").tag(config=True)
+    inline_limit = Int(api.INLINE_LIMIT, help="Outputs up to this size come back with the job's status.").tag(config=True)
+    object_cache_limit = Int(api.OBJECT_CACHE_LIMIT, help="Bytes of pushed values the target keeps (LRU).").tag(config=True)
+    show_progress = Bool(True, help="Progress bars for transfers above 16 MiB.").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any):
+        super().__init__(shell=shell, **kwargs)
+        self.remote: api.Remote | None = None
+
+    @observe("target", "local_root")
+    def _target_changed(self, change: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
+
+    # -- connection ----------------------------------------------------------------------------
+    def get_remote(self) -> api.Remote:
+        if self.remote is None:
+            self.remote = self._connect(self.target.split()[0] if self.target else "local", None, None)
+        return self.remote
+
+    def _connect(self, kind: str, root: str | None, session: str | None) -> api.Remote:
+        opts = dict(reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
+                    object_cache_limit=self.object_cache_limit, show_progress=self.show_progress)
+        try:
+            return api.connect(kind, session=session or self.session or None,
+                               root=root or self.local_root or None, **opts)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    # -- %ec2 ----------------------------------------------------------------------------------
+    @line_cell_magic
+    def ec2(self, line: str, cell: str | None = None) -> Any:
+        """Run code on a bigger machine, keep every output.
+
+        %ec2 use local [--root PATH] [--session S]   pick the target (embedded local worker)
+        %%ec2 run [-i a,b] [-o c,d] [--bg] [--session S] [--timeout T]
+            <code>           runs on the target; -i sends local variables, -o brings results back
+        %ec2 jobs [-n N]     jobs on the target, newest last
+        %ec2 output [JOB]    show a job's complete output again (works after a kernel restart)
+        %ec2 wait [JOB]      stream the rest of a job's output, then pull its -o values
+        %ec2 cancel JOB      interrupt a running job (KeyboardInterrupt there)
+        %ec2 status          target, sessions and recent jobs
+        %ec2 restart [--session S]   stop a session's worker: the next cell starts fresh
+
+        JOB is a job id or a unique end of one (its last 4 characters usually do); without
+        JOB, the last job this kernel started. Output streams live and is also kept on the
+        target and in a local mirror: close the browser, restart the kernel, and
+        ``%ec2 output JOB`` still shows all of it.
+        """
+        words = shlex.split(line)
+        if not words:
+            raise UsageError(self.ec2.__doc__ or "")
+        cmd, rest = words[0], words[1:]
+        if cmd == "run":
+            if cell is None:
+                raise UsageError("%ec2 run is a cell magic: start the cell with %%ec2 run")
+            return self._run(PARSERS["run"].parse_args(rest), cell)
+        if cell is not None:
+            raise UsageError(f"%%ec2 {cmd} is not a cell command; did you mean %%ec2 run?")
+        if cmd not in PARSERS or cmd == "store":
+            raise UsageError(f"unknown command %ec2 {cmd}\n{self.ec2.__doc__}")
+        args = PARSERS[cmd].parse_args(rest)
+        return getattr(self, "_cmd_" + cmd)(args)
+
+    def _cmd_use(self, args: argparse.Namespace) -> None:
+        self.close()
+        self.remote = self._connect(args.kind, args.root, args.session)
+        print(f"Using {self.remote.target} (session '{self.remote.session}', "
+              f"Python {self.remote.info.get('python')} on the target)")
+
+    def _run(self, args: argparse.Namespace, cell: str) -> None:
+        ns = self.shell.user_ns
+        push_names, pull = _names(args.push), _names(args.pull)
+        missing = [n for n in push_names if n not in ns]
+        if missing:
+            raise UsageError("-i: no variable named " + ", ".join(repr(n) for n in missing) + " in this namespace")
+        remote = self.get_remote()
+        timeout = args.timeout if args.timeout is not None else (self.timeout or None)
+        render = Renderer()
+        remote.last_job = None
+        try:
+            job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
+                             session=args.session, timeout=timeout, on_event=render)
+        except errors.UnpicklableValueError as exc:
+            raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            job = remote.last_job
+            if job is None:
+                raise
+            if not self._interrupt(job, render):
+                return
+        if args.bg:
+            print(f"Job {job.id} runs in the background (session '{remote.session if not args.session else args.session}').\n"
+                  f"  %ec2 wait {job.id[-4:]}    stream its output, then pull -o values\n"
+                  f"  %ec2 output {job.id[-4:]}  show its output so far")
+            return
+        self._pull_into_namespace(job)
+
+    def _interrupt(self, job: api.Job, render: Renderer) -> bool:
+        """First Ctrl-C: interrupt the remote code. Second: detach. True if the job ended."""
+        for _ in range(20):
+            try:
+                job.cancel()
+                break
+            except errors.UnknownJobError:  # the submission is still on its way
+                time.sleep(0.05)
+        sys.stderr.write(f"\nInterrupting job {job.id} on the target (Ctrl-C again to detach and leave it running)\n")
+        try:
+            job.follow(render)
+            return True
+        except KeyboardInterrupt:
+            sys.stderr.write(f"\nDetached from job {job.id}; it keeps running on the target.\n"
+                             f"  %ec2 wait {job.id[-4:]} to reattach, %ec2 cancel {job.id[-4:]} to stop it.\n")
+            return False
+
+    def _pull_into_namespace(self, job: api.Job) -> None:
+        try:
+            got = job.result()
+        except errors.MissingOutputError as exc:
+            self.shell.user_ns.update(exc.values)
+            raise
+        self.shell.user_ns.update(got)
+
+    def _job(self, ref: str | None) -> api.Job:
+        remote = self.get_remote()
+        if not ref:
+            if remote.last_job is None:
+                raise UsageError("no job started from this kernel yet: give a job id (see %ec2 jobs)")
+            return remote.last_job
+        try:
+            return remote.job(ref)
+        except errors.UnknownJobError as exc:
+            raise UsageError(str(exc)) from None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _cmd_output(self, args: argparse.Namespace) -> None:
+        job = self._offline_job(args.job)
+        try:
+            job.sync()
+        except (errors.RemoteMagicError, OSError) as exc:
+            log.info("showing the local mirror of %s only: %s", job.id, exc)
+        render = Renderer(replay=True)
+        for event in job.events():
+            render(event)
+        if job.record.meta.get("state") not in files.TERMINAL:
+            print(f"[job {job.id} is still {job.record.meta.get('state', 'running')}: %ec2 wait {job.id[-4:]} follows it]")
+
+    def _offline_job(self, ref: str | None) -> api.Job:
+        """Resolve a job from the local index first, so output works with the target gone."""
+        if ref:
+            local = [j["id"] for j in state.list_jobs(self._state_root())
+                     if j["id"] == ref or j["id"].endswith(ref) or j["id"].startswith(ref)]
+            if len(local) == 1:
+                if self.remote is None:
+                    try:
+                        self.get_remote()
+                    except Exception as exc:  # target unreachable: the mirror is enough
+                        log.info("target unreachable (%s)", exc)
+                        return _MirrorOnlyJob(self._state_root(), local[0])  # type: ignore[return-value]
+                return api.Job(self.get_remote(), local[0])
+        return self._job(ref)
+
+    def _state_root(self) -> Any:
+        return self.remote.state_root if self.remote else state.state_dir()
+
+    def _cmd_wait(self, args: argparse.Namespace) -> None:
+        job = self._job(args.job)
+        render = Renderer()
+        for event in job.events():
+            render(event)
+        try:
+            job.wait(timeout=args.timeout, on_event=render)
+        except TimeoutError as exc:
+            raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            sys.stderr.write(f"\nStopped waiting; job {job.id} keeps running. %ec2 wait {job.id[-4:]} to reattach.\n")
+            return
+        self._pull_into_namespace(job)
+
+    def _cmd_cancel(self, args: argparse.Namespace) -> None:
+        job = self._job(args.job)
+        print(f"Job {job.id}: {job.cancel()}")
+
+    def _cmd_jobs(self, args: argparse.Namespace) -> None:
+        remote = self.get_remote()
+        rows = remote.jobs(args.n)
+        if not rows:
+            print(f"No jobs on {remote.target} yet.")
+            return
+        print(f"{'job':27} {'session':12} {'state':11} {'started':8} {'took':>7}  code")
+        for j in rows:
+            code = (j.get("code") or f"[{j.get('kind')}]").strip().splitlines()
+            print(f"{j['id']:27} {str(j.get('session'))[:12]:12} {str(j.get('state')):11} "
+                  f"{_ago(j.get('started')):8} {_duration(j.get('started'), j.get('finished')):>7}  "
+                  f"{(code[0] if code else '')[:40]}")
+
+    def _cmd_status(self, args: argparse.Namespace) -> None:
+        remote = self.get_remote()
+        st = remote.status()
+        info = st["agent"]
+        print(f"Target:   {remote.target}\n"
+              f"Python:   {info.get('python')} ({info.get('executable')}) on {info.get('platform')}, "
+              f"{info.get('cpus')} CPUs\nSession:  {remote.session} (this kernel's default)")
+        print("Sessions:")
+        for s in st["sessions"]:
+            what = f"worker pid {s['pid']}, up {_duration(s['started'], None)}" if s["alive"] else "no worker"
+            busy = f", running {s['current']}" if s.get("current") else ""
+            print(f"  {s['name']:20} {what}{busy}")
+        running = [j for j in st["jobs"] if j.get("state") not in files.TERMINAL]
+        print(f"Jobs:     {len(st['jobs'])} recent, {len(running)} queued or running (%ec2 jobs lists them)")
+
+    def _cmd_restart(self, args: argparse.Namespace) -> None:
+        remote = self.get_remote()
+        session = args.session or remote.session
+        stopped = remote.stop_session(session)
+        print(f"Session '{session}': " + ("worker stopped; the next cell starts with a fresh namespace"
+                                           if stopped else "no worker was running"))
+
+    # -- %ec2_store ----------------------------------------------------------------------------
+    @line_magic
+    def ec2_store(self, line: str) -> None:
+        """Like %store, but the values live on the target: any kernel or process using the
+        same target can restore them.
+
+        %ec2_store              list stored names with type, size and a preview
+        %ec2_store a b          store local variables a and b          ("Stored 'a' (int)")
+        %ec2_store -r [a b]     restore all stored values, or the names given, into this kernel
+        %ec2_store -d a         delete a stored value
+        %ec2_store -z           delete all stored values
+        %ec2_store --remote a   store 'a' from the remote session's namespace (it never travels here)
+        %ec2_store -r --remote a   restore 'a' straight into the remote session's namespace
+        """
+        args = PARSERS["store"].parse_args(shlex.split(line))
+        remote = self.get_remote()
+        ns = self.shell.user_ns
+        if args.z:
+            deleted = remote.store_clear()
+            print(f"Deleted {len(deleted)} stored value(s)")
+            return
+        if args.d:
+            for name in args.d:
+                try:
+                    remote.store_delete(name)
+                except KeyError:
+                    raise UsageError(f"Can't delete variable '{name}': it is not stored") from None
+            return
+        if args.remote:
+            self._store_remote(remote, args)
+            return
+        if args.r:
+            names = args.names or [v["name"] for v in remote.store_list()]
+            for name in names:
+                try:
+                    ns[name] = remote.store_get(name)
+                except KeyError:
+                    raise UsageError(f"no stored variable {name!r} (%ec2_store lists them)") from None
+                print(f"Restored '{name}' ({files.type_name(ns[name])})")
+            return
+        if not args.names:
+            self._store_list(remote)
+            return
+        for name in args.names:
+            if name not in ns:
+                raise UsageError(f"Unknown variable '{name}'")
+        for name in args.names:
+            try:
+                meta = remote.store_put(name, ns[name])
+            except errors.UnpicklableValueError as exc:
+                raise UsageError(str(exc)) from None
+            print(f"Stored '{name}' ({meta.get('type', files.type_name(ns[name]))})")
+
+    def _store_remote(self, remote: api.Remote, args: argparse.Namespace) -> None:
+        if not args.names:
+            raise UsageError("--remote needs the names of the remote variables")
+        if args.r:
+            st = remote.restore_to_session(args.names, args.session)
+            for name in st.get("restored", []):
+                print(f"Restored '{name}' into the remote session")
+            if st.get("missing"):
+                raise UsageError("not stored: " + ", ".join(st["missing"]))
+            return
+        st = remote.store_from_session(args.names, args.session, on_event=Renderer())
+        if st.get("missing"):
+            raise UsageError("Unknown variable in the remote session: " + ", ".join(st["missing"]))
+
+    def _store_list(self, remote: api.Remote) -> None:
+        values = remote.store_list()
+        if not values:
+            print(f"No values stored on {remote.target}")
+            return
+        width = max(len(v["name"]) for v in values)
+        print(f"Stored values on {remote.target}:")
+        for v in values:
+            print(f"{v['name']:{width}} {_size(v.get('size')):>9}  {v.get('type', '?'):14} -> {v.get('preview', '')}")
+
+
+class _MirrorOnlyJob:
+    """A job seen through the local mirror alone (its target unreachable)."""
+
+    def __init__(self, root: Any, job_id: str):
+        self.id = job_id
+        self.record = state.JobRecord(root, job_id)
+
+    def sync(self) -> None:
+        pass
+
+    def events(self) -> Any:
+        return self.record.events()
+
+
+_loaded: dict[int, Ec2Magics] = {}
+
+
+def load(ip: Any) -> None:
+    if id(ip) in _loaded:
+        return
+    magics = Ec2Magics(shell=ip, parent=ip)
+    ip.register_magics(magics)
+    ip.configurables.append(magics)
+    _loaded[id(ip)] = magics
+
+
+def unload(ip: Any) -> None:
+    magics = _loaded.pop(id(ip), None)
+    if magics is None:
+        return
+    magics.close()
+    table = ip.magics_manager.magics
+    for kind, name in (("line", "ec2"), ("cell", "ec2"), ("line", "ec2_store")):
+        table[kind].pop(name, None)
+    if magics in ip.configurables:
+        ip.configurables.remove(magics)

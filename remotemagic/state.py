@@ -1,0 +1,126 @@
+"""The local state folder: an index of every job and a byte-exact mirror of its event log.
+
+``<state>/jobs/<id>/meta.json`` says which target and session ran the job, its code and its
+``-o`` names; ``events.jsonl`` holds the bytes of the remote event log received so far, so the
+mirror's size *is* the offset to resume streaming from, and ``%ec2 output JOB`` re-renders a
+job in a new kernel even when its target is gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import platformdirs
+
+from .agent import files
+
+
+def state_dir() -> Path:
+    """``$REMOTEMAGIC_STATE_DIR``, else the platform's user state folder."""
+    env = os.environ.get("REMOTEMAGIC_STATE_DIR")
+    path = Path(env) if env else Path(platformdirs.user_state_dir("remotemagic"))
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def new_job_id() -> str:
+    """A sortable, unique job id: UTC time to the millisecond, then 16 random bits."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return f"{stamp}-{int(now * 1000) % 1000:03d}-{random.getrandbits(16):04x}"
+
+
+class JobRecord:
+    """One job in the local index."""
+
+    def __init__(self, root: Path, job_id: str):
+        self.id = files.check_job_id(job_id)
+        self.dir = root / "jobs" / job_id
+        self.events_path = self.dir / "events.jsonl"
+
+    @property
+    def exists(self) -> bool:
+        return (self.dir / "meta.json").exists()
+
+    def create(self, **meta: Any) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        files.write_json(str(self.dir / "meta.json"), {"id": self.id, **meta})
+        self.events_path.touch(mode=0o600, exist_ok=True)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return files.read_json(str(self.dir / "meta.json"), {}) or {}
+
+    def update(self, **changes: Any) -> None:
+        with self._lock():
+            meta = self.meta
+            meta.update(changes)
+            files.write_json(str(self.dir / "meta.json"), meta)
+
+    @property
+    def offset(self) -> int:
+        try:
+            return self.events_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def append(self, offset: int, data: bytes | bytearray) -> bytes:
+        """Append the log bytes that start at ``offset``; return only the bytes that were new.
+
+        Two readers of one job (two kernels) may both mirror it: whatever overlaps what is
+        already here is dropped, so the mirror never holds a byte twice or skips one.
+        """
+        with self._lock():
+            size = self.offset
+            if offset > size:
+                raise ValueError(f"gap in the event log of {self.id}: have {size} bytes, got data at {offset}")
+            new = bytes(data[size - offset :]) if offset + len(data) > size else b""
+            if new:
+                with open(self.events_path, "ab") as f:
+                    f.write(new)
+            return new
+
+    def events(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        try:
+            with open(self.events_path, "rb") as f:
+                f.seek(start)
+                for line in f:
+                    if line.endswith(b"\n"):
+                        yield json.loads(line)
+        except FileNotFoundError:
+            return
+
+    def _lock(self) -> "_FileLock":
+        return _FileLock(self.dir / ".lock")
+
+
+class _FileLock:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.f = open(self.path, "a+")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+def list_jobs(root: Path, target: str | None = None) -> list[dict[str, Any]]:
+    out = []
+    jdir = root / "jobs"
+    if not jdir.exists():
+        return out
+    for name in sorted(os.listdir(jdir)):
+        if not files.JOB_RE.match(name):
+            continue
+        meta = JobRecord(root, name).meta
+        if meta and (target is None or meta.get("target") == target):
+            out.append(meta)
+    return out

@@ -1,0 +1,95 @@
+"""The embedded local backend: the agent is a subprocess on this machine.
+
+Nothing to install and no network: the same agent, workers and on-disk layout as on a remote
+host, under a local root folder, so everything but the link itself is exercised for real.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..agent import files
+from .base import AGENT_PACKAGE, Transport, agent_sources, agent_version
+
+
+class PipeStream:
+    """The agent subprocess's stdin/stdout as an AgentStream."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        assert proc.stdout is not None and proc.stdin is not None
+        self._in = proc.stdout
+        self._out = proc.stdin
+
+    def readinto(self, view: memoryview) -> int:
+        try:
+            return self._in.readinto(view) or 0
+        except (OSError, ValueError):
+            return 0
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = self._out.write(view)
+            if n is None:
+                n = 0
+            view = view[n:]
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    def close(self) -> None:
+        for f in (self._out, self._in):
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class LocalTransport(Transport):
+    """Runs the agent with this interpreter under ``root`` (0700)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = str(Path(root).expanduser().resolve())
+        self.name = f"local:{self.root}"
+        self.python = sys.executable
+
+    def ship_agent(self) -> str:
+        """Copy the agent source into its versioned folder (once per version); return it."""
+        files.private_dir(self.root)
+        vdir = os.path.join(self.root, "agent", agent_version())
+        pkg = os.path.join(vdir, AGENT_PACKAGE)
+        marker = os.path.join(pkg, ".complete")
+        if not os.path.exists(marker):
+            files.private_dir(pkg)
+            for name, data in agent_sources().items():
+                files.atomic_write(os.path.join(pkg, name), [data])
+            files.atomic_write(marker, [agent_version().encode()])
+        return vdir
+
+    def start_agent(self) -> PipeStream:
+        vdir = self.ship_agent()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = vdir
+        log = open(os.path.join(self.root, "agent.log"), "ab")
+        proc = subprocess.Popen(
+            [self.python, "-m", f"{AGENT_PACKAGE}.server", self.root],
+            cwd=vdir,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            bufsize=0,
+            close_fds=True,
+        )
+        log.close()
+        return PipeStream(proc)
