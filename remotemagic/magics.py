@@ -110,9 +110,11 @@ class Ec2Magics(Magics):
     object_cache_limit = Int(api.OBJECT_CACHE_LIMIT, help="Bytes of pushed values the target keeps (LRU).").tag(config=True)
     show_progress = Bool(True, help="Progress bars for transfers above 16 MiB.").tag(config=True)
 
+    remote: api.Remote | None = None
+
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
-        self.remote: api.Remote | None = None
+        self.remote = None
 
     @observe("target", "local_root")
     def _target_changed(self, change: Any) -> None:

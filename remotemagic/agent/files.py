@@ -49,7 +49,21 @@ def check_job_id(job_id: str) -> str:
 
 
 def private_dir(path: str) -> str:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create ``path`` and any missing parents with mode 0700 (``makedirs`` would not)."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
     return path
 
 

@@ -80,7 +80,9 @@ class LocalTransport(Transport):
         vdir = self.ship_agent()
         env = dict(os.environ)
         env["PYTHONPATH"] = vdir
-        log = open(os.path.join(self.root, "agent.log"), "ab")
+        log_path = os.path.join(self.root, "agent.log")
+        log = open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+        os.chmod(log_path, 0o600)
         proc = subprocess.Popen(
             [self.python, "-m", f"{AGENT_PACKAGE}.server", self.root],
             cwd=vdir,

@@ -1,0 +1,124 @@
+"""Fixtures shared by the suite.
+
+Every test gets its own state folder and target root; every worker a test starts is stopped
+at teardown. ``remote`` and ``ip`` are parametrized over transports so the same tests run
+locally and over SSH.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import remotemagic
+from remotemagic.agent import files
+
+TRANSPORTS = ["local"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    state = tmp_path / "state"
+    monkeypatch.setenv("REMOTEMAGIC_STATE_DIR", str(state))
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    return state
+
+
+def stop_workers(root: str | os.PathLike[str]) -> None:
+    """Stop every worker (and its supervisor) under a target root."""
+    sroot = Path(root) / "sessions"
+    if not sroot.exists():
+        return
+    for sdir in sroot.iterdir():
+        info = files.read_json(str(sdir / "worker.json"), {}) or {}
+        pid = info.get("pid")
+        if pid:
+            try:
+                os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.monotonic() + 5
+    for sdir in sroot.iterdir():
+        while time.monotonic() < deadline:
+            try:
+                with open(sdir / "lock", "a+") as f:
+                    import fcntl
+
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                time.sleep(0.02)
+
+
+class Target:
+    """How to reach one kind of target in a test: ``connect()`` and the magic's ``use`` line."""
+
+    def __init__(self, kind: str, root: Path, **options: Any):
+        self.kind = kind
+        self.root = root
+        self.options = options
+
+    def connect(self, **kw: Any) -> remotemagic.Remote:
+        if self.kind == "local":
+            return remotemagic.connect("local", root=str(self.root), **kw)
+        return remotemagic.connect(self.options["target"], root=str(self.root), **{**self.options["connect"], **kw})
+
+    @property
+    def use_line(self) -> str:
+        if self.kind == "local":
+            return f"use local --root {self.root}"
+        return self.options["use_line"]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    root = tmp_path / "target"
+    if request.param == "local":
+        t = Target("local", root)
+    else:  # pragma: no cover - filled in by the SSH fixtures
+        t = request.getfixturevalue(f"{request.param}_target_factory")(root)
+    yield t
+    stop_workers(root)
+
+
+@pytest.fixture
+def remote(target: Target) -> Iterator[remotemagic.Remote]:
+    r = target.connect()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def ip(target: Target) -> Iterator[Any]:
+    """A real IPython shell with the extension loaded and pointed at ``target``."""
+    from IPython.testing import globalipapp
+
+    shell = globalipapp.get_ipython()
+    shell.run_line_magic("load_ext", "remotemagic")
+    shell.run_line_magic("ec2", target.use_line)
+    yield shell
+    shell.run_line_magic("unload_ext", "remotemagic")
+    shell.config.pop("Ec2Magics", None)
+    shell.user_ns.clear()
+    shell.user_ns.update(shell.user_ns_hidden)
+
+
+def run_ok(ip: Any, cell: str) -> Any:
+    """Run a cell; fail the test with the cell's error if it raised."""
+    result = ip.run_cell(cell)
+    err = result.error_in_exec or result.error_before_exec
+    if err is not None:
+        raise AssertionError(f"cell failed: {type(err).__name__}: {err}") from err
+    return result.result
+
+
+def plain(text: str) -> str:
+    """Text without ANSI colour codes."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

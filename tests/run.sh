@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what the test suite needs and run all of it: lint, then every test.
+#   bash tests/run.sh            (the README's test command; .ci/run calls exactly this)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+
+# The SSH tests start a real OpenSSH sshd on 127.0.0.1: it must be installed.
+if ! [ -x /usr/sbin/sshd ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing openssh-server (needed by the SSH tests)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server) >/dev/null
+  else
+    echo "The SSH tests need OpenSSH's sshd: install it (e.g. 'sudo apt-get install openssh-server') and run again." >&2
+    exit 2
+  fi
+fi
+
+python3 -m ruff check remotemagic tests benchmarks notebooks/run_notebook.py
+python3 -m pytest "$@"

@@ -1,0 +1,309 @@
+"""The plain-Python API over every transport: run, push/pull, events, errors, sessions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import remotemagic
+from remotemagic.agent import files
+
+from .conftest import stop_workers
+
+
+def test_push_compute_pull(remote: remotemagic.Remote) -> None:
+    x = np.arange(1_000_000, dtype=np.float64)  # > 64 KiB: travels out of band
+    job = remote.run("y = x * 2\ntotal = float(y.sum())", push={"x": x}, pull=["y", "total"])
+    assert job.state == "done"
+    got = job.result()
+    np.testing.assert_array_equal(got["y"], x * 2)
+    assert got["total"] == float((x * 2).sum())
+
+
+def test_large_output_is_pulled_not_inlined(remote: remotemagic.Remote) -> None:
+    remote.inline_limit = 1000
+    job = remote.run("import numpy as np\nbig = np.ones(500_000)", pull=["big"])
+    assert job._values == {}  # too big to travel with the status
+    assert job.result()["big"].sum() == 500_000
+
+
+def test_namespace_persists_within_a_session(remote: remotemagic.Remote) -> None:
+    remote.run("counter = 41")
+    assert remote.run("counter += 1", pull=["counter"]).result() == {"counter": 42}
+
+
+def test_output_streams_live(remote: remotemagic.Remote, tmp_path: Path) -> None:
+    """The cell blocks until the test has *seen* its first line: only live streaming passes."""
+    flag = tmp_path / "seen"
+    code = (
+        "import os, time\n"
+        "print('first', flush=True)\n"
+        f"while not os.path.exists({str(flag)!r}): time.sleep(0.01)\n"
+        "print('second')\n"
+    )
+    job = remote.run(code, background=True)
+    seen: list[str] = []
+
+    def on_event(ev: dict) -> None:
+        if ev["type"] == "stream":
+            seen.append(ev["text"])
+            if "first" in ev["text"]:
+                flag.touch()
+
+    assert job.follow(on_event, timeout=60) == "done"
+    assert "".join(seen) == "first\nsecond\n"
+
+
+def test_rich_outputs_are_mime_bundles(remote: remotemagic.Remote) -> None:
+    code = (
+        "from IPython.display import display, HTML, JSON\n"
+        "display(HTML('<b>bold</b>'))\n"
+        "display(JSON({'a': 1}))\n"
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([1, 2, 3])\n"
+        "plt.show()\n"
+        "class R:\n"
+        "    def _repr_html_(self): return '<i>rich</i>'\n"
+        "R()\n"
+    )
+    job = remote.run(code)
+    assert job.state == "done", list(job.events())
+    events = list(job.events())
+    bundles = [e["data"] for e in events if e["type"] in ("display_data", "execute_result")]
+    assert any(b.get("text/html") == "<b>bold</b>" for b in bundles)
+    assert any(b.get("application/json") == {"a": 1} for b in bundles)
+    pngs = [b["image/png"] for b in bundles if "image/png" in b]
+    assert pngs and pngs[0].startswith("iVBORw0KGgo")  # base64 of the PNG signature
+    results = [e for e in events if e["type"] == "execute_result"]
+    assert results[-1]["data"]["text/html"] == "<i>rich</i>"
+
+
+def test_remote_exception_carries_traceback(remote: remotemagic.Remote) -> None:
+    job = remote.run("def f():\n    raise ValueError('boom')\nf()")
+    assert job.state == "error"
+    with pytest.raises(remotemagic.RemoteError) as info:
+        job.result()
+    err = info.value
+    assert err.ename == "ValueError" and err.evalue == "boom"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(err.traceback))
+    assert "boom" in text and "----> 3 f()" in text
+    assert remote.run("ok = 1", pull=["ok"]).result() == {"ok": 1}  # session still usable
+
+
+def test_unpicklable_value_is_refused_before_submitting(remote: remotemagic.Remote) -> None:
+    before = len(remote.jobs())
+    with pytest.raises(remotemagic.UnpicklableValueError, match=r"'lock'.*cannot be pickled"):
+        remote.run("pass", push={"lock": threading.Lock()})
+    assert len(remote.jobs()) == before
+
+
+def test_missing_output_names_it_and_delivers_the_rest(remote: remotemagic.Remote) -> None:
+    job = remote.run("a = 1\nimport threading\nlk = threading.Lock()", pull=["a", "nope", "lk"])
+    with pytest.raises(remotemagic.MissingOutputError) as info:
+        job.result()
+    assert "nope" in str(info.value) and "'lk' could not be pickled" in str(info.value)
+    assert info.value.values == {"a": 1}
+
+
+def test_bad_names(remote: remotemagic.Remote) -> None:
+    with pytest.raises(remotemagic.UnknownJobError):
+        remote.job("20200101-000000-000-abcd")
+    with pytest.raises(remotemagic.UnknownJobError):
+        remote.job("zzzz")
+    with pytest.raises(ValueError, match="invalid session name"):
+        remote.run("pass", session="../escape")
+    with pytest.raises(ValueError, match="invalid session name"):
+        remote.run("pass", session="a/b")
+
+
+def test_background_job_and_reattach(remote: remotemagic.Remote) -> None:
+    job = remote.run("import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.2)\nres = 'ok'",
+                     background=True, pull=["res"])
+    assert job.state in ("queued", "running")
+    again = remote.job(job.id[-4:])
+    assert again.id == job.id
+    assert again.wait(timeout=60) == "done"
+    assert again.result() == {"res": "ok"}
+    text = "".join(e["text"] for e in again.events() if e["type"] == "stream")
+    assert text == "0\n1\n2\n"
+
+
+def test_wait_timeout(remote: remotemagic.Remote) -> None:
+    job = remote.run("import time\ntime.sleep(30)", background=True)
+    with pytest.raises(TimeoutError):
+        job.wait(timeout=0.5)
+    assert job.cancel() in ("interrupting", "cancelled")
+    assert job.wait(timeout=30) == "interrupted"
+
+
+def test_cancel_interrupts_and_session_survives(remote: remotemagic.Remote) -> None:
+    remote.run("keep = 'still here'")
+    job = remote.run("import time\nprint('started', flush=True)\nwhile True: time.sleep(0.05)", background=True)
+    for _ in _events_until(job, lambda e: e.get("text") == "started\n"):
+        pass
+    assert job.cancel() == "interrupting"
+    assert job.wait(timeout=30) == "interrupted"
+    err = job.error()
+    assert err is not None and err.ename == "KeyboardInterrupt"
+    assert remote.run("x = keep", pull=["x"]).result() == {"x": "still here"}
+
+
+def test_cancel_queued_job(remote: remotemagic.Remote) -> None:
+    first = remote.run("import time\ntime.sleep(1.5)", background=True)
+    second = remote.run("print('never')", background=True)
+    assert second.cancel() == "cancelled"
+    assert first.wait(timeout=30) == "done"
+    assert second.wait(timeout=30) == "cancelled"
+    assert not any(e.get("text") for e in second.events())
+
+
+def test_timeout_interrupts(remote: remotemagic.Remote) -> None:
+    job = remote.run("import time\ntime.sleep(60)", timeout=0.5)
+    assert job.state == "timeout"
+    assert "timeout" in str(job.error())
+
+
+def test_worker_killed_mid_job(remote: remotemagic.Remote, caplog: pytest.LogCaptureFixture) -> None:
+    remote.run("lost = 1")
+    job = remote.run("import time\nprint('go', flush=True)\ntime.sleep(60)", background=True)
+    for _ in _events_until(job, lambda e: e.get("text") == "go\n"):
+        pass
+    worker = [s for s in remote.sessions() if s["name"] == remote.session][0]
+    os.kill(worker["pid"], signal.SIGKILL)
+    assert job.wait(timeout=30) == "failed"
+    err = job.error()
+    assert err is not None and "worker died, signal 9 (SIGKILL)" in err.evalue
+    with caplog.at_level(logging.WARNING, logger="remotemagic"):
+        nxt = remote.run("print('lost' in dir())")
+    assert "namespace was lost" in caplog.text
+    assert [e["text"] for e in nxt.events() if e["type"] == "stream"] == ["False\n"]
+
+
+def test_sessions_side_by_side(target) -> None:
+    a = target.connect(session="nb-a")
+    b = target.connect(session="nb-b")
+    try:
+        ja = a.run("import time\nv = 'a'\ntime.sleep(0.5)", background=True)
+        jb = b.run("import time\nv = 'b'\ntime.sleep(0.5)", background=True)
+        t0 = time.monotonic()
+        assert ja.wait(timeout=30) == "done" and jb.wait(timeout=30) == "done"
+        assert time.monotonic() - t0 < 5
+        assert a.run("w = v", pull=["w"]).result() == {"w": "a"}
+        assert b.run("w = v", pull=["w"]).result() == {"w": "b"}
+        names = {s["name"] for s in a.sessions() if s["alive"]}
+        assert {"nb-a", "nb-b"} <= names
+    finally:
+        a.close()
+        b.close()
+
+
+def test_store_roundtrip_across_processes(remote: remotemagic.Remote, target) -> None:
+    meta = remote.store_put("shared", {"k": np.arange(3)})
+    assert meta["type"] == "dict" and meta["size"] > 0
+    other = target.connect()  # another process would do exactly this
+    try:
+        got = other.store_get("shared")
+        np.testing.assert_array_equal(got["k"], np.arange(3))
+        listed = {v["name"]: v for v in other.store_list()}
+        assert listed["shared"]["preview"].startswith("{'k': array([0, 1, 2])")
+        other.store_delete("shared")
+        with pytest.raises(KeyError):
+            remote.store_get("shared")
+    finally:
+        other.close()
+
+
+def test_store_from_remote_namespace(remote: remotemagic.Remote) -> None:
+    remote.run("import numpy as np\nonly_remote = np.full(10, 7)")
+    st = remote.store_from_session(["only_remote"])
+    assert "only_remote" in st["stored"]
+    np.testing.assert_array_equal(remote.store_get("only_remote"), np.full(10, 7))
+    remote.stop_session()
+    remote.restore_to_session(["only_remote"])
+    assert remote.run("s = int(only_remote.sum())", pull=["s"]).result() == {"s": 70}
+
+
+def test_output_survives_a_new_client_and_a_removed_target(target, tmp_path: Path) -> None:
+    import shutil
+
+    r = target.connect()
+    job = r.run("print('kept')")
+    r.close()
+    stop_workers(target.root)
+    shutil.rmtree(target.root)
+    from remotemagic import state
+
+    record = state.JobRecord(state.state_dir(), job.id)
+    assert [e["text"] for e in record.events() if e["type"] == "stream"] == ["kept\n"]
+    assert record.meta["state"] == "done"
+
+
+def test_files_are_private(remote: remotemagic.Remote, target) -> None:
+    remote.run("v = 1", pull=["v"]).result()
+    remote.store_put("p", 1)
+    if target.kind != "local":
+        pytest.skip("checked over SSH in test_ssh_transport")
+    root = Path(target.root)
+    for path in root.rglob("*"):
+        if path.is_symlink() or path.is_fifo() or path.is_socket():
+            continue
+        mode = path.stat().st_mode & 0o777
+        if path.is_dir():
+            assert mode == 0o700, path
+        else:
+            assert mode & 0o077 == 0, (path, oct(mode))
+
+
+def _events_until(job: remotemagic.Job, pred, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job.sync()
+        for ev in job.events():
+            yield ev
+            if pred(ev):
+                return
+        time.sleep(0.02)
+    raise AssertionError("event never arrived")
+
+
+def test_agent_is_standalone(tmp_path: Path) -> None:
+    """The agent imports with no trace of the local package (as shipped to a target)."""
+    import subprocess
+    import sys
+
+    from remotemagic.transport.base import agent_sources
+
+    pkg = tmp_path / "remotemagic_agent"
+    pkg.mkdir()
+    for name, data in agent_sources().items():
+        (pkg / name).write_bytes(data)
+        assert not re.search(rb"^\s*(from|import)\s+remotemagic\b(?!_agent)", data, re.M), name
+    code = ("import sys, remotemagic_agent.server, remotemagic_agent.worker\n"
+            "bad = [m for m in sys.modules if m == 'remotemagic' or m.startswith('remotemagic.')]\n"
+            "assert not bad, bad\nprint('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_object_files_roundtrip_and_reject_truncation(tmp_path: Path) -> None:
+    arr = np.random.default_rng(0).random(100_000)
+    enc = files.encode({"a": arr, "s": "x"})
+    assert len(enc.buffers) == 1  # the array's data is out of band
+    path = str(tmp_path / "o")
+    files.write_object(path, enc)
+    back = files.load_object(path)
+    np.testing.assert_array_equal(back["a"], arr)
+    with open(path, "r+b") as f:
+        f.truncate(enc.size - 10)
+    with pytest.raises(ValueError, match="truncated"):
+        files.load_object(path)
