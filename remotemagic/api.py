@@ -32,6 +32,7 @@ log = logging.getLogger("remotemagic")
 EventHandler = Callable[[dict[str, Any]], None]
 INLINE_LIMIT = 1024 * 1024
 OBJECT_CACHE_LIMIT = 20 * 1024**3
+CHECKPOINT_LIMIT = 64 * 1024**2
 
 
 class CallReader(io.RawIOBase):
@@ -191,6 +192,7 @@ class Remote:
         reconnect_timeout: float = 60.0,
         inline_limit: int = INLINE_LIMIT,
         object_cache_limit: int = OBJECT_CACHE_LIMIT,
+        checkpoint_limit: int = CHECKPOINT_LIMIT,
         show_progress: bool = True,
     ):
         self.transport = transport
@@ -201,6 +203,7 @@ class Remote:
         self.reconnect_timeout = reconnect_timeout
         self.inline_limit = inline_limit
         self.object_cache_limit = object_cache_limit
+        self.checkpoint_limit = checkpoint_limit
         self.show_progress = show_progress
         self.info: dict[str, Any] = {}
         self._conn: AgentConnection | None = None
@@ -343,7 +346,7 @@ class Remote:
         inputs = self._push(dict(push or {}))
         job_id = state.new_job_id()
         spec = {"id": job_id, "session": session, "kind": "cell", "code": code, "inputs": inputs,
-                "outputs": pull, "timeout": timeout, "cwd": self.cwd}
+                "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit}
         return self._submit(spec, background, on_event)
 
     def _submit(self, spec: dict[str, Any], background: bool, on_event: EventHandler | None) -> Job:
@@ -518,12 +521,25 @@ class Remote:
         job = self._internal_job("restore", list(names), session, None)
         return job._status or {}
 
-    def _internal_job(self, kind: str, names: list[str], session: str | None, on_event: EventHandler | None) -> Job:
+    def checkpoint(self, session: str | None = None, limit: int = 0,
+                   on_event: EventHandler | None = None) -> dict[str, Any]:
+        """Save the session's picklable variables (each at most ``limit`` bytes; 0: any size) on
+        the target, so they can be restored after the worker dies. Returns the checkpoint index."""
+        job = self._internal_job("checkpoint", [], session, on_event, limit=limit)
+        return (job._status or {}).get("checkpoint", {})
+
+    def restore_checkpoint(self, session: str | None = None, on_event: EventHandler | None = None) -> list[str]:
+        """Load the session's last checkpoint into its (new) worker; return the names restored."""
+        job = self._internal_job("restore_checkpoint", [], session, on_event)
+        return (job._status or {}).get("restored", [])
+
+    def _internal_job(self, kind: str, names: list[str], session: str | None, on_event: EventHandler | None,
+                      **extra: Any) -> Job:
         for name in names:
             if not name.isidentifier():
                 raise ValueError(f"{name!r} is not a Python identifier")
         session = files.check_name("session", session or self.session)
-        spec = {"id": state.new_job_id(), "session": session, "kind": kind, "names": names, "cwd": self.cwd}
+        spec = {"id": state.new_job_id(), "session": session, "kind": kind, "names": names, "cwd": self.cwd, **extra}
         job = self._submit(spec, False, on_event)
         exc = job.error()
         if exc is not None:
@@ -564,4 +580,23 @@ def connect(target: str = "local", *, session: str | None = None, root: str | No
     if target == "local" or target.startswith("local:"):
         path = root or (target[6:] if target.startswith("local:") else None) or default_local_root()
         return Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
+    if target == "ssh" or target.startswith(("ssh:", "ssh ")):
+        # "ssh://user@host:port", "ssh:alias" (from ~/.ssh/config), "ssh HOST", or "ssh" + host=...
+        from .transport.ssh import SSHTransport
+
+        host = options.pop("host", None)
+        spec = target[4:].strip() if target.startswith("ssh ") else target
+        if target == "ssh":
+            if not host:
+                raise ValueError("connect('ssh', host=...) needs a host: an ssh_config alias or user@host[:port]")
+            spec = host
+        ssh_keys = ("ssh_config", "known_hosts", "trust_on_first_use", "python", "connect_timeout",
+                    "user", "port", "identity_file", "keepalive")
+        ssh_options = {k: options.pop(k) for k in ssh_keys if k in options}
+        transport = SSHTransport(spec, root=root, **ssh_options)
+        try:
+            return Remote(transport, session=session, cwd=options.pop("cwd", None), **options)
+        except BaseException:
+            transport.close()
+            raise
     raise ValueError(f"unknown target {target!r}: use 'local', 'ssh://user@host[:port]' or 'ec2:NAME'")

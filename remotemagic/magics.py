@@ -59,6 +59,10 @@ def _parsers() -> dict[str, _Parser]:
     jobs = p["jobs"] = _Parser(prog="%ec2 jobs", add_help=False)
     jobs.add_argument("-n", type=int, default=20, help="how many (newest last)")
     p["status"] = _Parser(prog="%ec2 status", add_help=False)
+    ck = p["checkpoint"] = _Parser(prog="%ec2 checkpoint", add_help=False)
+    ck.add_argument("--restore", action="store_true", help="load the last checkpoint into the session")
+    ck.add_argument("--session")
+    ck.add_argument("--max-bytes", type=int, default=0, help="skip values whose pickle is larger (0: none)")
     restart = p["restart"] = _Parser(prog="%ec2 restart", add_help=False)
     restart.add_argument("--session")
     store = p["store"] = _Parser(prog="%ec2_store", add_help=False)
@@ -108,6 +112,8 @@ class Ec2Magics(Magics):
     reconnect_timeout = Float(60.0, help="How long to keep reconnecting after the link drops, in s.").tag(config=True)
     inline_limit = Int(api.INLINE_LIMIT, help="Outputs up to this size come back with the job's status.").tag(config=True)
     object_cache_limit = Int(api.OBJECT_CACHE_LIMIT, help="Bytes of pushed values the target keeps (LRU).").tag(config=True)
+    checkpoint_max_bytes = Int(api.CHECKPOINT_LIMIT, help="After each cell, checkpoint the session's variables "
+                               "whose pickle is at most this size (0: no automatic checkpoints).").tag(config=True)
     show_progress = Bool(True, help="Progress bars for transfers above 16 MiB.").tag(config=True)
 
     remote: api.Remote | None = None
@@ -133,7 +139,8 @@ class Ec2Magics(Magics):
 
     def _connect(self, kind: str, root: str | None, session: str | None) -> api.Remote:
         opts = dict(reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
-                    object_cache_limit=self.object_cache_limit, show_progress=self.show_progress)
+                    object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
+                    checkpoint_limit=self.checkpoint_max_bytes)
         try:
             return api.connect(kind, session=session or self.session or None,
                                root=root or self.local_root or None, **opts)
@@ -154,6 +161,8 @@ class Ec2Magics(Magics):
         %ec2 cancel JOB      interrupt a running job (KeyboardInterrupt there)
         %ec2 status          target, sessions and recent jobs
         %ec2 restart [--session S]   stop a session's worker: the next cell starts fresh
+        %ec2 checkpoint [--max-bytes N]   save the session's variables on the target now
+        %ec2 checkpoint --restore    after a worker died: load its last checkpoint
 
         JOB is a job id or a unique end of one (its last 4 characters usually do); without
         JOB, the last job this kernel started. Output streams live and is also kept on the
@@ -319,9 +328,21 @@ class Ec2Magics(Magics):
         for s in st["sessions"]:
             what = f"worker pid {s['pid']}, up {_duration(s['started'], None)}" if s["alive"] else "no worker"
             busy = f", running {s['current']}" if s.get("current") else ""
-            print(f"  {s['name']:20} {what}{busy}")
+            ck = s.get("checkpoint") or {}
+            saved = f", checkpoint {_ago(ck.get('time'))} ({len(ck.get('names', []))} values)" if ck.get("time") else ""
+            print(f"  {s['name']:20} {what}{busy}{saved}")
         running = [j for j in st["jobs"] if j.get("state") not in files.TERMINAL]
         print(f"Jobs:     {len(st['jobs'])} recent, {len(running)} queued or running (%ec2 jobs lists them)")
+
+    def _cmd_checkpoint(self, args: argparse.Namespace) -> None:
+        remote = self.get_remote()
+        try:
+            if args.restore:
+                remote.restore_checkpoint(args.session, on_event=Renderer())
+            else:
+                remote.checkpoint(args.session, args.max_bytes, on_event=Renderer())
+        except errors.RemoteError as exc:
+            raise UsageError(f"{exc.ename}: {exc.evalue}") from None
 
     def _cmd_restart(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()

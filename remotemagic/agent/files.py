@@ -197,8 +197,20 @@ def read_object(f: BinaryIO) -> Any:
 
 
 def load_object(path: str) -> Any:
+    """Load an object file -- only from a folder that nobody but its owner (us) can write."""
+    check_private(os.path.dirname(path))
     with open(path, "rb", buffering=0) as f:
         return read_object(f)
+
+
+def check_private(folder: str) -> None:
+    """Refuse a folder that others could have written pickles (which are code) into."""
+    st = os.stat(folder)
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(
+            f"refusing to load pickles from {folder}: it must belong to uid {os.getuid()} and not be "
+            f"writable by group or others (mode {oct(st.st_mode & 0o777)}, owner uid {st.st_uid})"
+        )
 
 
 def _read(f: BinaryIO, n: int) -> bytes:

@@ -259,69 +259,87 @@ class Agent:
         except OSError:
             return False
 
-    def ensure_worker(self, session: str, cwd: str) -> str | None:
-        sdir = self.session_dir(session)
-        with open(os.path.join(sdir, "start.lock"), "a+") as start_lock:
-            fcntl.flock(start_lock, fcntl.LOCK_EX)
-            if self.worker_alive(sdir) and os.path.exists(os.path.join(sdir, "worker.json")):
-                return None
-            deadline = time.monotonic() + 10
-            while self.worker_alive(sdir) and time.monotonic() < deadline:
-                time.sleep(0.02)  # a supervisor is still recording its worker's death
-            notice = None
-            died = files.read_json(os.path.join(sdir, "died.json"))
-            if died:
-                notice = (
-                    f"the previous worker of session '{session}' stopped ({died.get('cause')}); "
-                    "its namespace was lost -- this job starts in a fresh one"
-                )
-                os.replace(os.path.join(sdir, "died.json"), os.path.join(sdir, "died.prev.json"))
-            fifo = os.path.join(sdir, "in.fifo")
-            if not os.path.exists(fifo):
-                os.mkfifo(fifo, 0o600)
-            try:
-                os.unlink(os.path.join(sdir, "worker.json"))
-            except FileNotFoundError:
-                pass
-            env = dict(os.environ)
-            env["PYTHONPATH"] = self.agent_dir
-            env["PYTHONUNBUFFERED"] = "1"
-            log = open(os.path.join(sdir, "worker.log"), "ab")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "remotemagic_agent.worker", self.root, session, cwd],
-                cwd=self.agent_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                close_fds=True,
+    def start_worker(self, session: str, sdir: str, cwd: str) -> str | None:
+        """Start the session's worker (caller holds ``start.lock``); return a notice, if any."""
+        notice = None
+        died = files.read_json(os.path.join(sdir, "died.json"))
+        if died:
+            notice = (
+                f"the previous worker of session '{session}' stopped ({died.get('cause')}); "
+                "its namespace was lost -- this job starts in a fresh one"
             )
-            log.close()
-            threading.Thread(target=proc.wait, daemon=True).start()
-            deadline = time.monotonic() + WORKER_START_TIMEOUT
-            while not os.path.exists(os.path.join(sdir, "worker.json")):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    tail = _tail(os.path.join(sdir, "worker.log"))
-                    raise RequestError(f"the worker for session '{session}' did not start:\n{tail}", "WorkerStartError")
-                time.sleep(0.01)
-            return notice
+            index = files.read_json(os.path.join(sdir, "checkpoint", "index.json"))
+            if index and index.get("saved"):
+                # keep that checkpoint: no automatic checkpoint until it is restored or replaced
+                files.atomic_write(os.path.join(sdir, "checkpoint.hold"), [b""])
+                when = time.strftime("%H:%M:%S", time.localtime(index["time"]))
+                notice += (f". A checkpoint from {when} holds {len(index['saved'])} value(s) "
+                           f"({', '.join(sorted(index['saved'])[:8])}): %ec2 checkpoint --restore brings them back")
+            os.replace(os.path.join(sdir, "died.json"), os.path.join(sdir, "died.prev.json"))
+        fifo = os.path.join(sdir, "in.fifo")
+        if not os.path.exists(fifo):
+            os.mkfifo(fifo, 0o600)
+        try:
+            os.unlink(os.path.join(sdir, "worker.json"))
+        except FileNotFoundError:
+            pass
+        env = dict(os.environ)
+        env["PYTHONPATH"] = self.agent_dir
+        env["PYTHONUNBUFFERED"] = "1"
+        log = open(os.path.join(sdir, "worker.log"), "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "remotemagic_agent.worker", self.root, session, cwd],
+            cwd=self.agent_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+        log.close()
+        threading.Thread(target=proc.wait, daemon=True).start()
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while not os.path.exists(os.path.join(sdir, "worker.json")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = _tail(os.path.join(sdir, "worker.log"))
+                raise RequestError(f"the worker for session '{session}' did not start:\n{tail}", "WorkerStartError")
+            time.sleep(0.01)
+        return notice
 
     def submit(self, session: str, job_id: str, cwd: str) -> str | None:
-        notice = self.ensure_worker(session, cwd)
-        fifo = os.path.join(self.session_dir(session), "in.fifo")
-        for _attempt in range(3):
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # no reader: the worker has just died; start another
-                notice = self.ensure_worker(session, cwd) or notice
-                continue
-            try:
-                os.write(fd, job_id.encode() + b"\n")
-            finally:
-                os.close(fd)
-            return notice
-        raise RequestError(f"could not hand job {job_id} to the worker of session '{session}'")
+        """Hand the job to the session's worker, starting one if there is none.
+
+        Under ``start.lock`` (which a supervisor also takes before failing its dead worker's
+        jobs) the job records which worker pid it was handed to, so a worker's death fails
+        exactly the jobs it had -- never one submitted around the same moment."""
+        sdir = self.session_dir(session)
+        handed = os.path.join(self.path("jobs", job_id), "handed")
+        notice = None
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            with open(os.path.join(sdir, "start.lock"), "a+") as start_lock:
+                fcntl.flock(start_lock, fcntl.LOCK_EX)
+                alive = self.worker_alive(sdir)
+                worker = files.read_json(os.path.join(sdir, "worker.json"), {}) or {}
+                if not alive:
+                    notice = self.start_worker(session, sdir, cwd) or notice
+                    continue
+                if worker.get("pid"):
+                    files.atomic_write(handed, [str(worker["pid"]).encode()])
+                    try:
+                        fd = os.open(os.path.join(sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
+                    except OSError:  # no reader: that worker has just died
+                        os.unlink(handed)
+                    else:
+                        try:
+                            os.write(fd, job_id.encode() + b"\n")
+                        finally:
+                            os.close(fd)
+                        return notice
+            # a supervisor is recording its worker's death: wait for it outside the lock
+            time.sleep(0.02)
+        raise RequestError(f"could not hand job {job_id} to a worker of session '{session}'")
 
     def op_run(self, rid: int, req: dict[str, Any]) -> Any:
         spec = dict(req["spec"])
@@ -341,7 +359,7 @@ class Agent:
         try:
             notice = self.submit(session, job_id, cwd)
         except Exception as exc:
-            mark_orphans(self.root, session, f"could not start: {exc}")
+            mark_orphans(self.root, session, f"could not start: {exc}", job_ids=[job_id])
             raise
         if notice:
             self.more(rid, {"notice": notice})
@@ -374,7 +392,7 @@ class Agent:
                 status = files.read_json(os.path.join(jdir, "status.json"), {})
                 if status.get("state") in files.TERMINAL:
                     f.seek(offset)
-                    if f.read(1):
+                    if b"\n" in f.read():
                         continue  # a last event landed between our read and the status
                     return self.final_status(jdir, job_id, status, offset, req.get("inline", 0))
                 if not follow:
@@ -391,7 +409,7 @@ class Agent:
         sdir = self.path("sessions", spec.get("session", "default"))
         if status.get("state") == "running" and not self.worker_alive(sdir):
             mark_orphans(self.root, spec.get("session", "default"),
-                         "worker died (cause unknown: its supervisor is gone too)")
+                         "worker died (cause unknown: its supervisor is gone too)", job_ids=[spec["id"]])
 
     def final_status(self, jdir: str, job_id: str, status: dict[str, Any], offset: int, inline: int) -> Any:
         """The status, with outputs smaller than ``inline`` bytes carried in the payload."""
@@ -497,8 +515,11 @@ class Agent:
                     current = f.read().strip()
             except FileNotFoundError:
                 pass
+            ck = files.read_json(os.path.join(sdir, "checkpoint", "index.json"), {}) or {}
             out.append({"name": name, "alive": alive, "pid": worker.get("pid") if alive else None,
-                        "started": worker.get("started") if alive else None, "current": current if alive else None})
+                        "started": worker.get("started") if alive else None, "current": current if alive else None,
+                        "checkpoint": {"time": ck.get("time"), "after_job": ck.get("after_job"),
+                                       "names": sorted(ck.get("saved") or {})} if ck else None})
         return {"sessions": out}
 
     def op_stop_session(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from typing import Any
 
 from . import files
 
+RESERVE_BYTES = 1024 * 1024  # freed when the disk is full, so a final status can still be written
+SKIP_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
 FLUSH_INTERVAL = 0.05
 FLUSH_BYTES = 64 * 1024
 TIMEOUT_GRACE = 30.0
@@ -45,6 +47,7 @@ class EventLog:
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.size = os.fstat(self.fd).st_size
         self.lock = threading.Lock()
         self.failed: str | None = None
 
@@ -59,8 +62,13 @@ class EventLog:
                 while view:
                     n = os.write(self.fd, view)
                     view = view[n:]
-            except OSError as exc:  # disk full: keep running, report at the end
-                self.failed = f"{type(exc).__name__}: {exc}"
+                self.size += len(line)
+            except OSError as exc:  # disk full: drop the partial line, keep running, report at the end
+                self.failed = self.failed or f"{type(exc).__name__}: {exc}"
+                try:
+                    os.ftruncate(self.fd, self.size)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         with self.lock:
@@ -219,6 +227,7 @@ class Worker:
         sys.stdout, sys.stderr = self.stdout, self.stderr  # type: ignore[assignment]
         signal.signal(signal.SIGINT, self.on_sigint)
         threading.Thread(target=self._flusher, daemon=True).start()
+        self.make_reserve()
         # O_RDWR keeps the FIFO open with no writer, so readline never sees EOF.
         fd = os.open(fifo, os.O_RDWR)
         files.write_json(os.path.join(self.sdir, "worker.json"), {"pid": os.getpid(), "started": time.time()})
@@ -240,6 +249,32 @@ class Worker:
                         continue
                     self.run_job(job_id)
 
+    # -- a full disk must not leave a job "running" forever --------------------------------------
+    def make_reserve(self) -> None:
+        path = os.path.join(self.sdir, "reserve")
+        if os.path.exists(path) and os.path.getsize(path) == RESERVE_BYTES:
+            return
+        try:
+            files.atomic_write(path, [bytes(RESERVE_BYTES)])
+        except OSError:
+            pass
+
+    def write_status(self, jdir: str, status: dict[str, Any]) -> None:
+        path = os.path.join(jdir, "status.json")
+        try:
+            files.write_json(path, status)
+            return
+        except OSError as exc:
+            first = exc
+        try:  # free the emergency reserve and try once more
+            os.unlink(os.path.join(self.sdir, "reserve"))
+        except OSError:
+            pass
+        try:
+            files.write_json(path, status)
+        except OSError as exc:
+            sys.__stderr__.write(f"remotemagic worker: cannot write {path}: {first}; {exc}\n")
+
     def _flusher(self) -> None:
         while True:
             time.sleep(FLUSH_INTERVAL)
@@ -259,7 +294,7 @@ class Worker:
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
         log = EventLog(os.path.join(jdir, "events.jsonl"))
         status: dict[str, Any] = {"state": "running", "started": time.time(), "pid": os.getpid()}
-        files.write_json(os.path.join(jdir, "status.json"), status)
+        self.write_status(jdir, status)
         files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()])
         self.router.log = log
         log.emit({"type": "status", "state": "running"})
@@ -274,6 +309,10 @@ class Worker:
                 status.update(self.store_names(spec))
             elif kind == "restore":
                 status.update(self.restore_names(spec))
+            elif kind == "checkpoint":
+                status.update(self.checkpoint(int(spec.get("limit") or 0), spec["id"], report=True))
+            elif kind == "restore_checkpoint":
+                status.update(self.restore_checkpoint())
             else:
                 raise ValueError(f"unknown job kind {kind!r}")
         except BaseException as exc:  # a broken input or a full disk: report it, keep serving
@@ -286,20 +325,28 @@ class Worker:
         if log.failed:
             state = "error"
             error = {"ename": "OSError", "evalue": f"writing output failed: {log.failed}", "traceback": []}
+            _unlink(os.path.join(self.sdir, "reserve"))  # room for this error and the final status
+            log.failed = None
+            log.emit({"type": "error", **error})
         status.update({"state": state, "finished": time.time()})
         if error:
             status["error"] = error
         log.emit({"type": "status", "state": state})
         self.router.log = None
         log.close()
-        try:
-            files.write_json(os.path.join(jdir, "status.json"), status)
-        except OSError as exc:
-            sys.__stderr__.write(f"remotemagic worker: cannot write status of {job_id}: {exc}\n")
+        self.write_status(jdir, status)
         try:
             os.unlink(os.path.join(self.sdir, "current"))
         except OSError:
             pass
+        limit = spec.get("checkpoint_limit") or 0
+        held = os.path.exists(os.path.join(self.sdir, "checkpoint.hold"))  # a dead worker's, not restored yet
+        if spec.get("kind", "cell") == "cell" and limit > 0 and not held and state in ("done", "error", "interrupted", "timeout"):
+            try:
+                self.checkpoint(int(limit), job_id)
+            except Exception as exc:  # a checkpoint is a convenience; never break the session
+                sys.__stderr__.write(f"remotemagic worker: checkpoint after {job_id} failed: {exc}\n")
+        self.make_reserve()
 
     def run_cell(self, jdir: str, spec: dict[str, Any]) -> tuple[str, dict | None, dict]:
         ns = self.shell.user_ns
@@ -398,16 +445,99 @@ class Worker:
             restored.append(name)
         return {"restored": restored, "missing": missing}
 
+    # -- checkpoints ------------------------------------------------------------------------------
+    def checkpoint(self, limit: int, job_id: str, report: bool = False) -> dict[str, Any]:
+        """Pickle every user variable whose pickle is at most ``limit`` bytes (0: no limit)
+        into ``checkpoint.new/``, then swap it in for ``checkpoint/`` (never half a checkpoint)."""
+        shell = self.shell
+        hidden = set(shell.user_ns_hidden)
+        new = os.path.join(self.sdir, "checkpoint.new")
+        if os.path.isdir(new):
+            _rmtree(new)
+        files.private_dir(new)
+        saved: dict[str, Any] = {}
+        skipped: dict[str, str] = {}
+        for name, value in list(shell.user_ns.items()):
+            if name.startswith("_") or name in hidden or name in SKIP_NAMES or type(value).__name__ == "module":
+                continue
+            approx = getattr(value, "nbytes", None)
+            if limit and isinstance(approx, int) and approx > limit:
+                skipped[name] = f"larger than {limit} bytes"
+                continue
+            try:
+                enc = files.encode(value)
+            except Exception as exc:
+                skipped[name] = f"cannot be pickled: {type(exc).__name__}: {exc}"
+                continue
+            if limit and enc.size > limit:
+                skipped[name] = f"larger than {limit} bytes"
+                continue
+            files.write_object(os.path.join(new, name + ".obj"), enc)
+            saved[name] = {"size": enc.size, "type": files.type_name(value)}
+        index = {"time": time.time(), "after_job": job_id, "saved": saved, "skipped": skipped}
+        files.write_json(os.path.join(new, "index.json"), index)
+        cur, old = os.path.join(self.sdir, "checkpoint"), os.path.join(self.sdir, "checkpoint.old")
+        if os.path.isdir(old):
+            _rmtree(old)
+        if os.path.isdir(cur):
+            os.rename(cur, old)
+        os.rename(new, cur)
+        files.fsync_dir(self.sdir)
+        if os.path.isdir(old):
+            _rmtree(old)
+        _unlink(os.path.join(self.sdir, "checkpoint.hold"))
+        if report:
+            names = ", ".join(sorted(saved)) or "nothing"
+            self.router.emit({"type": "stream", "name": "stdout", "text": f"Checkpointed {len(saved)} value(s): {names}\n"})
+            for name, why in sorted(skipped.items()):
+                self.router.emit({"type": "stream", "name": "stderr", "text": f"  skipped {name}: {why}\n"})
+        return {"checkpoint": index}
 
-def mark_orphans(root: str, session: str, cause: str) -> list[str]:
-    """Mark every unfinished job of ``session`` failed with ``cause``; return their ids."""
+    def restore_checkpoint(self) -> dict[str, Any]:
+        for folder in ("checkpoint", "checkpoint.old"):
+            path = os.path.join(self.sdir, folder)
+            index = files.read_json(os.path.join(path, "index.json"))
+            if index:
+                break
+        else:
+            raise FileNotFoundError(f"session '{self.session}' has no checkpoint")
+        restored = []
+        for name in index["saved"]:
+            self.shell.user_ns[name] = files.load_object(os.path.join(path, name + ".obj"))
+            restored.append(name)
+        _unlink(os.path.join(self.sdir, "checkpoint.hold"))
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(index["time"]))
+        self.router.emit({"type": "stream", "name": "stdout",
+                          "text": f"Restored {len(restored)} value(s) from the checkpoint of {when}: {', '.join(sorted(restored))}\n"})
+        return {"restored": restored, "checkpoint": index}
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
+                 job_ids: list[str] | None = None) -> list[str]:
+    """Fail the unfinished jobs of ``session`` that were handed to worker ``pid`` (or the
+    ``job_ids`` given) with ``cause``; return their ids. A job handed to another worker, or to
+    none yet, is left alone: a live worker will run it."""
     jroot = os.path.join(root, "jobs")
     marked = []
-    try:
-        names = sorted(os.listdir(jroot))
-    except FileNotFoundError:
-        return marked
-    for job_id in names:
+    if job_ids is None:
+        try:
+            job_ids = sorted(os.listdir(jroot))
+        except FileNotFoundError:
+            return marked
+    for job_id in job_ids:
         jdir = os.path.join(jroot, job_id)
         status = files.read_json(os.path.join(jdir, "status.json"), {})
         if status.get("state") in files.TERMINAL or not status:
@@ -415,10 +545,14 @@ def mark_orphans(root: str, session: str, cause: str) -> list[str]:
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
         if spec.get("session") != session:
             continue
-        try:
-            os.unlink(os.path.join(jdir, "queued"))
-        except OSError:
-            pass
+        if pid is not None:
+            try:
+                with open(os.path.join(jdir, "handed")) as f:
+                    if int(f.read().strip() or 0) != pid:
+                        continue
+            except (FileNotFoundError, ValueError):
+                continue
+        _unlink(os.path.join(jdir, "queued"))
         error = {"ename": "WorkerDied", "evalue": cause, "traceback": []}
         log = EventLog(os.path.join(jdir, "events.jsonl"))
         log.emit({"type": "error", **error})
@@ -464,15 +598,14 @@ def supervise(root: str, session: str, child: int) -> None:
             status = 0
             break
     clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    for name in ("worker.json", "current"):
-        try:
-            os.unlink(os.path.join(sdir, name))
-        except OSError:
-            pass
-    if not clean:
-        cause = describe_exit(status)
-        jobs = mark_orphans(root, session, cause)
-        files.write_json(os.path.join(sdir, "died.json"), {"cause": cause, "time": time.time(), "jobs": jobs})
+    with open(os.path.join(sdir, "start.lock"), "a+") as start_lock:
+        fcntl.flock(start_lock, fcntl.LOCK_EX)  # no job is being handed to our worker meanwhile
+        for name in ("worker.json", "current"):
+            _unlink(os.path.join(sdir, name))
+        if not clean:
+            cause = describe_exit(status)
+            jobs = mark_orphans(root, session, cause, pid=child)
+            files.write_json(os.path.join(sdir, "died.json"), {"cause": cause, "time": time.time(), "jobs": jobs})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,315 @@
+"""Nothing lost: disconnects, kernel deaths, dropped links, full disks, concurrent writers.
+
+Each test injects the fault for real (a Jupyter client that goes away, a kernel killed with
+SIGKILL, the agent process killed mid-stream, a 6 MB tmpfs, two processes racing) and checks
+that the output is complete, in order, with no duplicate, and that no file is left corrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import remotemagic
+from remotemagic.agent import files
+
+from .conftest import stop_workers
+
+COUNT_CELL = (
+    "%%ec2 run -o total\n"
+    "import time\n"
+    "total = 0\n"
+    "for i in range({n}):\n"
+    "    print('line', i, flush=True)\n"
+    "    total += i\n"
+    "    time.sleep({pause})\n"
+)
+
+
+def numbered(text: str) -> list[int]:
+    return [int(m) for m in re.findall(r"^line (\d+)$", text, re.M)]
+
+
+# -- real Jupyter kernels ----------------------------------------------------------------------
+class Kernel:
+    def __init__(self, env: dict[str, str]):
+        from jupyter_client import KernelManager
+
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(env=env)
+        self.kc = self.connect()
+
+    def connect(self) -> Any:
+        kc = self.km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=120)
+        return kc
+
+    def execute(self, code: str, kc: Any = None, timeout: float = 120) -> tuple[str, list[dict]]:
+        """Run code, return (stream text, error contents) of that request."""
+        kc = kc or self.kc
+        msg_id = kc.execute(code)
+        return collect(kc, msg_id, timeout)
+
+    def stop(self) -> None:
+        try:
+            self.kc.stop_channels()
+        finally:
+            self.km.shutdown_kernel(now=True)
+
+
+def collect(kc: Any, msg_id: str, timeout: float, until: str | None = None) -> tuple[str, list[dict]]:
+    text, errs = [], []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = kc.get_iopub_msg(timeout=1)
+        except Exception:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            text.append(content["text"])
+            if until and until in "".join(text):
+                return "".join(text), errs
+        elif kind == "error":
+            errs.append(content)
+        elif kind == "status" and content["execution_state"] == "idle":
+            return "".join(text), errs
+    raise AssertionError(f"no idle after {timeout}s; got {''.join(text)[-500:]!r}")
+
+
+@pytest.fixture
+def kernel_env(_isolated_state: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["REMOTEMAGIC_STATE_DIR"] = str(_isolated_state)
+    return env
+
+
+def test_browser_disconnect_loses_nothing(target: Any, kernel_env: dict[str, str]) -> None:
+    k = Kernel(kernel_env)
+    try:
+        k.execute(f"%load_ext remotemagic\n%ec2 {target.use_line}")
+        msg_id = k.kc.execute(COUNT_CELL.format(n=40, pause=0.05))
+        collect(k.kc, msg_id, 60, until="line 3\n")
+        k.kc.stop_channels()  # the browser tab closes mid-run
+        time.sleep(1.0)  # lines printed while nobody is connected
+        k.kc = k.connect()  # a new browser tab, same kernel
+        text, errs = k.execute("%ec2 output\nprint('total =', total)")
+        assert not errs, errs
+        assert numbered(text) == list(range(40))
+        assert "total = 780" in text
+    finally:
+        k.stop()
+        stop_workers(target.root)
+
+
+def test_kernel_killed_mid_job_then_wait_in_new_kernel(target: Any, kernel_env: dict[str, str]) -> None:
+    k1 = Kernel(kernel_env)
+    try:
+        k1.execute(f"%load_ext remotemagic\n%ec2 {target.use_line}")
+        msg_id = k1.kc.execute(COUNT_CELL.format(n=30, pause=0.1))
+        collect(k1.kc, msg_id, 60, until="line 2\n")
+    finally:
+        k1.km.shutdown_kernel(now=True)  # SIGKILL: no goodbye
+        k1.kc.stop_channels()
+    k2 = Kernel(kernel_env)
+    try:
+        text, errs = k2.execute(f"%load_ext remotemagic\n%ec2 {target.use_line}\n%ec2 jobs")
+        assert not errs, errs
+        running = [line.split()[0] for line in text.splitlines() if " running " in line]
+        assert len(running) == 1, text
+        text, errs = k2.execute(f"%ec2 wait {running[0]}\nprint('total =', total)")
+        assert not errs, errs
+        assert numbered(text) == list(range(30))
+        assert "total = 435" in text
+    finally:
+        k2.stop()
+        stop_workers(target.root)
+
+
+# -- the link ----------------------------------------------------------------------------------
+def test_agent_killed_mid_stream_resumes_without_gap_or_duplicate(remote: remotemagic.Remote) -> None:
+    job = remote.run("import time\nfor i in range(60):\n    print('line', i, flush=True)\n    time.sleep(0.02)",
+                     background=True)
+    seen: list[str] = []
+    first_agent = remote.info["pid"]
+    killed = threading.Event()
+
+    def on_event(ev: dict) -> None:
+        if ev["type"] == "stream":
+            seen.append(ev["text"])
+            if not killed.is_set() and "line 10\n" in ev["text"]:
+                killed.set()
+                os.kill(first_agent, signal.SIGKILL)  # the link dies mid-stream
+
+    assert job.follow(on_event, timeout=60) == "done"
+    assert killed.is_set() and remote.info["pid"] != first_agent
+    assert numbered("".join(seen)) == list(range(60))
+    assert numbered("".join(e["text"] for e in job.events() if e["type"] == "stream")) == list(range(60))
+
+
+# -- the disk ----------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m,mode=0700", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        stop_workers(mnt / "root")
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_during_a_job(tiny_disk: Path) -> None:
+    r = remotemagic.connect("local", root=str(tiny_disk / "root"), checkpoint_limit=0)
+    try:
+        first = r.run("print('before')", pull=[])
+        r.store_put("precious", list(range(100)))
+        job = r.run("for i in range(400):\n    print('x' * 50_000)\nprint('unreachable?')")
+        assert job.state == "error"
+        err = job.error()
+        assert err is not None and "No space left on device" in err.evalue
+        # what was there before is intact, and every status file is whole JSON
+        assert [e["text"] for e in first.events() if e["type"] == "stream"] == ["before\n"]
+        assert r.store_get("precious") == list(range(100))
+        for status in (tiny_disk / "root" / "jobs").glob("*/status.json"):
+            assert json.loads(status.read_text())["state"] in files.TERMINAL
+        # an upload that does not fit is refused cleanly, leaving no partial object
+        with pytest.raises(remotemagic.errors.RemoteDiskError, match="No space left"):
+            r.run("pass", push={"big": np.ones(2_000_000)})
+        assert not [p for p in (tiny_disk / "root" / "objects").iterdir() if p.name.startswith(".tmp")]
+    finally:
+        r.close()
+
+
+# -- concurrency -------------------------------------------------------------------------------
+WRITER = textwrap.dedent("""
+    import sys, numpy as np, remotemagic
+    root, session, me = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    r = remotemagic.connect("local", root=root, session=session)
+    job = r.run("import time\\nfor i in range(5):\\n    time.sleep(0.05)\\nmine = %d" % me, background=True, pull=["mine"])
+    for k in range(25):
+        r.store_put("shared", np.full(200_000, me * 1000 + k))
+        got = r.store_get("shared")
+        assert (got == got[0]).all(), "torn value"
+        assert got.shape == (200_000,)
+    assert job.result() == {"mine": me}
+    r.close()
+    print("ok")
+""")
+
+
+def test_two_kernels_one_target_no_interference(target: Any, tmp_path: Path) -> None:
+    if target.kind != "local":
+        pytest.skip("the writers connect with the local backend")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(target.root), f"nb{i}", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and out.strip() == "ok", err
+    r = target.connect()
+    try:
+        last = r.store_get("shared")
+        assert (last == last[0]).all() and last[0] // 1000 in (1, 2)
+    finally:
+        r.close()
+
+
+# -- security ----------------------------------------------------------------------------------
+def test_no_secrets_on_the_target(target: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "SECRETabc123notforthetarget"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("MY_API_TOKEN", secret)
+    r = target.connect()
+    try:
+        r.run("import os\nprint('working')\nv = 1", pull=["v"]).result()
+        r.store_put("x", 1)
+        r.checkpoint()
+    finally:
+        r.close()
+    if target.kind != "local":
+        return  # the SSH tests grep the remote root the same way
+    for path in Path(target.root).rglob("*"):
+        if path.is_file() and not path.is_fifo():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_pickles_only_from_private_folders(remote: remotemagic.Remote, target: Any) -> None:
+    if target.kind != "local":
+        pytest.skip("needs to loosen a folder's mode on the target")
+    objects = Path(target.root) / "objects"
+    remote.run("pass", push={"v": 1})
+    os.chmod(objects, 0o777)
+    try:
+        job = remote.run("print(v)", push={"v": 1})
+        assert job.state == "error"
+        assert "refusing to load pickles" in str(job.error())
+    finally:
+        os.chmod(objects, 0o700)
+
+
+def test_checkpoint_restores_after_worker_death(remote: remotemagic.Remote) -> None:
+    job = remote.run("a = 1\nb = list(range(5))\nimport threading\nlk = threading.Lock()")
+    deadline = time.monotonic() + 30
+    while True:  # the automatic checkpoint is written just after the job's status
+        worker = [s for s in remote.sessions() if s["name"] == remote.session][0]
+        if (worker["checkpoint"] or {}).get("after_job") == job.id or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert worker["checkpoint"]["names"] == ["a", "b"]
+    os.kill(worker["pid"], signal.SIGKILL)
+    fresh = remote.run("print('a' in dir())")  # a new worker; must not overwrite the checkpoint
+    assert [e["text"] for e in fresh.events() if e["type"] == "stream"] == ["False\n"], (fresh.state, list(fresh.events()))
+    assert sorted(remote.restore_checkpoint()) == ["a", "b"]
+    assert remote.run("c = a + len(b)", pull=["c"]).result() == {"c": 6}
+    saved = remote.checkpoint(limit=100)["saved"]
+    assert "lk" not in saved and {"a", "b", "c"} <= set(saved)
+
+
+def test_status_and_store_files_are_never_torn(remote: remotemagic.Remote, target: Any) -> None:
+    """Readers racing a writer always see a whole previous or whole new store value."""
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def reader() -> None:
+        other = target.connect()
+        try:
+            while not stop.is_set():
+                try:
+                    v = other.store_get("racy")
+                except KeyError:
+                    continue
+                if not (v == v[0]).all():
+                    bad.append("torn")
+        finally:
+            other.close()
+
+    remote.store_put("racy", np.zeros(100_000))
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(30):
+            remote.store_put("racy", np.full(100_000, float(i)))
+    finally:
+        stop.set()
+        t.join()
+    assert not bad
