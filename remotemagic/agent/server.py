@@ -397,12 +397,20 @@ class Agent:
                     return self.final_status(jdir, job_id, status, offset, req.get("inline", 0))
                 if not follow:
                     return {"job": job_id, "status": status, "offset": offset}
+                if status.get("state") == "queued" and not os.path.exists(os.path.join(jdir, "handed")):
+                    self.resubmit(jdir)  # its worker died before starting it
                 if time.monotonic() - checked > 2.0:
                     checked = time.monotonic()
                     self.check_orphan(jdir, status)
                 time.sleep(nap)
                 nap = min(nap * 2, 0.05)
         return {"job": job_id, "detached": True, "offset": offset}
+
+    def resubmit(self, jdir: str) -> None:
+        spec = files.read_json(os.path.join(jdir, "spec.json"), {})
+        if not spec or not os.path.exists(os.path.join(jdir, "queued")):
+            return
+        self.submit(spec.get("session", "default"), spec["id"], os.path.expanduser(spec.get("cwd") or "~"))
 
     def check_orphan(self, jdir: str, status: dict[str, Any]) -> None:
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})

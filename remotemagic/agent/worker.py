@@ -552,6 +552,11 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
                         continue
             except (FileNotFoundError, ValueError):
                 continue
+            if os.path.exists(os.path.join(jdir, "queued")):
+                # handed over but never started (lost in the dead worker's FIFO): release it,
+                # the agent hands it to the next worker
+                _unlink(os.path.join(jdir, "handed"))
+                continue
         _unlink(os.path.join(jdir, "queued"))
         error = {"ename": "WorkerDied", "evalue": cause, "traceback": []}
         log = EventLog(os.path.join(jdir, "events.jsonl"))
