@@ -471,6 +471,20 @@ class Remote:
     def status(self) -> dict[str, Any]:
         return {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": self.jobs(20)}
 
+    # -- files ---------------------------------------------------------------------------------
+    def push(self, local: str | os.PathLike[str], dest: str | None = None) -> dict[str, Any]:
+        """Copy a file or folder to the target (relative ``dest`` is under the session's folder).
+        Resumes an interrupted file; for a folder sends only files that are missing or differ."""
+        from . import transfer
+
+        return transfer.push(self, local, dest)
+
+    def pull(self, path: str, local: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Copy a file or folder from the target; resumes and skips like :meth:`push`."""
+        from . import transfer
+
+        return transfer.pull(self, path, local)
+
     # -- the store -----------------------------------------------------------------------------
     def store_put(self, name: str, value: Any) -> dict[str, Any]:
         """Store ``value`` under ``name`` on the target (like ``%store``, but remote)."""

@@ -56,6 +56,12 @@ def _parsers() -> dict[str, _Parser]:
         q.add_argument("job", nargs="?" if name != "cancel" else None, help="job id or its unique end")
         if name == "wait":
             q.add_argument("--timeout", type=float)
+    push = p["push"] = _Parser(prog="%ec2 push", add_help=False)
+    push.add_argument("local", help="file or folder here")
+    push.add_argument("dest", nargs="?", help="where on the target (default: same name, in the session's folder)")
+    pull = p["pull"] = _Parser(prog="%ec2 pull", add_help=False)
+    pull.add_argument("path", help="file or folder on the target")
+    pull.add_argument("local", nargs="?", help="where here (default: same name, in the current folder)")
     jobs = p["jobs"] = _Parser(prog="%ec2 jobs", add_help=False)
     jobs.add_argument("-n", type=int, default=20, help="how many (newest last)")
     p["status"] = _Parser(prog="%ec2 status", add_help=False)
@@ -99,6 +105,17 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return f"{n} B"
+
+
+def _transfer_summary(verb: str, done: dict[str, Any]) -> str:
+    text = f"{verb} {_size(done.get('bytes'))}"
+    if "files" in done:
+        text += f" in {done['files']} file(s)"
+    if done.get("skipped"):
+        text += f", {done['skipped']} unchanged file(s) skipped"
+    if done.get("resumed_from"):
+        text += f", resumed after {_size(done['resumed_from'])}"
+    return text + f" -> {done.get('path')}"
 
 
 @magics_class
@@ -160,6 +177,8 @@ class Ec2Magics(Magics):
         %ec2 wait [JOB]      stream the rest of a job's output, then pull its -o values
         %ec2 cancel JOB      interrupt a running job (KeyboardInterrupt there)
         %ec2 status          target, sessions and recent jobs
+        %ec2 push LOCAL [DEST]   copy a file or folder to the target (resumes; skips unchanged files)
+        %ec2 pull PATH [LOCAL]   copy a file or folder from the target
         %ec2 restart [--session S]   stop a session's worker: the next cell starts fresh
         %ec2 checkpoint [--max-bytes N]   save the session's variables on the target now
         %ec2 checkpoint --restore    after a worker died: load its last checkpoint
@@ -333,6 +352,20 @@ class Ec2Magics(Magics):
             print(f"  {s['name']:20} {what}{busy}{saved}")
         running = [j for j in st["jobs"] if j.get("state") not in files.TERMINAL]
         print(f"Jobs:     {len(st['jobs'])} recent, {len(running)} queued or running (%ec2 jobs lists them)")
+
+    def _cmd_push(self, args: argparse.Namespace) -> None:
+        try:
+            done = self.get_remote().push(args.local, args.dest)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+        print(_transfer_summary("Pushed", done))
+
+    def _cmd_pull(self, args: argparse.Namespace) -> None:
+        try:
+            done = self.get_remote().pull(args.path, args.local)
+        except FileNotFoundError as exc:
+            raise UsageError(str(exc)) from None
+        print(_transfer_summary("Pulled", done))
 
     def _cmd_checkpoint(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()

@@ -76,7 +76,10 @@ class Target:
 
 
 @pytest.fixture(params=TRANSPORTS)
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+def target(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Target]:
+    work = tmp_path / "work"  # the local backend's session folder is the process's cwd
+    work.mkdir()
+    monkeypatch.chdir(work)
     root = tmp_path / "target"
     if request.param == "local":
         t = Target("local", root)

@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from . import PROTOCOL, files, wire
+from . import PROTOCOL, files, transfer, wire
 from .worker import mark_orphans
 
 DATA = 1024 * 1024
@@ -58,6 +58,56 @@ class Upload:
         if self.hash:
             self.hash.update(data)
         self.received += len(data)
+
+
+class TarUpload:
+    """A tar stream arriving in frames, extracted by a thread as it comes (through a pipe)."""
+
+    def __init__(self, dest: str, size: int):
+        self.dest, self.size, self.received = dest, size, 0
+        r, w = os.pipe()
+        self.reader = os.fdopen(r, "rb")
+        self.pipe = os.fdopen(w, "wb")
+        self.error: BaseException | None = None
+        self.count = 0
+        self.thread = threading.Thread(target=self._extract, daemon=True)
+        self.thread.start()
+
+    def _extract(self) -> None:
+        try:
+            self.count = transfer.extract_tar(self.reader, self.dest)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.reader.close()  # a writer still sending gets EPIPE instead of blocking
+
+    def write(self, data: bytearray) -> None:
+        if self.error is None:
+            try:
+                self.pipe.write(data)
+            except (BrokenPipeError, ValueError):
+                pass
+        self.received += len(data)
+
+    @property
+    def f(self) -> Any:  # closed when the connection drops mid-upload
+        return self.pipe
+
+    @property
+    def digest(self) -> None:
+        return None
+
+    def finish(self) -> dict[str, Any]:
+        try:
+            self.pipe.close()
+        except BrokenPipeError:
+            pass
+        self.thread.join()
+        if self.error is not None:
+            if isinstance(self.error, OSError) and self.error.errno == 28:
+                raise RequestError(f"writing into {self.dest} on the target failed: {self.error}", "RemoteDiskError")
+            raise RequestError(f"extracting into {self.dest} failed: {type(self.error).__name__}: {self.error}")
+        return {"files": self.count, "size": self.received, "path": self.dest}
 
 
 class Agent:
@@ -136,8 +186,10 @@ class Agent:
                 final = self.path("objects", digest)
                 tmp = self.path("objects", f".tmp-{os.getpid()}-{rid}")
                 self.uploads[rid] = Upload(tmp, final, int(header["size"]), digest)
+            elif header.get("kind") == "tar":
+                self.uploads[rid] = TarUpload(self.user_path(header["dest"], header.get("cwd")), int(header["size"]))
             else:
-                final = self.user_path(header["dest"])
+                final = self.user_path(header["dest"], header.get("cwd"))
                 files.private_dir(os.path.dirname(final)) if not os.path.isdir(os.path.dirname(final)) else None
                 tmp = final + ".rmpart"
                 offset = int(header.get("offset", 0))
@@ -145,6 +197,7 @@ class Agent:
                     raise RequestError(f"cannot resume {final}: partial file is missing or shorter")
                 up = Upload(tmp, final, int(header["size"]), None, offset)
                 up.mode = header.get("mode")  # type: ignore[attr-defined]
+                up.mtime = header.get("mtime")  # type: ignore[attr-defined]
                 self.uploads[rid] = up
         elif op == "data":
             up = self.uploads.get(rid)
@@ -156,7 +209,13 @@ class Agent:
                 raise RequestError("upload_end without upload_begin")
             threading.Thread(target=self.finish_upload, args=(rid, up), daemon=True).start()
 
-    def finish_upload(self, rid: int, up: Upload) -> None:
+    def finish_upload(self, rid: int, up: Any) -> None:
+        if isinstance(up, TarUpload):
+            try:
+                self.writer.send({"id": rid, "ok": True, "result": up.finish()})
+            except Exception as exc:
+                self.fail(rid, exc)
+            return
         try:
             try:
                 up.f.flush()
@@ -176,6 +235,9 @@ class Agent:
             mode = getattr(up, "mode", None)
             if mode is not None:
                 os.chmod(up.tmp, int(mode) & 0o777)
+            mtime = getattr(up, "mtime", None)
+            if mtime is not None:
+                os.utime(up.tmp, (mtime, mtime))
             os.replace(up.tmp, up.final)
             files.fsync_dir(os.path.dirname(up.final))
             self.writer.send({"id": rid, "ok": True, "result": {"size": up.received, "path": up.final}})
@@ -594,11 +656,13 @@ class Agent:
         return {"deleted": names}
 
     # -- files ---------------------------------------------------------------------------------
-    def user_path(self, path: str) -> str:
-        return os.path.abspath(os.path.expanduser(path))
+    def user_path(self, path: str, cwd: str | None = None) -> str:
+        """A user-given path on the target: ``~`` expanded, relative to ``cwd`` (default home)."""
+        base = os.path.expanduser(cwd or "~")
+        return os.path.abspath(os.path.join(base, os.path.expanduser(path)))
 
     def op_stat(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
-        path = self.user_path(req["path"])
+        path = self.user_path(req["path"], req.get("cwd"))
         out: dict[str, Any] = {"path": path, "exists": os.path.exists(path)}
         if out["exists"]:
             st = os.stat(path)
@@ -614,29 +678,39 @@ class Agent:
         return out
 
     def op_list_tree(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
-        top = self.user_path(req["path"])
+        top = self.user_path(req["path"], req.get("cwd"))
         if not os.path.exists(top):
+            if req.get("missing_ok"):
+                return {"root": top, "dir": None, "files": []}
             raise RequestError(f"{top} does not exist on the target", "FileNotFoundError")
-        if not os.path.isdir(top):
-            st = os.stat(top)
-            return {"root": top, "dir": False, "files": [["", st.st_size, st.st_mode & 0o777]], "dirs": []}
-        entries, dirs = [], []
-        for base, dnames, fnames in os.walk(top):
-            rel = os.path.relpath(base, top)
-            for d in sorted(dnames):
-                dirs.append(os.path.normpath(os.path.join(rel, d)))
-            for fname in sorted(fnames):
-                p = os.path.join(base, fname)
-                if os.path.isfile(p):
-                    st = os.stat(p)
-                    entries.append([os.path.normpath(os.path.join(rel, fname)), st.st_size, st.st_mode & 0o777])
-        return {"root": top, "dir": True, "files": entries, "dirs": dirs}
+        return transfer.tree(top)
+
+    def op_tar_stream(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """Stream a tar of the listed files of a folder as data frames."""
+        top = self.user_path(req["path"], req.get("cwd"))
+        sink = transfer.FrameSink(lambda chunk: self.more(rid, {}, chunk))
+        transfer.write_tar(sink, top, req["files"])  # type: ignore[arg-type]
+        sink.close()
+        return {"files": len(req["files"])}
+
+    def op_hash_prefix(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """sha256 of the first ``size`` bytes of a file (to check a partial download)."""
+        h = hashlib.sha256()
+        left = int(req["size"])
+        with open(self.user_path(req["path"], req.get("cwd")), "rb") as f:
+            while left > 0:
+                chunk = f.read(min(DATA, left))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+        return {"sha256": h.hexdigest(), "size": int(req["size"]) - left}
 
     def op_read_file(self, rid: int, req: dict[str, Any]) -> Any:
-        return self.stream_file(rid, self.user_path(req["path"]), int(req.get("offset", 0)))
+        return self.stream_file(rid, self.user_path(req["path"], req.get("cwd")), int(req.get("offset", 0)))
 
     def op_mkdir(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
-        path = self.user_path(req["path"])
+        path = self.user_path(req["path"], req.get("cwd"))
         os.makedirs(path, exist_ok=True)
         return {"path": path}
 

@@ -1,0 +1,124 @@
+"""push / pull of files and folders: content, resume, skipping, safety."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import remotemagic
+from remotemagic.agent import transfer
+
+from .conftest import run_ok
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    for i in range(200):
+        (src / "sub" / f"f{i}.txt").write_text(f"file {i}\n" * (i + 1))
+    (src / "sub" / "deeper" / "blob.bin").write_bytes(os.urandom(3_000_000))
+    (src / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (src / "run.sh").chmod(0o750)
+    return src
+
+
+def _same_tree(a: Path, b: Path) -> None:
+    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    fb = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert fa == fb
+    for rel in fa:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+        assert (a / rel).stat().st_mode & 0o777 == (b / rel).stat().st_mode & 0o777, rel
+
+
+def test_folder_roundtrip_and_skip_unchanged(remote: remotemagic.Remote, tree: Path, tmp_path: Path) -> None:
+    first = remote.push(tree, "project")
+    assert first["files"] == 202 and first["skipped"] == 0
+    again = remote.push(tree, "project")
+    assert again["files"] == 0 and again["skipped"] == 202
+    (tree / "sub" / "f3.txt").write_text("changed\n")
+    os.utime(tree / "sub" / "f3.txt", (1, 1))
+    third = remote.push(tree, "project")
+    assert third["files"] == 1
+    back = tmp_path / "back"
+    got = remote.pull("project", back)
+    assert got["files"] == 202
+    _same_tree(tree, back)
+    assert remote.pull("project", back)["files"] == 0
+
+
+def test_single_file_push_resumes_from_a_partial(remote: remotemagic.Remote, tmp_path: Path) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(5_000_000))
+    done = remote.push(big, "stage/big.bin")
+    path = Path(done["path"])
+    # an interrupted transfer leaves a .rmpart; the next push continues after what is there
+    path.rename(str(path) + ".rmpart")
+    os.truncate(str(path) + ".rmpart", 2_000_000)
+    again = remote.push(big, "stage/big.bin")
+    assert again["resumed_from"] == 2_000_000 and again["bytes"] == 3_000_000
+    assert path.read_bytes() == big.read_bytes()
+    # a partial that does not match the file is not trusted
+    path.rename(str(path) + ".rmpart")
+    with open(str(path) + ".rmpart", "r+b") as f:
+        f.write(b"garbage!")
+    assert remote.push(big, "stage/big.bin")["resumed_from"] == 0
+    assert path.read_bytes() == big.read_bytes()
+
+
+def test_single_file_pull_resumes(remote: remotemagic.Remote, tmp_path: Path) -> None:
+    big = tmp_path / "orig.bin"
+    big.write_bytes(os.urandom(4_000_000))
+    remote.push(big, "out.bin")
+    dest = tmp_path / "fetched.bin"
+    Path(str(dest) + ".rmpart").write_bytes(big.read_bytes()[:1_500_000])
+    got = remote.pull("out.bin", dest)
+    assert got["resumed_from"] == 1_500_000
+    assert dest.read_bytes() == big.read_bytes()
+    assert not Path(str(dest) + ".rmpart").exists()
+
+
+def test_missing_paths_are_clear_errors(remote: remotemagic.Remote, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        remote.push(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="does not exist on the target"):
+        remote.pull("no/such/thing", tmp_path / "x")
+
+
+def test_tar_extraction_refuses_escapes(tmp_path: Path) -> None:
+    for name in ("../evil.txt", "/etc/evil", "a/../../evil"):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+        buf.seek(0)
+        with pytest.raises(ValueError, match="outside"):
+            transfer.extract_tar(buf, str(tmp_path / "dest"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        link = tarfile.TarInfo("link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    buf.seek(0)
+    with pytest.raises(ValueError, match="only files and folders"):
+        transfer.extract_tar(buf, str(tmp_path / "dest"))
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_push_pull_magics(ip: Any, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_ok(ip, f"%ec2 push {tree} proj")
+    assert "Pushed" in capsys.readouterr().out
+    run_ok(ip, f"%%ec2 run -o n\nimport os\nn = len(os.listdir(os.path.expanduser({'proj/sub'!r})))")
+    assert ip.user_ns["n"] == 201
+    run_ok(ip, f"%ec2 pull proj/run.sh {tmp_path / 'run.sh'}")
+    assert (tmp_path / "run.sh").read_text() == "#!/bin/sh\necho hi\n"
+    result = ip.run_cell(f"%ec2 push {tmp_path / 'missing'}")
+    assert "does not exist" in str(result.error_in_exec)
