@@ -193,6 +193,7 @@ class Remote:
         inline_limit: int = INLINE_LIMIT,
         object_cache_limit: int = OBJECT_CACHE_LIMIT,
         checkpoint_limit: int = CHECKPOINT_LIMIT,
+        compression: str = "auto",
         show_progress: bool = True,
     ):
         self.transport = transport
@@ -204,6 +205,10 @@ class Remote:
         self.inline_limit = inline_limit
         self.object_cache_limit = object_cache_limit
         self.checkpoint_limit = checkpoint_limit
+        if compression not in ("auto", "zstd", "zlib", "none"):
+            raise ValueError(f"compression must be auto, zstd, zlib or none, not {compression!r}")
+        self.compression = compression
+        self.codec: str | None = None
         self.show_progress = show_progress
         self.info: dict[str, Any] = {}
         self._conn: AgentConnection | None = None
@@ -226,6 +231,9 @@ class Remote:
         conn = AgentConnection(self.transport.start_agent(), self.target)
         try:
             info = conn.request("hello")
+            t0 = time.perf_counter()
+            conn.request("ping")
+            rtt = time.perf_counter() - t0
         except Exception:
             conn.close()
             raise
@@ -238,7 +246,25 @@ class Remote:
                 f"runs {sys.version.split()[0]}: pickles need the same minor version at both ends"
             )
         self.info = info
+        self.codec = self._choose_codec(info, rtt)
         return conn
+
+    def _choose_codec(self, info: dict[str, Any], rtt: float) -> str | None:
+        """``auto`` compresses on links that are slow enough for it to pay: any transport but
+        the local pipe, with a round trip over 5 ms (a WAN, not a LAN or loopback)."""
+        theirs = info.get("codecs") or ["zlib"]
+        from .agent import wire
+
+        common = [c for c in wire.codecs_available() if c in theirs]
+        if self.compression == "none" or not common:
+            return None
+        if self.compression == "auto":
+            if self.transport.name.startswith("local:") or rtt < 0.005:
+                return None
+            return common[0]
+        if self.compression not in common:
+            raise ValueError(f"compression {self.compression!r} is not available on {self.target} (it has {theirs})")
+        return self.compression
 
     def _connect_first(self) -> None:
         self._conn = self._open()
@@ -299,7 +325,7 @@ class Remote:
             update, close = progress.bar(enc.size, f"push {name}", self.show_progress)
             try:
                 self.connection().upload(
-                    {"kind": "object", "hash": enc.digest, "size": enc.size}, enc.chunks(), update
+                    {"kind": "object", "hash": enc.digest, "size": enc.size}, enc.chunks(), update, self.codec
                 )
             finally:
                 close()
@@ -312,7 +338,7 @@ class Remote:
     def _read_output(self, job: Job, name: str, size: int) -> Any:
         update, close = progress.bar(size, f"pull {name}", self.show_progress)
         try:
-            reader = CallReader(self.connection().start("read_output", job=job.id, name=name), update)
+            reader = CallReader(self.connection().start("read_output", job=job.id, name=name, z=self.codec), update)
             value = files.read_object(reader)
             reader.drain()
             return value
@@ -343,11 +369,17 @@ class Remote:
         for name in pull:
             if not name.isidentifier():
                 raise ValueError(f"cannot pull {name!r}: not a Python identifier")
-        inputs = self._push(dict(push or {}))
-        job_id = state.new_job_id()
-        spec = {"id": job_id, "session": session, "kind": "cell", "code": code, "inputs": inputs,
-                "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit}
-        return self._submit(spec, background, on_event)
+        for attempt in (1, 2):
+            inputs = self._push(dict(push or {}))
+            spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
+                    "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit}
+            try:
+                return self._submit(spec, background, on_event)
+            except errors.RemoteRequestError as exc:
+                if exc.kind != "MissingObject" or attempt == 2:
+                    raise
+                self._known.difference_update(inputs.values())  # evicted meanwhile: send again
+        raise AssertionError("unreachable")
 
     def _submit(self, spec: dict[str, Any], background: bool, on_event: EventHandler | None) -> Job:
         job = Job(self, spec["id"])
@@ -374,10 +406,10 @@ class Remote:
             conn = self.connection()
             try:
                 if spec is not None:
-                    call = conn.start("run", spec=spec, follow=True, inline=self.inline_limit)
+                    call = conn.start("run", spec=spec, follow=True, inline=self.inline_limit, z=self.codec)
                 else:
                     call = conn.start("events", job=job.id, offset=job.record.offset, follow=True,
-                                      inline=self.inline_limit)
+                                      inline=self.inline_limit, z=self.codec)
                 self._consume(job, call, on_event, deadline)
                 return job.state
             except errors.ConnectionLostError as exc:
@@ -504,7 +536,7 @@ class Remote:
 
     def store_get(self, name: str) -> Any:
         """Load a stored value (``KeyError`` if there is none)."""
-        call = self.connection().start("store_get", name=name)
+        call = self.connection().start("store_get", name=name, z=self.codec)
         reader = CallReader(call)
         try:
             value = files.read_object(reader)

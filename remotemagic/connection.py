@@ -53,6 +53,8 @@ class Call:
                     raise errors.ConnectionLostError(f"connection to {self.conn.name} lost")
                 header, payload = item
                 if header.get("more"):
+                    if header.get("z"):
+                        payload = bytearray(wire.unpack(payload, header["z"]))
                     yield header, payload
                     continue
                 self.done = True
@@ -90,6 +92,8 @@ class AgentConnection:
         self.calls: dict[int, Call] = {}
         self.ids = itertools.count(1)
         self.lost = False
+        self.bytes_sent = 0  # on the wire, after compression: what the link carried
+        self.bytes_received = 0
         self.lock = threading.Lock()
         self.reader = threading.Thread(target=self._read, name=f"remotemagic-reader-{name}", daemon=True)
         self.reader.start()
@@ -99,6 +103,7 @@ class AgentConnection:
             raise errors.ConnectionLostError(f"connection to {self.name} lost")
         try:
             self.stream.write(data)
+            self.bytes_sent += len(data)
         except (OSError, EOFError, ValueError) as exc:
             self._mark_lost()
             raise errors.ConnectionLostError(f"connection to {self.name} lost: {exc}") from exc
@@ -107,6 +112,7 @@ class AgentConnection:
         try:
             while True:
                 header, payload = wire.read_frame(self.stream.readinto)
+                self.bytes_received += len(payload) + wire.HEAD.size
                 call = self.calls.get(header.get("id", -1))
                 if call is None:
                     continue  # an abandoned stream's late frames
@@ -153,13 +159,22 @@ class AgentConnection:
     def request(self, op: str, **args: Any) -> Any:
         return self.start(op, **args).wait()
 
-    def upload(self, begin: dict[str, Any], chunks: Iterable[Any], progress: Callable[[int], None] | None = None) -> Any:
-        """Send ``upload_begin``, the chunks as data frames, ``upload_end``; return the answer."""
+    def upload(self, begin: dict[str, Any], chunks: Iterable[Any], progress: Callable[[int], None] | None = None,
+               codec: str | None = None) -> Any:
+        """Send ``upload_begin``, the chunks as data frames (compressed with ``codec`` where that
+        pays), ``upload_end``; return the answer."""
         call = self.start("upload_begin", **begin)
+        packer = wire.Packer(codec) if codec else None
         for chunk in chunks:
             if call.id not in self.calls:  # the agent refused early
                 break
-            self.writer.send({"id": call.id, "op": "data"}, chunk)
+            header: dict[str, Any] = {"id": call.id, "op": "data"}
+            payload = chunk
+            if packer is not None:
+                payload, z = packer.pack(chunk)
+                if z:
+                    header["z"] = z
+            self.writer.send(header, payload)
             if progress:
                 progress(len(chunk))
         if call.id in self.calls:

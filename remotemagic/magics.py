@@ -132,6 +132,8 @@ class Ec2Magics(Magics):
     checkpoint_max_bytes = Int(api.CHECKPOINT_LIMIT, help="After each cell, checkpoint the session's variables "
                                "whose pickle is at most this size (0: no automatic checkpoints).").tag(config=True)
     show_progress = Bool(True, help="Progress bars for transfers above 16 MiB.").tag(config=True)
+    compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
+                          "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
 
     remote: api.Remote | None = None
 
@@ -157,7 +159,7 @@ class Ec2Magics(Magics):
     def _connect(self, kind: str, root: str | None, session: str | None) -> api.Remote:
         opts = dict(reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
                     object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
-                    checkpoint_limit=self.checkpoint_max_bytes)
+                    checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression)
         try:
             return api.connect(kind, session=session or self.session or None,
                                root=root or self.local_root or None, **opts)

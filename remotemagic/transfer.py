@@ -89,7 +89,7 @@ def push(remote: Remote, local: str | os.PathLike[str], dest: str | None = None)
                 yield item
 
         try:
-            ans = conn.upload({"kind": "tar", "dest": dest, "size": 0, **common}, stream(), update)
+            ans = conn.upload({"kind": "tar", "dest": dest, "size": 0, **common}, stream(), update, remote.codec)
         finally:
             close()
         return {"path": ans["path"], "files": ans["files"], "bytes": total, "skipped": len(mine) - len(todo)}
@@ -105,7 +105,7 @@ def push(remote: Remote, local: str | os.PathLike[str], dest: str | None = None)
     try:
         mode = src.stat().st_mode & 0o777
         ans = conn.upload({"kind": "file", "dest": dest, "size": size, "offset": offset, "mode": mode,
-                           "mtime": src.stat().st_mtime, **common}, _file_chunks(src, offset), update)
+                           "mtime": src.stat().st_mtime, **common}, _file_chunks(src, offset), update, remote.codec)
     finally:
         close()
     return {"path": ans["path"], "bytes": size - offset, "resumed_from": offset}
@@ -128,7 +128,7 @@ def pull(remote: Remote, path: str, local: str | os.PathLike[str] | None = None)
         from .api import CallReader
 
         try:
-            reader = CallReader(conn.start("tar_stream", path=path, files=todo, **common))
+            reader = CallReader(conn.start("tar_stream", path=path, files=todo, z=remote.codec, **common))
             count = tarring.extract_tar(reader, str(dest), update)  # type: ignore[arg-type]
             reader.drain()
         finally:
@@ -150,7 +150,7 @@ def pull(remote: Remote, path: str, local: str | os.PathLike[str] | None = None)
         with open(part, "r+b" if offset else "wb") as f:
             f.truncate(offset)
             f.seek(offset)
-            for _, payload in conn.start("read_file", path=path, offset=offset, **common):
+            for _, payload in conn.start("read_file", path=path, offset=offset, z=remote.codec, **common):
                 f.write(payload)
                 update(len(payload))
             f.flush()

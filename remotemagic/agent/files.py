@@ -120,7 +120,8 @@ def read_json(path: str, default: Any = None) -> Any:
 class Encoded:
     """A value pickled with protocol 5: the pickle and its out-of-band buffers, not yet joined."""
 
-    def __init__(self, header: bytes, buffers: list[memoryview]):
+    def __init__(self, header: bytes, buffers: list[memoryview], hasher: Any = None):
+        self.hasher = hasher or hashlib.sha256
         self.pickle = header
         self.buffers = buffers
         self.prefix = MAGIC + _COUNT.pack(len(buffers), len(header)) + b"".join(
@@ -141,14 +142,14 @@ class Encoded:
     @property
     def digest(self) -> str:
         if self._digest is None:
-            h = hashlib.sha256()
+            h = self.hasher()
             for part in self.parts():
                 h.update(part)
             self._digest = h.hexdigest()
         return self._digest
 
 
-def encode(value: Any, dumps: Any = None) -> Encoded:
+def encode(value: Any, dumps: Any = None, hasher: Any = None) -> Encoded:
     """Pickle ``value`` (cloudpickle by default) keeping large buffers out of band."""
     if dumps is None:
         import cloudpickle
@@ -167,7 +168,7 @@ def encode(value: Any, dumps: Any = None) -> Encoded:
         return False
 
     header = dumps(value, protocol=5, buffer_callback=keep)
-    return Encoded(header, buffers)
+    return Encoded(header, buffers, hasher)
 
 
 def write_object(path: str, enc: Encoded) -> int:

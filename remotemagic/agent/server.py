@@ -45,7 +45,6 @@ class Upload:
             self.f.truncate(offset)
             self.f.seek(offset)
         self.received = offset
-        self.hash = hashlib.sha256() if digest else None
         self.error: str | None = None
 
     def write(self, data: bytearray) -> None:
@@ -55,8 +54,6 @@ class Upload:
             self.f.write(data)
         except OSError as exc:  # disk full: remember, answer at the end, keep reading frames
             self.error = f"{type(exc).__name__}: {exc}"
-        if self.hash:
-            self.hash.update(data)
         self.received += len(data)
 
 
@@ -170,8 +167,18 @@ class Agent:
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         self.writer.send({"id": rid, "ok": False, "error": {"type": kind, "message": message, "detail": detail}})
 
-    def more(self, rid: int, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+    def more(self, rid: int, header: dict[str, Any], payload: bytes | memoryview = b"",
+             packer: wire.Packer | None = None) -> None:
+        if packer is not None and payload:
+            payload, z = packer.pack(payload)
+            if z:
+                header = {**header, "z": z}
         self.writer.send({"id": rid, "more": True, **header}, payload)
+
+    @staticmethod
+    def packer(req: dict[str, Any]) -> wire.Packer | None:
+        z = req.get("z")
+        return wire.Packer(z) if z in wire.codecs_available() else None
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -181,7 +188,7 @@ class Agent:
         if op == "upload_begin":
             if header.get("kind") == "object":
                 digest = header["hash"]
-                if not all(c in "0123456789abcdef" for c in digest) or len(digest) != 64:
+                if not all(c in "0123456789abcdef" for c in digest) or not 32 <= len(digest) <= 64:
                     raise RequestError(f"invalid object hash {digest!r}")
                 final = self.path("objects", digest)
                 tmp = self.path("objects", f".tmp-{os.getpid()}-{rid}")
@@ -202,7 +209,7 @@ class Agent:
         elif op == "data":
             up = self.uploads.get(rid)
             if up is not None:
-                up.write(payload)
+                up.write(wire.unpack(payload, header["z"]) if header.get("z") else payload)
         else:
             up = self.uploads.pop(rid, None)
             if up is None:
@@ -229,9 +236,6 @@ class Agent:
                 raise RequestError(f"writing {up.final} on the target failed: {up.error}", "RemoteDiskError")
             if up.received != up.size:
                 raise RequestError(f"upload of {up.final} incomplete: {up.received} of {up.size} bytes")
-            if up.digest and up.hash and up.hash.hexdigest() != up.digest:
-                os.unlink(up.tmp)
-                raise RequestError("uploaded object does not match its hash (corrupted in transit)")
             mode = getattr(up, "mode", None)
             if mode is not None:
                 os.chmod(up.tmp, int(mode) & 0o777)
@@ -265,6 +269,7 @@ class Agent:
             "pid": os.getpid(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
+            "codecs": wire.codecs_available(),
         }
 
     def op_ping(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
@@ -436,6 +441,7 @@ class Agent:
         offset = int(req.get("offset", 0))
         follow = bool(req.get("follow", True))
         log_path = os.path.join(jdir, "events.jsonl")
+        packer = self.packer(req)
         nap = 0.001
         checked = time.monotonic()
         with open(log_path, "rb") as f:
@@ -447,7 +453,7 @@ class Agent:
                     cut = data.rfind(b"\n") + 1
                     data = data[:cut]
                 if data:
-                    self.more(rid, {"offset": offset}, data)
+                    self.more(rid, {"offset": offset}, data, packer)
                     offset += len(data)
                     nap = 0.001
                     continue
@@ -554,9 +560,9 @@ class Agent:
     def op_read_output(self, rid: int, req: dict[str, Any]) -> Any:
         jdir = self.job_dir(req["job"])
         name = files.check_name("output", req["name"])
-        return self.stream_file(rid, os.path.join(jdir, "outputs", name + ".obj"), 0)
+        return self.stream_file(rid, os.path.join(jdir, "outputs", name + ".obj"), 0, self.packer(req))
 
-    def stream_file(self, rid: int, path: str, offset: int) -> dict[str, Any]:
+    def stream_file(self, rid: int, path: str, offset: int, packer: wire.Packer | None = None) -> dict[str, Any]:
         try:
             f = open(path, "rb")
         except FileNotFoundError:
@@ -570,7 +576,7 @@ class Agent:
                 n = f.readinto(buf)
                 if not n:
                     break
-                self.more(rid, {}, view[:n])
+                self.more(rid, {}, view[:n], packer)
         return {"size": st.st_size, "mode": st.st_mode & 0o777, "mtime": st.st_mtime}
 
     def op_sessions(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
@@ -634,7 +640,7 @@ class Agent:
         path = self.path("store", name + ".obj")
         if not os.path.exists(path):
             raise RequestError(f"no stored value named {name!r}", "KeyError")
-        result = self.stream_file(rid, path, 0)
+        result = self.stream_file(rid, path, 0, self.packer(req))
         result["meta"] = files.read_json(self.path("store", name + ".json"), {})
         return result
 
@@ -688,7 +694,8 @@ class Agent:
     def op_tar_stream(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         """Stream a tar of the listed files of a folder as data frames."""
         top = self.user_path(req["path"], req.get("cwd"))
-        sink = transfer.FrameSink(lambda chunk: self.more(rid, {}, chunk))
+        packer = self.packer(req)
+        sink = transfer.FrameSink(lambda chunk: self.more(rid, {}, chunk, packer))
         transfer.write_tar(sink, top, req["files"])  # type: ignore[arg-type]
         sink.close()
         return {"files": len(req["files"])}
@@ -707,7 +714,8 @@ class Agent:
         return {"sha256": h.hexdigest(), "size": int(req["size"]) - left}
 
     def op_read_file(self, rid: int, req: dict[str, Any]) -> Any:
-        return self.stream_file(rid, self.user_path(req["path"], req.get("cwd")), int(req.get("offset", 0)))
+        return self.stream_file(rid, self.user_path(req["path"], req.get("cwd")), int(req.get("offset", 0)),
+                                self.packer(req))
 
     def op_mkdir(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         path = self.user_path(req["path"], req.get("cwd"))

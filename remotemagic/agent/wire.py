@@ -73,3 +73,68 @@ def fd_readinto(stream: BinaryIO) -> Callable[[memoryview], int]:
             return 0
 
     return readinto
+
+
+# -- compression of data frames ------------------------------------------------------------------
+def codecs_available() -> list[str]:
+    """Codecs this end can use, best first: zstd where the zstandard package is installed
+    (optional on a target), zlib always (standard library)."""
+    out = []
+    try:
+        import zstandard  # noqa: F401
+
+        out.append("zstd")
+    except ImportError:
+        pass
+    out.append("zlib")
+    return out
+
+
+class Packer:
+    """Compresses data chunks with ``codec``; chunks that do not shrink by 10 % travel raw,
+    and after a run of those it stops trying for a while (random or already-compressed data
+    costs almost nothing)."""
+
+    RAW_RUN = 4
+    PAUSE = 64
+
+    def __init__(self, codec: str):
+        self.codec = codec
+        self.raw_run = 0
+        self.skip = 0
+        if codec == "zstd":
+            import zstandard
+
+            self._compress = zstandard.ZstdCompressor(level=1).compress
+        elif codec == "zlib":
+            import zlib
+
+            self._compress = lambda data: zlib.compress(data, 1)
+        else:
+            raise ValueError(f"unknown codec {codec!r}")
+
+    def pack(self, chunk: Any) -> tuple[Any, str | None]:
+        if self.skip:
+            self.skip -= 1
+            return chunk, None
+        packed = self._compress(chunk)
+        if len(packed) < 0.9 * len(chunk):
+            self.raw_run = 0
+            return packed, self.codec
+        self.raw_run += 1
+        if self.raw_run >= self.RAW_RUN:
+            self.raw_run = 0
+            self.skip = self.PAUSE
+        return chunk, None
+
+
+def unpack(payload: Any, codec: str) -> bytes:
+    if codec == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().decompress(payload)
+    if codec == "zlib":
+        import zlib
+
+        return zlib.decompress(payload)
+    raise ValueError(f"unknown codec {codec!r}")
