@@ -215,6 +215,7 @@ class Remote:
         self._lock = threading.RLock()
         self._known: set[str] = set()
         self.last_job: Job | None = None
+        self.tunnels: dict[int, Any] = {}
         self._connect_first()
 
     def __repr__(self) -> str:
@@ -305,6 +306,9 @@ class Remote:
     def close(self) -> None:
         """Close the link. Workers, jobs and stored values stay on the target."""
         with self._lock:
+            for t in list(self.tunnels.values()):
+                t.close()
+            self.tunnels.clear()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -502,6 +506,32 @@ class Remote:
 
     def status(self) -> dict[str, Any]:
         return {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": self.jobs(20)}
+
+    # -- tunnels and the remote environment -------------------------------------------------------
+    def tunnel(self, remote_port: int, local_port: int = 0) -> Any:
+        """Forward ``127.0.0.1:local_port`` here to ``remote_port`` on the target (an SSH or EC2
+        target; the local backend's ports are already here). Returns a :class:`~remotemagic.tunnel.Tunnel`."""
+        link = getattr(self.transport, "link", None)
+        if link is None:
+            raise ValueError(f"{self.target} is this machine: port {remote_port} needs no tunnel")
+        from .tunnel import Tunnel
+
+        t = Tunnel(link().transport, remote_port, local_port)
+        self.tunnels[t.local_port] = t
+        return t
+
+    def close_tunnel(self, local_port: int) -> None:
+        t = self.tunnels.pop(local_port, None)
+        if t is None:
+            raise KeyError(f"no tunnel on local port {local_port}")
+        t.close()
+
+    def pip_install(self, *packages: str) -> Iterator[str]:
+        """``pip install`` into the target's Python environment; yields pip's output lines."""
+        if not packages:
+            raise ValueError("name at least one package")
+        yield from self.transport.pip_install([p for p in packages if not p.startswith("-")],
+                                              *[p for p in packages if p.startswith("-")])
 
     # -- files ---------------------------------------------------------------------------------
     def push(self, local: str | os.PathLike[str], dest: str | None = None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import shlex
 import sys
 import time
@@ -42,9 +43,21 @@ def _names(text: str | None) -> list[str]:
 def _parsers() -> dict[str, _Parser]:
     p: dict[str, _Parser] = {}
     use = p["use"] = _Parser(prog="%ec2 use", add_help=False)
-    use.add_argument("kind", choices=["local"], help="where cells run")
-    use.add_argument("--root", help="folder of the local backend's target")
+    use.add_argument("kind", choices=["local", "ssh"], help="where cells run")
+    use.add_argument("host", nargs="?", help="ssh: an ~/.ssh/config alias or user@host[:port]")
+    use.add_argument("--root", help="the agent's folder on the target")
     use.add_argument("--session", help="session (remote namespace) to use")
+    use.add_argument("--python", help="ssh: the remote interpreter to build the environment from")
+    use.add_argument("--workdir", help="folder on the target that cells run in and relative paths start from "
+                     "(default: the home folder; for local, this kernel's folder)")
+    use.add_argument("--ssh-config", help="ssh: OpenSSH config file (default: Ec2Magics.ssh_config)")
+    use.add_argument("--trust-new-host", action="store_true",
+                     help="ssh: accept and record the host key of a host never seen before")
+    tun = p["tunnel"] = _Parser(prog="%ec2 tunnel", add_help=False)
+    tun.add_argument("remote_port", nargs="?", type=int, help="port on the target")
+    tun.add_argument("local_port", nargs="?", type=int, default=0, help="port here (default: a free one)")
+    tun.add_argument("--close", type=int, metavar="LOCAL_PORT", help="close the tunnel on this local port")
+    p["pip"] = _Parser(prog="%ec2 pip", add_help=False)
     run = p["run"] = _Parser(prog="%%ec2 run", add_help=False)
     run.add_argument("-i", "--push", default="", help="comma-separated local variables to send")
     run.add_argument("-o", "--pull", default="", help="comma-separated variables to bring back")
@@ -132,6 +145,16 @@ class Ec2Magics(Magics):
     checkpoint_max_bytes = Int(api.CHECKPOINT_LIMIT, help="After each cell, checkpoint the session's variables "
                                "whose pickle is at most this size (0: no automatic checkpoints).").tag(config=True)
     show_progress = Bool(True, help="Progress bars for transfers above 16 MiB.").tag(config=True)
+    ssh_config = Unicode("~/.ssh/config", help="OpenSSH config file used to resolve SSH hosts.").tag(config=True)
+    known_hosts = Unicode("", help="known_hosts file (default: UserKnownHostsFile from the SSH config, "
+                          "else ~/.ssh/known_hosts).").tag(config=True)
+    trust_on_first_use = Bool(False, help="Accept and record the key of an SSH host never seen before "
+                              "(a changed key is always refused).").tag(config=True)
+    remote_python = Unicode("python3", help="Interpreter on SSH hosts that the remote venv is built from.").tag(config=True)
+    remote_root = Unicode("", help="The agent's folder on SSH hosts (default ~/.remotemagic).").tag(config=True)
+    interrupt_grace = Float(1.0, help="Seconds between Ctrl-C and interrupting the remote job. Jupyter "
+                            "interrupts a kernel before every restart or shutdown; if the kernel is shut "
+                            "down within this time, the remote job is left running.").tag(config=True)
     compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
                           "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
 
@@ -153,16 +176,32 @@ class Ec2Magics(Magics):
     # -- connection ----------------------------------------------------------------------------
     def get_remote(self) -> api.Remote:
         if self.remote is None:
-            self.remote = self._connect(self.target.split()[0] if self.target else "local", None, None)
+            words = (self.target or "local").split()
+            self.remote = self._connect(words[0], words[1] if len(words) > 1 else None, None, None)
         return self.remote
 
-    def _connect(self, kind: str, root: str | None, session: str | None) -> api.Remote:
-        opts = dict(reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
-                    object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
-                    checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression)
+    def _connect(self, kind: str, host: str | None, root: str | None, session: str | None,
+                 python: str | None = None, trust: bool = False, ssh_config: str | None = None,
+                 workdir: str | None = None) -> api.Remote:
+        opts: dict[str, Any] = dict(
+            reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
+            object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
+            checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression)
+        session = session or self.session or None
+        if workdir:
+            opts["cwd"] = workdir
         try:
-            return api.connect(kind, session=session or self.session or None,
-                               root=root or self.local_root or None, **opts)
+            if kind == "local":
+                return api.connect("local", session=session, root=root or self.local_root or None, **opts)
+            if kind == "ssh":
+                if not host:
+                    raise UsageError("%ec2 use ssh HOST: name the host (an ~/.ssh/config alias or user@host[:port])")
+                opts.update(ssh_config=os.path.expanduser(ssh_config or self.ssh_config), python=python or self.remote_python,
+                            trust_on_first_use=trust or self.trust_on_first_use)
+                if self.known_hosts:
+                    opts["known_hosts"] = os.path.expanduser(self.known_hosts)
+                return api.connect("ssh", host=host, session=session, root=root or self.remote_root or None, **opts)
+            raise UsageError(f"unknown target kind {kind!r}: use local or ssh HOST")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
 
@@ -171,7 +210,9 @@ class Ec2Magics(Magics):
     def ec2(self, line: str, cell: str | None = None) -> Any:
         """Run code on a bigger machine, keep every output.
 
-        %ec2 use local [--root PATH] [--session S]   pick the target (embedded local worker)
+        %ec2 use local [--root PATH] [--session S]   pick the target: the embedded local worker,
+        %ec2 use ssh HOST [--python P] [--trust-new-host]   or any SSH host (~/.ssh/config alias
+                             or user@host[:port]; ProxyJump, keys and known_hosts honoured)
         %%ec2 run [-i a,b] [-o c,d] [--bg] [--session S] [--timeout T]
             <code>           runs on the target; -i sends local variables, -o brings results back
         %ec2 jobs [-n N]     jobs on the target, newest last
@@ -179,6 +220,8 @@ class Ec2Magics(Magics):
         %ec2 wait [JOB]      stream the rest of a job's output, then pull its -o values
         %ec2 cancel JOB      interrupt a running job (KeyboardInterrupt there)
         %ec2 status          target, sessions and recent jobs
+        %ec2 tunnel [REMOTE_PORT [LOCAL_PORT]] [--close LOCAL_PORT]   forward a port (127.0.0.1 only)
+        %ec2 pip install PKG ...     install into the target's Python environment
         %ec2 push LOCAL [DEST]   copy a file or folder to the target (resumes; skips unchanged files)
         %ec2 pull PATH [LOCAL]   copy a file or folder from the target
         %ec2 restart [--session S]   stop a session's worker: the next cell starts fresh
@@ -194,6 +237,8 @@ class Ec2Magics(Magics):
         if not words:
             raise UsageError(self.ec2.__doc__ or "")
         cmd, rest = words[0], words[1:]
+        if cmd == "pip" and cell is None:
+            return self._cmd_pip(rest)
         if cmd == "run":
             if cell is None:
                 raise UsageError("%ec2 run is a cell magic: start the cell with %%ec2 run")
@@ -207,7 +252,8 @@ class Ec2Magics(Magics):
 
     def _cmd_use(self, args: argparse.Namespace) -> None:
         self.close()
-        self.remote = self._connect(args.kind, args.root, args.session)
+        self.remote = self._connect(args.kind, args.host, args.root, args.session, args.python, args.trust_new_host,
+                                    args.ssh_config, args.workdir)
         print(f"Using {self.remote.target} (session '{self.remote.session}', "
               f"Python {self.remote.info.get('python')} on the target)")
 
@@ -239,8 +285,27 @@ class Ec2Magics(Magics):
             return
         self._pull_into_namespace(job)
 
+    def _kernel_shutting_down(self) -> bool:
+        """Whether Jupyter is shutting this kernel down (ipykernel records the shutdown request)."""
+        kernel = getattr(self.shell, "kernel", None)
+        return getattr(kernel, "_shutdown_message", None) is not None
+
     def _interrupt(self, job: api.Job, render: Renderer) -> bool:
-        """First Ctrl-C: interrupt the remote code. Second: detach. True if the job ended."""
+        """First Ctrl-C: interrupt the remote code. Second: detach. True if the job ended.
+
+        Jupyter interrupts a kernel before it restarts or shuts it down; a restart must not
+        kill the remote job, so the interrupt waits ``interrupt_grace`` seconds first."""
+        deadline = time.monotonic() + self.interrupt_grace
+        try:
+            while time.monotonic() < deadline:
+                if self._kernel_shutting_down():
+                    log.warning("kernel shutting down: job %s keeps running on the target", job.id)
+                    return False
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            return self._detach(job)
+        if self._kernel_shutting_down():
+            return False
         for _ in range(20):
             try:
                 job.cancel()
@@ -252,9 +317,12 @@ class Ec2Magics(Magics):
             job.follow(render)
             return True
         except KeyboardInterrupt:
-            sys.stderr.write(f"\nDetached from job {job.id}; it keeps running on the target.\n"
-                             f"  %ec2 wait {job.id[-4:]} to reattach, %ec2 cancel {job.id[-4:]} to stop it.\n")
-            return False
+            return self._detach(job)
+
+    def _detach(self, job: api.Job) -> bool:
+        sys.stderr.write(f"\nDetached from job {job.id}; it keeps running on the target.\n"
+                         f"  %ec2 wait {job.id[-4:]} to reattach, %ec2 cancel {job.id[-4:]} to stop it.\n")
+        return False
 
     def _pull_into_namespace(self, job: api.Job) -> None:
         try:
@@ -354,6 +422,37 @@ class Ec2Magics(Magics):
             print(f"  {s['name']:20} {what}{busy}{saved}")
         running = [j for j in st["jobs"] if j.get("state") not in files.TERMINAL]
         print(f"Jobs:     {len(st['jobs'])} recent, {len(running)} queued or running (%ec2 jobs lists them)")
+
+    def _cmd_tunnel(self, args: argparse.Namespace) -> None:
+        remote = self.get_remote()
+        if args.close is not None:
+            try:
+                remote.close_tunnel(args.close)
+            except KeyError as exc:
+                raise UsageError(str(exc.args[0])) from None
+            print(f"Closed the tunnel on 127.0.0.1:{args.close}")
+            return
+        if args.remote_port is None:
+            if not remote.tunnels:
+                print("No open tunnels. %ec2 tunnel REMOTE_PORT [LOCAL_PORT] opens one.")
+            for t in remote.tunnels.values():
+                print(f"127.0.0.1:{t.local_port} -> port {t.remote_port} on {remote.target} "
+                      f"({'open' if t.active else 'closed'})")
+            return
+        try:
+            t = remote.tunnel(args.remote_port, args.local_port)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        print(f"Tunnel open: {t.url} -> port {t.remote_port} on {remote.target} (bound to 127.0.0.1 only)")
+
+    def _cmd_pip(self, words: list[str]) -> None:
+        if not words or words[0] != "install" or len(words) < 2:
+            raise UsageError("%ec2 pip install PACKAGE [PACKAGE ...]")
+        try:
+            for line in self.get_remote().pip_install(*words[1:]):
+                print(line, flush=True)
+        except Exception as exc:  # pip's own failure text is the useful part
+            raise UsageError(str(exc)) from None
 
     def _cmd_push(self, args: argparse.Namespace) -> None:
         try:

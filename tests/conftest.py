@@ -18,7 +18,9 @@ import pytest
 import remotemagic
 from remotemagic.agent import files
 
-TRANSPORTS = ["local"]
+pytest_plugins = ["tests.ssh_fixtures"]
+
+TRANSPORTS = ["local", "ssh"]
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +68,7 @@ class Target:
     def connect(self, **kw: Any) -> remotemagic.Remote:
         if self.kind == "local":
             return remotemagic.connect("local", root=str(self.root), **kw)
+        kw.setdefault("cwd", str(Path.cwd()))  # same folder as the local backend uses
         return remotemagic.connect(self.options["target"], root=str(self.root), **{**self.options["connect"], **kw})
 
     @property
@@ -83,10 +86,40 @@ def target(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
     root = tmp_path / "target"
     if request.param == "local":
         t = Target("local", root)
-    else:  # pragma: no cover - filled in by the SSH fixtures
-        t = request.getfixturevalue(f"{request.param}_target_factory")(root)
+    else:
+        t = request.getfixturevalue("ssh_target_factory")(root)
     yield t
     stop_workers(root)
+
+
+@pytest.fixture(scope="session")
+def ssh_shared_venv(sshd_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Bootstrap one remote venv over the real sshd; each test's root links to it."""
+    from .ssh_fixtures import TEST_PYTHON
+
+    shared = tmp_path_factory.mktemp("ssh-shared") / "root"
+    r = remotemagic.connect("ssh:rmtest", root=str(shared), ssh_config=sshd_server.ssh_config,
+                            python=TEST_PYTHON, state_root=str(shared.parent / "state"))
+    r.close()
+    yield shared / "venv"
+    stop_workers(shared)
+
+
+@pytest.fixture
+def ssh_target_factory(sshd_server: Any, ssh_shared_venv: Path) -> Any:
+    from .ssh_fixtures import TEST_PYTHON
+
+    def make(root: Path) -> Target:
+        root.mkdir(mode=0o700)
+        os.chmod(root, 0o700)
+        (root / "venv").symlink_to(ssh_shared_venv)
+        cfg = sshd_server.ssh_config
+        return Target("ssh", root, target="ssh:rmtest",
+                      connect={"ssh_config": cfg, "python": TEST_PYTHON},
+                      use_line=f"use ssh rmtest --root {root} --python {TEST_PYTHON} --ssh-config {cfg} "
+                               f"--workdir {Path.cwd()}")
+
+    return make
 
 
 @pytest.fixture

@@ -117,14 +117,20 @@ def test_browser_disconnect_loses_nothing(target: Any, kernel_env: dict[str, str
         stop_workers(target.root)
 
 
-def test_kernel_killed_mid_job_then_wait_in_new_kernel(target: Any, kernel_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("how", ["killed", "restarted"])
+def test_kernel_killed_mid_job_then_wait_in_new_kernel(target: Any, kernel_env: dict[str, str], how: str) -> None:
+    """Jupyter interrupts a kernel before killing or restarting it: the job must run on."""
     k1 = Kernel(kernel_env)
     try:
         k1.execute(f"%load_ext remotemagic\n%ec2 {target.use_line}")
         msg_id = k1.kc.execute(COUNT_CELL.format(n=30, pause=0.1))
         collect(k1.kc, msg_id, 60, until="line 2\n")
     finally:
-        k1.km.shutdown_kernel(now=True)  # SIGKILL: no goodbye
+        if how == "killed":
+            k1.km.shutdown_kernel(now=True)  # interrupt, then SIGKILL
+        else:
+            k1.km.restart_kernel(now=False)  # interrupt, shutdown request, a new kernel process
+            k1.km.shutdown_kernel(now=True)
         k1.kc.stop_channels()
     k2 = Kernel(kernel_env)
     try:
@@ -246,16 +252,12 @@ def test_no_secrets_on_the_target(target: Any, monkeypatch: pytest.MonkeyPatch) 
         r.checkpoint()
     finally:
         r.close()
-    if target.kind != "local":
-        return  # the SSH tests grep the remote root the same way
-    for path in Path(target.root).rglob("*"):
+    for path in Path(target.root).rglob("*"):  # over SSH too: the loopback host is this machine
         if path.is_file() and not path.is_fifo():
             assert secret.encode() not in path.read_bytes(), path
 
 
 def test_pickles_only_from_private_folders(remote: remotemagic.Remote, target: Any) -> None:
-    if target.kind != "local":
-        pytest.skip("needs to loosen a folder's mode on the target")
     objects = Path(target.root) / "objects"
     remote.run("pass", push={"v": 1})
     os.chmod(objects, 0o777)

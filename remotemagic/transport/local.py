@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,15 @@ class LocalTransport(Transport):
         )
         log.close()
         return PipeStream(proc)
+
+    def pip_install(self, packages: Iterable[str], *pip_args: str) -> Iterator[str]:
+        """The local backend runs this interpreter: install into its environment."""
+        cmd = [self.python, "-m", "pip", "install", "--disable-pip-version-check", *pip_args, *packages]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        tail: list[str] = []
+        for line in proc.stdout:
+            tail = [*tail[-29:], line.rstrip("\n")]
+            yield line.rstrip("\n")
+        if proc.wait() != 0:
+            raise RuntimeError("pip install failed:\n" + "\n".join(tail[-5:]))

@@ -1,0 +1,101 @@
+"""Pytest fixtures for SSH tests: real sshd servers, a cuttable TCP proxy, a shared remote root.
+
+Use as a plugin (``pytest_plugins = ["tests.ssh_fixtures"]`` or ``from .ssh_fixtures import *``
+in a conftest). Every server a fixture starts, it stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+try:
+    from .sshd import SSHServer, TCPProxy, require_sshd
+except ImportError:  # imported as a top-level module (rootdir-relative)
+    from sshd import SSHServer, TCPProxy, require_sshd  # type: ignore[no-redef]
+
+
+def _test_python() -> str:
+    """An interpreter that has cloudpickle and IPython, so the remote venv needs no pip install."""
+    env = os.environ.get("REMOTEMAGIC_TEST_PYTHON")
+    if env:
+        return env
+    if sys.prefix != sys.base_prefix:  # inside a venv: its packages are not the base's
+        return getattr(sys, "_base_executable", sys.executable)
+    return sys.executable
+
+
+TEST_PYTHON = _test_python()
+
+
+def stop_workers(root: str | os.PathLike[str]) -> None:
+    """Stop every session worker under a remote root that the tests used (by recorded pid)."""
+    sessions = Path(root) / "sessions"
+    if not sessions.is_dir():
+        return
+    for wj in sessions.glob("*/worker.json"):
+        try:
+            pid = int(json.loads(wj.read_text())["pid"])
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """A real sshd on 127.0.0.1 with its own host key; ``.ssh_config`` has ``Host rmtest``."""
+    require_sshd()
+    server = SSHServer(tmp_path_factory.mktemp("sshd"))
+    server.start()
+    server.ssh_config = server.write_ssh_config(alias="rmtest")  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def jump_sshd(tmp_path_factory: pytest.TempPathFactory, sshd_server: SSHServer) -> Iterator[SSHServer]:
+    """A second sshd (own host key, same client key) to use as a ProxyJump host."""
+    server = SSHServer(tmp_path_factory.mktemp("jump-sshd"), client_key=sshd_server.client_key)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[Callable[[int], TCPProxy]]:
+    """A factory: ``tcp_proxy(port)`` forwards 127.0.0.1:<proxy.port> to ``port``; ``.cut()`` drops links."""
+    proxies: list[TCPProxy] = []
+
+    def make(port: int) -> TCPProxy:
+        proxy = TCPProxy(port)
+        proxies.append(proxy)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
+@pytest.fixture(scope="session")
+def ssh_remote_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A remote root shared by the SSH tests (bootstrapped once); its workers are stopped at the end."""
+    root = tmp_path_factory.mktemp("ssh-remote-root") / "root"
+    try:
+        yield str(root)
+    finally:
+        stop_workers(root)
+
+
+__all__ = ["TEST_PYTHON", "jump_sshd", "ssh_remote_root", "sshd_server", "stop_workers", "tcp_proxy"]
