@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .api import Job, Remote, connect
+from .api import Job, Remote, connect, connect_ec2
 from .errors import (
     ConnectionLostError,
     MissingOutputError,
@@ -22,7 +22,7 @@ from .errors import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "connect", "Remote", "Job", "RemoteMagicError", "RemoteError", "ConnectionLostError",
+    "connect", "connect_ec2", "Remote", "Job", "RemoteMagicError", "RemoteError", "ConnectionLostError",
     "MissingOutputError", "UnknownJobError", "UnpicklableValueError", "VersionMismatchError",
     "load_ipython_extension", "unload_ipython_extension",
 ]

@@ -216,6 +216,9 @@ class Remote:
         self._known: set[str] = set()
         self.last_job: Job | None = None
         self.tunnels: dict[int, Any] = {}
+        #: For EC2 targets: the instance (a ``providers.ec2.InstanceInfo``) and its provider.
+        self.instance: Any = None
+        self.provider: Any = None
         self._connect_first()
 
     def __repr__(self) -> str:
@@ -505,7 +508,31 @@ class Remote:
         return self.request("stop_session", session=session or self.session)["stopped"]
 
     def status(self) -> dict[str, Any]:
-        return {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": self.jobs(20)}
+        """The target, its sessions and recent jobs; for EC2 also every instance of ours in the
+        region with its hourly price and cost so far."""
+        out = {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": self.jobs(20)}
+        if self.provider is not None:
+            out["instances"] = self.provider.status()
+        return out
+
+    # -- the instance (EC2 targets) ------------------------------------------------------------------
+    def _need_instance(self) -> Any:
+        if self.provider is None or self.instance is None:
+            raise ValueError(f"{self.target} is not an EC2 instance")
+        return self.provider
+
+    def stop_instance(self, wait: bool = True) -> Any:
+        """Stop the instance (its disk, sessions' checkpoints and job logs stay); closes the link."""
+        provider = self._need_instance()
+        self.close()
+        self.instance = provider.stop(self.instance.instance_id, wait=wait, progress=self.show_progress)
+        return self.instance
+
+    def terminate_instance(self, wait: bool = True) -> str:
+        """Terminate the instance (its disk and everything on it are gone); return its id."""
+        provider = self._need_instance()
+        self.close()
+        return provider.terminate(self.instance.instance_id, wait=wait, progress=self.show_progress)
 
     # -- tunnels and the remote environment -------------------------------------------------------
     def tunnel(self, remote_port: int, local_port: int = 0) -> Any:
@@ -675,4 +702,56 @@ def connect(target: str = "local", *, session: str | None = None, root: str | No
         except BaseException:
             transport.close()
             raise
+    if target == "ec2" or target.startswith("ec2:"):
+        return connect_ec2(target[4:] or options.pop("name", None) or "remotemagic", session=session, root=root,
+                           **options)
     raise ValueError(f"unknown target {target!r}: use 'local', 'ssh://user@host[:port]' or 'ec2:NAME'")
+
+
+EC2_OPTIONS = ("region", "profile", "ssh_cidrs", "idle_stop_minutes", "key_name", "instance_type")
+LAUNCH_OPTIONS = ("instance_type", "spot", "ami", "disk_gb", "key_name")
+
+
+def connect_ec2(name: str, *, session: str | None = None, root: str | None = None, start: bool = True,
+                provider: Any = None, **options: Any) -> Remote:
+    """Attach to our instance ``name`` -- starting it if stopped, launching it if there is none
+    (``start=False``: only attach to a running one) -- and connect over SSH.
+
+    Options: ``region``, ``profile``, ``instance_type``, ``spot``, ``ami``, ``disk_gb``,
+    ``key_name``, ``key_file``, ``user``, ``ssh_cidrs``, ``idle_stop_minutes``, and the SSH
+    options of :func:`connect` (``ssh_config``, ``known_hosts``, ``python``...)."""
+    from .providers.ec2 import Ec2Provider, InstanceNotFoundError
+    from .transport.ec2 import Ec2Transport
+
+    def take(keys: tuple[str, ...]) -> dict[str, Any]:
+        got = {k: options.pop(k) for k in keys if k in options}
+        return {k: v for k, v in got.items() if v is not None}
+
+    ec2_opts = take(EC2_OPTIONS)
+    launch = {k: v for k, v in {**ec2_opts, **take(LAUNCH_OPTIONS)}.items() if k in LAUNCH_OPTIONS}
+    if provider is None:
+        provider = Ec2Provider(**ec2_opts)
+    progress = options.get("show_progress", True)
+    if start:
+        info = provider.start(name, user=options.get("user"), progress=progress, **launch)
+    else:
+        info = provider.find(name)
+        if info is None:
+            raise InstanceNotFoundError(f"no instance named {name!r} of ours in {provider.region}: "
+                                        f"%ec2 start --name {name} launches one")
+        if info.state != "running":
+            raise InstanceNotFoundError(f"instance {name!r} ({info.instance_id}) is {info.state}: %ec2 start starts it")
+    ssh_keys = ("ssh_config", "known_hosts", "python", "connect_timeout", "key_file", "user", "keepalive")
+    ssh_options = take(ssh_keys)
+    transport = Ec2Transport(provider, info, state_dir=Path(options.get("state_root") or state.state_dir()),
+                             root=root, progress=progress, **ssh_options)
+    if info.lifecycle == "spot":
+        transport.agent_env["REMOTEMAGIC_SPOT"] = "1"
+    try:
+        remote = Remote(transport, session=session or default_session(), cwd=options.pop("cwd", None), **options)
+    except BaseException:
+        transport.close()
+        raise
+    remote.instance = info
+    remote.provider = provider
+    return remote

@@ -13,7 +13,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from traitlets import Bool, Float, Int, Unicode, observe
+from traitlets import Bool, Float, Int, List, Unicode, observe
 
 from . import api, errors, state
 from .agent import files
@@ -43,8 +43,8 @@ def _names(text: str | None) -> list[str]:
 def _parsers() -> dict[str, _Parser]:
     p: dict[str, _Parser] = {}
     use = p["use"] = _Parser(prog="%ec2 use", add_help=False)
-    use.add_argument("kind", choices=["local", "ssh"], help="where cells run")
-    use.add_argument("host", nargs="?", help="ssh: an ~/.ssh/config alias or user@host[:port]")
+    use.add_argument("kind", choices=["local", "ssh", "ec2"], help="where cells run")
+    use.add_argument("host", nargs="?", help="ssh: an ~/.ssh/config alias or user@host[:port]; ec2: the instance name")
     use.add_argument("--root", help="the agent's folder on the target")
     use.add_argument("--session", help="session (remote namespace) to use")
     use.add_argument("--python", help="ssh: the remote interpreter to build the environment from")
@@ -58,6 +58,21 @@ def _parsers() -> dict[str, _Parser]:
     tun.add_argument("local_port", nargs="?", type=int, default=0, help="port here (default: a free one)")
     tun.add_argument("--close", type=int, metavar="LOCAL_PORT", help="close the tunnel on this local port")
     p["pip"] = _Parser(prog="%ec2 pip", add_help=False)
+    start = p["start"] = _Parser(prog="%ec2 start", add_help=False)
+    start.add_argument("--name", help="instance name (default: Ec2Magics.instance_name)")
+    start.add_argument("--type", dest="instance_type", help="instance type, e.g. c7i.4xlarge")
+    start.add_argument("--spot", action="store_true", help="a spot instance (stops, not terminates, when reclaimed)")
+    start.add_argument("--ami", help="AMI id or alias (ubuntu, al2023); default: current Ubuntu LTS")
+    start.add_argument("--disk", type=int, dest="disk_gb", help="root volume size in GB")
+    start.add_argument("--key", dest="key_name", help="EC2 key pair name (default: EC2 Instance Connect)")
+    for name in ("stop", "terminate"):
+        q = p[name] = _Parser(prog=f"%ec2 {name}", add_help=False)
+        q.add_argument("--name", help="instance name (default: the current target)")
+        if name == "terminate":
+            q.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    resize = p["resize"] = _Parser(prog="%ec2 resize", add_help=False)
+    resize.add_argument("instance_type", help="the new instance type")
+    resize.add_argument("--name", help="instance name (default: the current target)")
     run = p["run"] = _Parser(prog="%%ec2 run", add_help=False)
     run.add_argument("-i", "--push", default="", help="comma-separated local variables to send")
     run.add_argument("-o", "--pull", default="", help="comma-separated variables to bring back")
@@ -155,6 +170,19 @@ class Ec2Magics(Magics):
     interrupt_grace = Float(1.0, help="Seconds between Ctrl-C and interrupting the remote job. Jupyter "
                             "interrupts a kernel before every restart or shutdown; if the kernel is shut "
                             "down within this time, the remote job is left running.").tag(config=True)
+    instance_name = Unicode("remotemagic", help="EC2: name of the instance %ec2 start/use ec2 work on.").tag(config=True)
+    instance_type = Unicode("t3.large", help="EC2: instance type for new instances.").tag(config=True)
+    region = Unicode("", help="EC2: AWS region (default: boto3's chain, e.g. AWS_DEFAULT_REGION).").tag(config=True)
+    profile = Unicode("", help="EC2: AWS profile (default: boto3's chain).").tag(config=True)
+    ssh_cidrs = List(Unicode(), help="EC2: CIDRs allowed to reach SSH (default: this machine's public "
+                     "address /32).").tag(config=True)
+    idle_stop_minutes = Int(60, help="EC2: the instance stops itself after this many idle minutes "
+                            "(no job, no connection); 0 disables.").tag(config=True)
+    key_name = Unicode("", help="EC2: key pair for new instances (default: none, EC2 Instance Connect).").tag(config=True)
+    key_file = Unicode("", help="EC2: private key of key_name (default: the SSH config's IdentityFile, "
+                       "else ssh-agent).").tag(config=True)
+    ami = Unicode("", help="EC2: AMI id or alias (ubuntu, al2023) for new instances.").tag(config=True)
+    ec2_user = Unicode("", help="EC2: login user (default: from the AMI, ubuntu or ec2-user).").tag(config=True)
     compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
                           "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
 
@@ -182,7 +210,7 @@ class Ec2Magics(Magics):
 
     def _connect(self, kind: str, host: str | None, root: str | None, session: str | None,
                  python: str | None = None, trust: bool = False, ssh_config: str | None = None,
-                 workdir: str | None = None) -> api.Remote:
+                 workdir: str | None = None, start: bool = False, launch: dict[str, Any] | None = None) -> api.Remote:
         opts: dict[str, Any] = dict(
             reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
             object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
@@ -201,9 +229,32 @@ class Ec2Magics(Magics):
                 if self.known_hosts:
                     opts["known_hosts"] = os.path.expanduser(self.known_hosts)
                 return api.connect("ssh", host=host, session=session, root=root or self.remote_root or None, **opts)
-            raise UsageError(f"unknown target kind {kind!r}: use local or ssh HOST")
+            if kind == "ec2":
+                opts.update(self._ec2_options(python))
+                if workdir:
+                    opts["cwd"] = workdir
+                opts.update(launch or {})  # --type, --ami ... of %ec2 start win over the configured defaults
+                return api.connect_ec2(host or self.instance_name, session=session,
+                                       root=root or self.remote_root or None, start=start, **opts)
+            raise UsageError(f"unknown target kind {kind!r}: use local, ssh HOST or ec2 [NAME]")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        except errors.RemoteMagicError as exc:
+            if type(exc).__module__.endswith("providers.ec2"):  # AWS said no: say what and why, no traceback
+                raise UsageError(f"{type(exc).__name__}: {exc}") from None
+            raise
+
+    def _ec2_options(self, python: str | None) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "ssh_config": os.path.expanduser(self.ssh_config), "python": python or self.remote_python,
+            "idle_stop_minutes": self.idle_stop_minutes, "instance_type": self.instance_type,
+            "region": self.region or None, "profile": self.profile or None, "ssh_cidrs": list(self.ssh_cidrs) or None,
+            "key_name": self.key_name or None, "key_file": os.path.expanduser(self.key_file) if self.key_file else None,
+            "user": self.ec2_user or None, "ami": self.ami or None,
+        }
+        if self.known_hosts:
+            opts["known_hosts"] = os.path.expanduser(self.known_hosts)
+        return opts
 
     # -- %ec2 ----------------------------------------------------------------------------------
     @line_cell_magic
@@ -215,6 +266,10 @@ class Ec2Magics(Magics):
                              or user@host[:port]; ProxyJump, keys and known_hosts honoured)
         %%ec2 run [-i a,b] [-o c,d] [--bg] [--session S] [--timeout T]
             <code>           runs on the target; -i sends local variables, -o brings results back
+        %ec2 use ec2 [NAME]  or one of our EC2 instances (running)
+        %ec2 start [--name N] [--type T] [--spot] [--ami A] [--disk GB] [--key K]
+                             launch (or start, or attach to) an EC2 instance and use it
+        %ec2 stop | terminate [-y] | resize TYPE   the current EC2 instance
         %ec2 jobs [-n N]     jobs on the target, newest last
         %ec2 output [JOB]    show a job's complete output again (works after a kernel restart)
         %ec2 wait [JOB]      stream the rest of a job's output, then pull its -o values
@@ -420,8 +475,89 @@ class Ec2Magics(Magics):
             ck = s.get("checkpoint") or {}
             saved = f", checkpoint {_ago(ck.get('time'))} ({len(ck.get('names', []))} values)" if ck.get("time") else ""
             print(f"  {s['name']:20} {what}{busy}{saved}")
+        if "instances" in st:
+            self._print_instances(st["instances"])
         running = [j for j in st["jobs"] if j.get("state") not in files.TERMINAL]
         print(f"Jobs:     {len(st['jobs'])} recent, {len(running)} queued or running (%ec2 jobs lists them)")
+
+    # -- EC2 ------------------------------------------------------------------------------------
+    def _cmd_start(self, args: argparse.Namespace) -> None:
+        self.close()
+        launch = {k: getattr(args, k) for k in ("instance_type", "ami", "disk_gb", "key_name") if getattr(args, k)}
+        if args.spot:
+            launch["spot"] = True
+        self.remote = self._connect("ec2", args.name or self.instance_name, None, None, start=True, launch=launch)
+        inst = self.remote.instance
+        self.target = f"ec2 {inst.name}"
+        print(f"Using {inst.name} ({inst.instance_id}, {inst.instance_type}, {inst.lifecycle}) at {inst.host}; "
+              f"it stops itself after {self.idle_stop_minutes} idle minutes" if self.idle_stop_minutes else
+              f"Using {inst.name} ({inst.instance_id}, {inst.instance_type}, {inst.lifecycle}) at {inst.host}")
+
+    def _instance_name(self, name: str | None) -> str:
+        """The instance a stop/terminate/resize is about: --name, else the current EC2 target."""
+        if name:
+            return name
+        if self.remote is not None and self.remote.instance is not None:
+            return self.remote.instance.name
+        words = (self.target or "").split()
+        if words and words[0] == "ec2":
+            return words[1] if len(words) > 1 else self.instance_name
+        target = self.remote.target if self.remote is not None else self.target
+        raise UsageError(f"{target} is not an EC2 instance: %ec2 use ec2 NAME or %ec2 start first, or give --name")
+
+    def _provider(self) -> Any:
+        if self.remote is not None and self.remote.provider is not None:
+            return self.remote.provider
+        from .providers.ec2 import Ec2Provider
+
+        opts = self._ec2_options(None)
+        return Ec2Provider(**{k: opts[k] for k in api.EC2_OPTIONS if opts.get(k) is not None})
+
+    def _ec2_call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except errors.RemoteMagicError as exc:
+            if type(exc).__module__.endswith("providers.ec2"):
+                raise UsageError(f"{type(exc).__name__}: {exc}") from None
+            raise
+
+    def _drop_connection_to(self, name: str) -> None:
+        if self.remote is not None and self.remote.instance is not None and self.remote.instance.name == name:
+            self.close()
+
+    def _cmd_stop(self, args: argparse.Namespace) -> None:
+        name = self._instance_name(args.name)
+        provider = self._provider()
+        self._drop_connection_to(name)
+        info = self._ec2_call(provider.stop, name, wait=True, progress=self.show_progress)
+        self.target = f"ec2 {info.name}"
+        print(f"Stopped {info.name} ({info.instance_id}). Its disk, job logs and checkpoints stay; "
+              f"%ec2 start --name {info.name} brings it back.")
+
+    def _cmd_terminate(self, args: argparse.Namespace) -> None:
+        name = self._instance_name(args.name)
+        provider = self._provider()
+        if not args.yes:
+            try:
+                answer = input(f"Terminate {name}? Its disk and everything on it are deleted. [y/N] ")
+            except Exception:  # no stdin (e.g. a notebook run headless)
+                raise UsageError("confirmation needed: %ec2 terminate -y") from None
+            if answer.strip().lower() not in ("y", "yes"):
+                print("Not terminated.")
+                return
+        self._drop_connection_to(name)
+        instance_id = self._ec2_call(provider.terminate, name, wait=True, progress=self.show_progress)
+        print(f"Terminated {name} ({instance_id}).")
+
+    def _cmd_resize(self, args: argparse.Namespace) -> None:
+        name = self._instance_name(args.name)
+        provider = self._provider()
+        session = self.remote.session if self.remote is not None else None
+        self._drop_connection_to(name)
+        self._ec2_call(provider.resize, name, args.instance_type, progress=self.show_progress)
+        self.remote = self._connect("ec2", name, None, session, start=True)
+        self.target = f"ec2 {name}"
+        print(f"{name} is now a {self.remote.instance.instance_type}; reattached")
 
     def _cmd_tunnel(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -477,6 +613,11 @@ class Ec2Magics(Magics):
                 remote.checkpoint(args.session, args.max_bytes, on_event=Renderer())
         except errors.RemoteError as exc:
             raise UsageError(f"{exc.ename}: {exc.evalue}") from None
+
+    def _print_instances(self, rows: list[dict[str, Any]]) -> None:
+        from IPython.display import display
+
+        display(InstanceTable(rows))
 
     def _cmd_restart(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -561,6 +702,44 @@ class Ec2Magics(Magics):
         print(f"Stored values on {remote.target}:")
         for v in values:
             print(f"{v['name']:{width}} {_size(v.get('size')):>9}  {v.get('type', '?'):14} -> {v.get('preview', '')}")
+
+
+class InstanceTable:
+    """Our EC2 instances with their cost: an HTML table in a notebook, text in a terminal."""
+
+    COLUMNS = ("name", "id", "type", "state", "lifecycle", "uptime", "$/h", "so far", "price from")
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = [self._cells(r) for r in rows]
+        self.total = sum(r.get("cost_so_far") or 0.0 for r in rows)
+
+    @staticmethod
+    def _cells(r: dict[str, Any]) -> list[str]:
+        up = r.get("uptime")
+        uptime = "-" if up is None else f"{int(up.total_seconds() // 3600)}h{int(up.total_seconds() % 3600 // 60):02d}m"
+        price = r.get("hourly_price")
+        cost = r.get("cost_so_far")
+        return [str(r.get("name", "?")), str(r.get("id", "?")), str(r.get("type", "?")), str(r.get("state", "?")),
+                str(r.get("lifecycle", "?")), uptime, "?" if price is None else f"{price:.4f}",
+                "-" if cost is None else f"{cost:.2f}", str(r.get("price_source") or "-")]
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return "Instances: none of ours in this region"
+        widths = [max(len(c), *(len(row[i]) for row in self.rows)) for i, c in enumerate(self.COLUMNS)]
+        lines = ["Instances (tagged as ours, this region):",
+                 "  " + "  ".join(c.ljust(w) for c, w in zip(self.COLUMNS, widths, strict=True))]
+        lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in self.rows]
+        lines.append(f"  compute cost so far: ${self.total:.2f}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.rows)
+        return (f"<table><caption>Instances tagged as ours (compute so far: ${self.total:.2f})</caption>"
+                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
 class _MirrorOnlyJob:

@@ -683,6 +683,8 @@ class SSHTransport(Transport):
         self.timeout = float(connect_timeout or self.host.connect_timeout or DEFAULT_TIMEOUT)
         self.keepalive = int(keepalive or self.host.server_alive_interval or DEFAULT_KEEPALIVE)
         self.trust_on_first_use = trust_on_first_use
+        #: Environment for the agent and its workers (e.g. REMOTEMAGIC_SPOT=1 on spot instances).
+        self.agent_env: dict[str, str] = {}
         self.bootstraps = 0
         self._key = _pool_key(self.host)
         self._lock = threading.RLock()
@@ -772,13 +774,17 @@ M=
 [ -f "$V/{AGENT_PACKAGE}/.complete" ] || M=agent
 {{ [ -f "$R/venv/{venv_marker()}" ] && [ -x "$R/venv/bin/python" ]; }} || M="$M,venv"
 if [ -z "$M" ] && cd "$V"; then
-  PYTHONPATH="$V"; export PYTHONPATH
+  PYTHONPATH="$V"; export PYTHONPATH{self._env_sh()}
   echo "{MARK} ok - $R"
   exec "$R/venv/bin/python" -m {AGENT_PACKAGE}.server "$R" 2>>"$R/agent.log"
 fi
 echo "{MARK} missing ${{M:-agent}} $R"
 exit {EXIT_MISSING}
 """
+
+    def _env_sh(self) -> str:
+        return "".join(f"\n  {k}={shlex.quote(v)}; export {k}" for k, v in sorted(self.agent_env.items())
+                       if k.isidentifier())
 
     def _read_marker(self, chan: paramiko.Channel) -> tuple[str, set[str], bytes]:
         """Skip login-shell chatter up to our marker line; return (status, missing, rest)."""
