@@ -315,3 +315,68 @@ def test_status_and_store_files_are_never_torn(remote: remotemagic.Remote, targe
         stop.set()
         t.join()
     assert not bad
+
+
+def test_sshd_killed_and_restarted_mid_job(ssh_shared_venv: Path, tmp_path: Path) -> None:
+    """The SSH daemon and every connection it serves die mid-job; it comes back on the same port.
+    The job runs on; the client reconnects with backoff and resumes with no gap or duplicate."""
+    from .ssh_fixtures import TEST_PYTHON
+    from .sshd import SSHServer
+
+    server = SSHServer(tmp_path / "sshd").start()
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    (root / "venv").symlink_to(ssh_shared_venv)
+    cfg = server.write_ssh_config(alias="restarting")
+    r = remotemagic.connect("ssh:restarting", root=str(root), ssh_config=str(cfg), python=TEST_PYTHON,
+                            reconnect_timeout=60, state_root=str(tmp_path / "state"))
+    try:
+        job = r.run("import time\nfor i in range(50):\n    print('line', i, flush=True)\n    time.sleep(0.04)",
+                    background=True)
+        seen: list[str] = []
+        restarted = threading.Event()
+
+        def restart() -> None:
+            sessions = _descendants(server.proc.pid)  # this sshd's per-connection processes, no others
+            server.stop()  # the listener...
+            for pid in sessions:  # ...and every connection it served
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+            server.start()
+            restarted.set()
+
+        def on_event(ev: dict) -> None:
+            if ev["type"] == "stream":
+                seen.append(ev["text"])
+                if len(seen) == 10:
+                    threading.Thread(target=restart).start()
+
+        assert job.follow(on_event, timeout=120) == "done"
+        assert restarted.wait(30)
+        assert numbered("".join(seen)) == list(range(50))
+        assert numbered("".join(e["text"] for e in job.events() if e["type"] == "stream")) == list(range(50))
+    finally:
+        r.close()
+        stop_workers(root)
+        server.stop()
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
