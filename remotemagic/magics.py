@@ -475,6 +475,12 @@ class Ec2Magics(Magics):
             ck = s.get("checkpoint") or {}
             saved = f", checkpoint {_ago(ck.get('time'))} ({len(ck.get('names', []))} values)" if ck.get("time") else ""
             print(f"  {s['name']:20} {what}{busy}{saved}")
+            notice = s.get("spot_notice") or {}
+            if notice and (not s.get("started") or notice.get("received", 0) >= s["started"]):
+                ck = notice.get("checkpoint") or {}
+                print(f"    spot reclaim notice ({notice.get('action')} at {notice.get('time')}): "
+                      + (f"checkpointed {len(ck.get('names', []))} value(s); after the instance is started "
+                         "again, %ec2 checkpoint --restore" if ck else "checkpoint not taken yet"))
         if "instances" in st:
             self._print_instances(st["instances"])
         running = [j for j in st["jobs"] if j.get("state") not in files.TERMINAL]

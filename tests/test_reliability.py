@@ -337,7 +337,8 @@ def test_sshd_killed_and_restarted_mid_job(ssh_shared_venv: Path, tmp_path: Path
         restarted = threading.Event()
 
         def restart() -> None:
-            sessions = _descendants(server.proc.pid)  # this sshd's per-connection processes, no others
+            # this sshd's per-connection processes (not the detached workers below them, not other sshds)
+            sessions = [p for p in _descendants(server.proc.pid) if _comm(p) == "sshd"]
             server.stop()  # the listener...
             for pid in sessions:  # ...and every connection it served
                 try:
@@ -380,3 +381,11 @@ def _descendants(pid: int) -> list[int]:
         out += kids
         todo += kids
     return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -546,16 +546,21 @@ class Agent:
             return {"state": status["state"]}
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
         sdir = self.path("sessions", spec.get("session", "default"))
-        try:
-            with open(os.path.join(sdir, "current")) as f:
-                current = f.read().strip()
-        except FileNotFoundError:
-            current = ""
-        worker = files.read_json(os.path.join(sdir, "worker.json"), {})
-        if current == job_id and worker.get("pid"):
-            os.kill(int(worker["pid"]), signal.SIGINT)
-            return {"state": "interrupting"}
-        return {"state": status.get("state", "unknown")}
+        deadline = time.monotonic() + 2.0
+        while True:  # claimed by the worker a moment ago: it becomes "current" within milliseconds
+            try:
+                with open(os.path.join(sdir, "current")) as f:
+                    current = f.read().strip()
+            except FileNotFoundError:
+                current = ""
+            worker = files.read_json(os.path.join(sdir, "worker.json"), {})
+            if current == job_id and worker.get("pid"):
+                os.kill(int(worker["pid"]), signal.SIGINT)
+                return {"state": "interrupting"}
+            status = files.read_json(os.path.join(jdir, "status.json"), {})
+            if status.get("state") in files.TERMINAL or time.monotonic() > deadline:
+                return {"state": status.get("state", "unknown")}
+            time.sleep(0.01)
 
     def op_read_output(self, rid: int, req: dict[str, Any]) -> Any:
         jdir = self.job_dir(req["job"])
@@ -595,7 +600,8 @@ class Agent:
             out.append({"name": name, "alive": alive, "pid": worker.get("pid") if alive else None,
                         "started": worker.get("started") if alive else None, "current": current if alive else None,
                         "checkpoint": {"time": ck.get("time"), "after_job": ck.get("after_job"),
-                                       "names": sorted(ck.get("saved") or {})} if ck else None})
+                                       "names": sorted(ck.get("saved") or {})} if ck else None,
+                        "spot_notice": files.read_json(os.path.join(sdir, "spot_notice.json"))})
         return {"sessions": out}
 
     def op_stop_session(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:

@@ -24,13 +24,14 @@ import threading
 import time
 from typing import Any
 
-from . import files
+from . import files, spot
 
 RESERVE_BYTES = 1024 * 1024  # freed when the disk is full, so a final status can still be written
 SKIP_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
 FLUSH_INTERVAL = 0.05
 FLUSH_BYTES = 64 * 1024
 TIMEOUT_GRACE = 30.0
+SPOT_GRACE = 10.0  # a spot reclaim leaves ~2 minutes: interrupt again this often
 
 
 def _jsonable(obj: Any) -> Any:
@@ -210,11 +211,19 @@ class Worker:
         self.in_user_code = False
         self.timed_out = False
         self._timer_job: str | None = None
+        self.job_id: str | None = None  # the job run_job is running
+        self.interrupt_pending = False  # a cancel came before the job's code started
+        self.spot: dict[str, Any] | None = None  # the spot reclaim notice, once one came
+        self.spot_job: str | None = None  # the job that was running when it came
+        self.spot_saved = False  # the spot checkpoint is taken (main thread only)
+        self.spot_lock = threading.Lock()  # orders the writes of spot_notice.json
 
     # -- signals -------------------------------------------------------------------------
     def on_sigint(self, signum: int, frame: Any) -> None:
         if self.in_user_code:
             raise KeyboardInterrupt
+        if self.job_id is not None:  # claimed but not started yet: do not start it
+            self.interrupt_pending = True
 
     # -- main loop -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -231,6 +240,7 @@ class Worker:
         # O_RDWR keeps the FIFO open with no writer, so readline never sees EOF.
         fd = os.open(fifo, os.O_RDWR)
         files.write_json(os.path.join(self.sdir, "worker.json"), {"pid": os.getpid(), "started": time.time()})
+        spot.start(self.on_spot_notice)  # only with REMOTEMAGIC_SPOT=1
         with os.fdopen(fd, "rb", buffering=0) as pipe:
             buf = b""
             while True:
@@ -243,6 +253,9 @@ class Worker:
                     job_id = line.decode().strip()
                     if job_id == "exit":
                         return
+                    if job_id == "spot":  # on_spot_notice woke us up
+                        self.spot_checkpoint(None)
+                        continue
                     try:
                         files.check_job_id(job_id)
                     except ValueError:
@@ -286,16 +299,20 @@ class Worker:
 
     # -- one job -------------------------------------------------------------------------
     def run_job(self, job_id: str) -> None:
+        self.spot_checkpoint(None)  # no job starts between a spot notice and its checkpoint
         jdir = os.path.join(self.root, "jobs", job_id)
         try:
             os.unlink(os.path.join(jdir, "queued"))  # claim it; a cancel may have claimed it first
         except FileNotFoundError:
             return
+        self.interrupt_pending = False
+        self.job_id = job_id
+        # "current" before "running": a cancel that sees the job running also finds it current
+        files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()])
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
         log = EventLog(os.path.join(jdir, "events.jsonl"))
         status: dict[str, Any] = {"state": "running", "started": time.time(), "pid": os.getpid()}
         self.write_status(jdir, status)
-        files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()])
         self.router.log = log
         log.emit({"type": "status", "state": "running"})
         state = "done"
@@ -322,6 +339,8 @@ class Worker:
         finally:
             for s in self.router.streams:
                 s.flush()
+        if self.spot_job == job_id and self.spot and spec.get("kind", "cell") == "cell":
+            state, error = "interrupted", {"ename": "SpotInterruption", "evalue": self.spot["message"], "traceback": []}
         if log.failed:
             state = "error"
             error = {"ename": "OSError", "evalue": f"writing output failed: {log.failed}", "traceback": []}
@@ -339,9 +358,12 @@ class Worker:
             os.unlink(os.path.join(self.sdir, "current"))
         except OSError:
             pass
+        self.job_id = None
         limit = spec.get("checkpoint_limit") or 0
         held = os.path.exists(os.path.join(self.sdir, "checkpoint.hold"))  # a dead worker's, not restored yet
-        if spec.get("kind", "cell") == "cell" and limit > 0 and not held and state in ("done", "error", "interrupted", "timeout"):
+        if self.spot is not None and not self.spot_saved:
+            self.spot_checkpoint(job_id)  # replaces the size-limited one below
+        elif spec.get("kind", "cell") == "cell" and limit > 0 and not held and state in ("done", "error", "interrupted", "timeout"):
             try:
                 self.checkpoint(int(limit), job_id)
             except Exception as exc:  # a checkpoint is a convenience; never break the session
@@ -362,6 +384,10 @@ class Worker:
         if timeout:
             self._timer_job = spec["id"]
             threading.Thread(target=self._timeout, args=(float(timeout), spec["id"]), daemon=True).start()
+        if self.interrupt_pending:  # cancelled between being claimed and starting
+            self.router.emit({"type": "error", "ename": "KeyboardInterrupt", "evalue": "cancelled before it started",
+                              "traceback": []})
+            return "interrupted", {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"}, {}
         self.in_user_code = True
         try:
             result = self.shell.run_cell(spec.get("code", ""), store_history=True)
@@ -393,6 +419,69 @@ class Worker:
             self.router.emit({"type": "stream", "name": "stderr", "text": f"\n[remotemagic] timeout of {seconds:g} s reached: interrupting\n"})
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(TIMEOUT_GRACE)
+
+    # -- spot reclaim ---------------------------------------------------------------------
+    def on_spot_notice(self, notice: dict[str, Any]) -> None:
+        """The spot watcher's callback (its thread, once): interrupt the job, then checkpoint.
+
+        The namespace is not thread-safe, so this thread never touches it. It records the
+        notice (``self.spot``; ``spot_notice.json`` with ``checkpoint: null`` until the
+        checkpoint is taken), tells the running job's log, marks that job (``self.spot_job``:
+        ``run_job`` ends it as ``interrupted`` / ``SpotInterruption``) and sends it SIGINT like
+        ``_timeout`` does (again every ``SPOT_GRACE`` s while it is still in user code).
+
+        The main thread takes the checkpoint in ``spot_checkpoint`` as soon as it is free: at
+        the end of the running job, before it starts any other job, or -- when idle -- on the
+        ``spot`` line this thread writes to the FIFO to wake it.
+        """
+        action, when = str(notice.get("action", "unknown")), str(notice.get("time", "unknown"))
+        job = self.job_id
+        record = {"action": action, "time": when, "received": time.time(), "job": job,
+                  "message": f"interrupted: spot reclaim ({action} at {when})", "checkpoint": None}
+        self.spot, self.spot_job = record, job  # from here on the main thread may checkpoint
+        self.router.emit({"type": "stream", "name": "stderr",
+                          "text": f"[remotemagic] spot instance reclaim notice: {action} at {when}; checkpointing the session\n"})
+        self.router.emit({"type": "spot_notice", "action": action, "time": when})
+        with self.spot_lock:
+            if not self.spot_saved:  # else the main thread writes the complete record
+                self._write_spot_notice(record)
+        try:
+            fd = os.open(os.path.join(self.sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                os.write(fd, b"spot\n")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            sys.__stderr__.write(f"remotemagic worker: cannot wake the worker for the spot checkpoint: {exc}\n")
+        while job is not None and self.job_id == job:
+            if self.in_user_code:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(SPOT_GRACE)
+            else:
+                time.sleep(0.02)
+
+    def spot_checkpoint(self, job_id: str | None) -> None:
+        """Main thread: after a spot notice, checkpoint every value (no size limit), once, and
+        complete ``spot_notice.json`` with the checkpoint's time and names (or its error)."""
+        if self.spot is None or self.spot_saved:
+            return
+        self.spot_saved = True
+        record = dict(self.spot)
+        try:
+            index = self.checkpoint(0, job_id or "spot", report=False)["checkpoint"]
+            record["checkpoint"] = {"time": index["time"], "after_job": index["after_job"],
+                                    "names": sorted(index["saved"]), "skipped": index["skipped"]}
+        except Exception as exc:
+            record["checkpoint_error"] = f"{type(exc).__name__}: {exc}"
+            sys.__stderr__.write(f"remotemagic worker: spot checkpoint failed: {record['checkpoint_error']}\n")
+        with self.spot_lock:
+            self._write_spot_notice(record)
+
+    def _write_spot_notice(self, record: dict[str, Any]) -> None:
+        try:
+            files.write_json(os.path.join(self.sdir, "spot_notice.json"), record)
+        except OSError as exc:
+            sys.__stderr__.write(f"remotemagic worker: cannot write spot_notice.json: {exc}\n")
 
     def save_outputs(self, jdir: str, names: list[str]) -> dict[str, Any]:
         ns = self.shell.user_ns
