@@ -380,6 +380,7 @@ class Remote:
             inputs = self._push(dict(push or {}))
             spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
                     "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit}
+            spec["modules"] = values.local_module_sources(code)
             try:
                 return self._submit(spec, background, on_event)
             except errors.RemoteRequestError as exc:

@@ -6,10 +6,13 @@ class or function from your own ``helpers.py`` works on a target that has never 
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import io
 import os
 import sys
 import sysconfig
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -63,3 +66,61 @@ def encode(name: str, value: Any) -> files.Encoded:
 
 def decode(data: bytes | bytearray | memoryview) -> Any:
     return files.read_object(io.BytesIO(data))
+
+
+MODULE_BYTES_LIMIT = 5 * 1024 * 1024
+
+
+def imported_names(code: str) -> set[str]:
+    """Top-level module names a cell imports (``import a.b`` -> ``a``); empty if it does not parse."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def local_module_sources(code: str) -> dict[str, str]:
+    """Source of the local modules (files beside the notebook, not installed packages) that
+    ``code`` imports, as ``{relative path: text}`` -- so ``import helpers`` works on a target
+    that has never seen ``helpers.py``. Packages travel as all their ``.py`` files."""
+    out: dict[str, str] = {}
+    total = 0
+    for name in sorted(imported_names(code)):
+        if name in sys.builtin_module_names:
+            continue
+        spec = None
+        module = sys.modules.get(name)
+        origin = getattr(module, "__file__", None) if module is not None else None
+        if origin is None:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                spec = None
+            origin = spec.origin if spec is not None else None
+        if not origin or not origin.endswith(".py"):
+            continue
+        real = os.path.realpath(origin)
+        if real.startswith(_INSTALLED) or "site-packages" in real or name == "remotemagic":
+            continue
+        path = Path(real)
+        if path.name == "__init__.py":
+            root = path.parent
+            files = sorted(root.rglob("*.py"))
+            rel_base = root.parent
+        else:
+            files = [path]
+            rel_base = path.parent
+        for f in files:
+            text = f.read_text(encoding="utf-8", errors="replace")
+            total += len(text)
+            if total > MODULE_BYTES_LIMIT:
+                return out  # a "local module" this large is not a helper file; leave the rest
+            out[str(f.relative_to(rel_base))] = text
+    return out

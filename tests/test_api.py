@@ -305,3 +305,20 @@ def test_object_files_roundtrip_and_reject_truncation(tmp_path: Path) -> None:
         f.truncate(enc.size - 10)
     with pytest.raises(ValueError, match="truncated"):
         files.load_object(path)
+
+
+def test_local_modules_travel_with_the_cell(remote: remotemagic.Remote, tmp_path: Path, monkeypatch) -> None:
+    """A helpers.py beside the notebook is importable in the cell, and edits reach the target."""
+    import sys
+
+    src = tmp_path / "mods"
+    (src / "mypkg").mkdir(parents=True)
+    (src / "rm_helpers_mod.py").write_text("def double(x):\n    return 2 * x\n")
+    (src / "mypkg" / "__init__.py").write_text("from .inner import VALUE\n")
+    (src / "mypkg" / "inner.py").write_text("VALUE = 'pkg ok'\n")
+    monkeypatch.syspath_prepend(str(src))
+    code = "import rm_helpers_mod\nfrom mypkg import VALUE\nr = (rm_helpers_mod.double(21), VALUE)"
+    assert remote.run(code, pull=["r"]).result() == {"r": (42, "pkg ok")}
+    (src / "rm_helpers_mod.py").write_text("def double(x):\n    return 3 * x\n")
+    sys.modules.pop("rm_helpers_mod", None)
+    assert remote.run(code, pull=["r"]).result() == {"r": (63, "pkg ok")}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import importlib
 import io
 import json
 import os
@@ -370,8 +371,37 @@ class Worker:
                 sys.__stderr__.write(f"remotemagic worker: checkpoint after {job_id} failed: {exc}\n")
         self.make_reserve()
 
+    def install_modules(self, modules: dict[str, str]) -> None:
+        """Write the local modules the cell imports into ``sessions/<s>/modules`` (first on
+        sys.path); a module whose source changed is imported afresh by the cell."""
+        mdir = files.private_dir(os.path.join(self.sdir, "modules"))
+        if mdir not in sys.path:
+            sys.path.insert(0, mdir)
+        for rel, text in modules.items():
+            parts = rel.replace("\\", "/").split("/")
+            if any(p in ("", ".", "..") for p in parts) or not rel.endswith(".py"):
+                raise ValueError(f"refusing module path {rel!r}")
+            path = os.path.join(mdir, *parts)
+            data = text.encode("utf-8")
+            try:
+                with open(path, "rb") as f:
+                    if f.read() == data:
+                        continue
+            except FileNotFoundError:
+                pass
+            files.private_dir(os.path.dirname(path))
+            files.atomic_write(path, [data])
+            # a same-size rewrite within the same second would pass the .pyc's mtime+size check
+            _rmtree(os.path.join(os.path.dirname(path), "__pycache__"))
+            top = parts[0][:-3] if len(parts) == 1 else parts[0]
+            for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+                del sys.modules[name]  # changed: the cell's import loads the new source
+            importlib.invalidate_caches()
+
     def run_cell(self, jdir: str, spec: dict[str, Any]) -> tuple[str, dict | None, dict]:
         ns = self.shell.user_ns
+        if spec.get("modules"):
+            self.install_modules(spec["modules"])
         for name, digest in (spec.get("inputs") or {}).items():
             path = os.path.join(self.root, "objects", digest)
             ns[name] = files.load_object(path)
