@@ -17,5 +17,5 @@ if ! [ -x /usr/sbin/sshd ]; then
   fi
 fi
 
-python3 -m ruff check remotemagic tests benchmarks notebooks/run_notebook.py
+python3 -m ruff check .
 python3 -m pytest "$@"
