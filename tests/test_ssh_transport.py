@@ -422,10 +422,9 @@ def test_missing_interpreter_is_a_clear_error(sshd_server: SSHServer, tmp_path: 
         t.close()
 
 
-@pytest.mark.skipif(not os.environ.get("REMOTEMAGIC_SLOW_TESTS"),
-                    reason="full fresh-host bootstrap with pip (~10 s, needs a pip index): set REMOTEMAGIC_SLOW_TESTS=1")
 def test_fresh_host_bootstrap_with_pip(sshd_server: SSHServer, tmp_path: Path) -> None:
-    """An interpreter without cloudpickle: a venv with pip, then pip install cloudpickle==local, ipython."""
+    """An interpreter without cloudpickle: a venv with pip, then pip install cloudpickle==local, ipython
+    (~7 s; needs the package index the test command itself installs from)."""
     python = os.environ.get("REMOTEMAGIC_TEST_BARE_PYTHON", "/usr/bin/python3")
     root = tmp_path / "root"
     r = connect("ssh:rmtest", str(root), tmp_path, ssh_config=sshd_server.ssh_config, python=python)
