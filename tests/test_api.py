@@ -322,3 +322,21 @@ def test_local_modules_travel_with_the_cell(remote: remotemagic.Remote, tmp_path
     (src / "rm_helpers_mod.py").write_text("def double(x):\n    return 3 * x\n")
     sys.modules.pop("rm_helpers_mod", None)
     assert remote.run(code, pull=["r"]).result() == {"r": (63, "pkg ok")}
+
+
+def test_large_buffers_are_mapped_aligned_and_private(tmp_path: Path) -> None:
+    folder = tmp_path / "objs"
+    folder.mkdir(mode=0o700)
+    arr = np.arange(1_000_000, dtype=np.float64)  # 8 MB: mapped, not read
+    enc = files.encode({"x": arr, "tag": "t"})
+    path = str(folder / "o")
+    files.write_object(path, enc)
+    back = files.load_object(path)["x"]
+    np.testing.assert_array_equal(back, arr)
+    assert back.flags.aligned and back.flags.writeable
+    back[:10] = -1  # copy-on-write: the file, and the next load, are unchanged
+    assert files.load_object(path)["x"][0] == 0
+    with open(path, "r+b") as f:
+        f.truncate(enc.size - 1)
+    with pytest.raises(ValueError, match="truncated"):
+        files.load_object(path)

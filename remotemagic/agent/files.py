@@ -24,7 +24,10 @@ import struct
 import tempfile
 from typing import Any, BinaryIO, Iterable
 
-MAGIC = b"RMOBJ1\n"
+MAGIC = b"RMOBJ2\n"  # out-of-band buffers start at 64-byte offsets (so they can be mapped, aligned)
+MAGIC_V1 = b"RMOBJ1\n"  # buffers packed without padding: still read
+ALIGN = 64
+MAP_AT_LEAST = 1024 * 1024  # buffers this large are mapped copy-on-write, not read
 _COUNT = struct.Struct(">IQ")  # number of buffers, pickle length
 _LEN = struct.Struct(">Q")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -127,11 +130,19 @@ class Encoded:
         self.prefix = MAGIC + _COUNT.pack(len(buffers), len(header)) + b"".join(
             _LEN.pack(len(b)) for b in buffers
         )
-        self.size = len(self.prefix) + len(header) + sum(len(b) for b in buffers)
+        self.size = sum(len(p) if isinstance(p, bytes) else memoryview(p).nbytes for p in self.parts())
         self._digest: str | None = None
 
     def parts(self) -> list[bytes | memoryview]:
-        return [self.prefix, self.pickle, *self.buffers]
+        out: list[bytes | memoryview] = [self.prefix, self.pickle]
+        offset = len(self.prefix) + len(self.pickle)
+        for buf in self.buffers:
+            pad = -offset % ALIGN
+            if pad:
+                out.append(bytes(pad))
+            out.append(buf)
+            offset += pad + len(buf)
+        return out
 
     def chunks(self, size: int = 256 * 1024) -> Iterable[memoryview]:
         for part in self.parts():
@@ -175,16 +186,34 @@ def write_object(path: str, enc: Encoded) -> int:
     return atomic_write(path, enc.chunks())
 
 
-def read_object(f: BinaryIO) -> Any:
-    """Load a value from an object file (or stream) written by ``write_object``."""
+def _read_head(f: BinaryIO) -> tuple[bool, list[int], bytes]:
     magic = f.read(len(MAGIC))
-    if magic != MAGIC:
+    if magic not in (MAGIC, MAGIC_V1):
         raise ValueError("not a remotemagic object file (bad magic)")
     nbuf, hlen = _COUNT.unpack(_read(f, _COUNT.size))
     lengths = [_LEN.unpack(_read(f, _LEN.size))[0] for _ in range(nbuf)]
-    header = _read(f, hlen)
-    buffers = []
+    return magic == MAGIC, lengths, _read(f, hlen)
+
+
+def _offsets(aligned: bool, start: int, lengths: list[int]) -> list[int]:
+    out, offset = [], start
     for n in lengths:
+        if aligned:
+            offset += -offset % ALIGN
+        out.append(offset)
+        offset += n
+    return out
+
+
+def read_object(f: BinaryIO) -> Any:
+    """Load a value from an object file or stream written by ``write_object``, reading each
+    buffer straight into its final bytearray."""
+    aligned, lengths, header = _read_head(f)
+    position = len(MAGIC) + _COUNT.size + _LEN.size * len(lengths) + len(header)
+    buffers = []
+    for offset, n in zip(_offsets(aligned, position, lengths), lengths, strict=True):
+        if offset > position:
+            _read(f, offset - position)  # alignment padding
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -194,14 +223,34 @@ def read_object(f: BinaryIO) -> Any:
                 raise ValueError("object file is truncated")
             got += k
         buffers.append(buf)
+        position = offset + n
     return pickle.loads(header, buffers=buffers)
 
 
 def load_object(path: str) -> Any:
-    """Load an object file -- only from a folder that nobody but its owner (us) can write."""
+    """Load an object file -- only from a folder that nobody but its owner (us) can write.
+
+    Large buffers are mapped copy-on-write (``MAP_PRIVATE``) instead of read: loading a 1 GiB
+    array costs next to nothing and no memory until pages are used, the page cache is shared,
+    and the array stays writable (writes stay private). Object files are only ever replaced by
+    rename, never rewritten in place, so a mapping never sees them change."""
+    import mmap
+
     check_private(os.path.dirname(path))
     with open(path, "rb", buffering=0) as f:
-        return read_object(f)
+        aligned, lengths, header = _read_head(f)
+        size = os.fstat(f.fileno()).st_size
+        if not aligned or max(lengths, default=0) < MAP_AT_LEAST:
+            f.seek(0)
+            return read_object(f)
+        start = len(MAGIC) + _COUNT.size + _LEN.size * len(lengths) + len(header)
+        offsets = _offsets(True, start, lengths)
+        if offsets[-1] + lengths[-1] > size:
+            raise ValueError("object file is truncated")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    view = memoryview(mm)
+    buffers = [view[o : o + n] for o, n in zip(offsets, lengths, strict=True)]
+    return pickle.loads(header, buffers=buffers)
 
 
 def check_private(folder: str) -> None:

@@ -572,6 +572,9 @@ def _pool_key(host: HostConfig) -> tuple:
 
 
 # -- the agent stream ----------------------------------------------------------------------------------
+RECV_BLOCK = 4 * 1024 * 1024
+
+
 class ChannelStream:
     """An exec channel running the agent, as an AgentStream."""
 
@@ -588,7 +591,10 @@ class ChannelStream:
             self.pending = self.pending[n:]
             return n
         try:
-            data = self.chan.recv(len(view))
+            # Take everything paramiko has buffered in one call: small recv()s (an 8-byte frame
+            # head, a JSON header) make it delete the front of a buffer of up to the window size
+            # each time -- measured at 1 GiB: 3.0-5.8 s of client CPU, vs 1.6-2.2 s like this.
+            data = self.chan.recv(max(len(view), RECV_BLOCK))
         except (OSError, EOFError, paramiko.SSHException):
             return 0
         if not data:
@@ -598,8 +604,10 @@ class ChannelStream:
                     log.warning("the agent on %s exited with status %s (its log: %s on the target)",
                                 self.name, status, self.log_path)
             return 0
-        n = len(data)
-        view[:n] = data
+        n = min(len(view), len(data))
+        view[:n] = data[:n]
+        if n < len(data):
+            self.pending = memoryview(data)[n:]
         return n
 
     def write(self, data: Any) -> None:
