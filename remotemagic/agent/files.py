@@ -83,8 +83,11 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview]) -> int:
-    """Write to a temporary file beside ``path``, fsync, rename over ``path``. Returns bytes."""
+def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], durable: bool = True) -> int:
+    """Write to a temporary file beside ``path``, fsync, rename over ``path``. Returns bytes.
+
+    ``durable=False`` skips the fsyncs (the rename stays atomic): for markers that mean nothing
+    after a machine crash -- the processes they describe are gone then too."""
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
     size = 0
@@ -94,7 +97,8 @@ def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview]) ->
                 f.write(chunk)
                 size += len(memoryview(chunk).cast("B")) if not isinstance(chunk, bytes) else len(chunk)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -102,7 +106,8 @@ def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview]) ->
         except OSError:
             pass
         raise
-    fsync_dir(folder)
+    if durable:
+        fsync_dir(folder)
     return size
 
 

@@ -393,7 +393,7 @@ class Agent:
                     notice = self.start_worker(session, sdir, cwd) or notice
                     continue
                 if worker.get("pid"):
-                    files.atomic_write(handed, [str(worker["pid"]).encode()])
+                    files.atomic_write(handed, [str(worker["pid"]).encode()], durable=False)
                     try:
                         fd = os.open(os.path.join(sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
                     except OSError:  # no reader: that worker has just died
@@ -421,7 +421,7 @@ class Agent:
         files.write_json(os.path.join(jdir, "spec.json"), spec)
         files.write_json(os.path.join(jdir, "status.json"), {"state": "queued"})
         open(os.path.join(jdir, "events.jsonl"), "ab").close()
-        files.atomic_write(os.path.join(jdir, "queued"), [b""])
+        files.atomic_write(os.path.join(jdir, "queued"), [b""], durable=False)
         cwd = os.path.expanduser(spec.get("cwd") or "~")
         try:
             notice = self.submit(session, job_id, cwd)

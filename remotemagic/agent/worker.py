@@ -309,7 +309,7 @@ class Worker:
         self.interrupt_pending = False
         self.job_id = job_id
         # "current" before "running": a cancel that sees the job running also finds it current
-        files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()])
+        files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()], durable=False)
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
         log = EventLog(os.path.join(jdir, "events.jsonl"))
         status: dict[str, Any] = {"state": "running", "started": time.time(), "pid": os.getpid()}
