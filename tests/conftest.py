@@ -8,15 +8,14 @@ locally and over SSH.
 from __future__ import annotations
 
 import os
-import signal
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 import remotemagic
-from remotemagic.agent import files
+
+from .workers import stop_workers
 
 pytest_plugins = ["tests.ssh_fixtures"]
 
@@ -29,32 +28,6 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("REMOTEMAGIC_STATE_DIR", str(state))
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
     return state
-
-
-def stop_workers(root: str | os.PathLike[str]) -> None:
-    """Stop every worker (and its supervisor) under a target root."""
-    sroot = Path(root) / "sessions"
-    if not sroot.exists():
-        return
-    for sdir in sroot.iterdir():
-        info = files.read_json(str(sdir / "worker.json"), {}) or {}
-        pid = info.get("pid")
-        if pid:
-            try:
-                os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    deadline = time.monotonic() + 5
-    for sdir in sroot.iterdir():
-        while time.monotonic() < deadline:
-            try:
-                with open(sdir / "lock", "a+") as f:
-                    import fcntl
-
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                time.sleep(0.02)
 
 
 class Target:

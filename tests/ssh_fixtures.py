@@ -6,19 +6,18 @@ in a conftest). Every server a fixture starts, it stops.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 try:
     from .sshd import SSHServer, TCPProxy, require_sshd
+    from .workers import stop_workers
 except ImportError:  # imported as a top-level module (rootdir-relative)
     from sshd import SSHServer, TCPProxy, require_sshd  # type: ignore[no-redef]
+    from workers import stop_workers  # type: ignore[no-redef]
 
 
 def _test_python() -> str:
@@ -32,19 +31,6 @@ def _test_python() -> str:
 
 
 TEST_PYTHON = _test_python()
-
-
-def stop_workers(root: str | os.PathLike[str]) -> None:
-    """Stop every session worker under a remote root that the tests used (by recorded pid)."""
-    sessions = Path(root) / "sessions"
-    if not sessions.is_dir():
-        return
-    for wj in sessions.glob("*/worker.json"):
-        try:
-            pid = int(json.loads(wj.read_text())["pid"])
-            os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
 
 
 @pytest.fixture(scope="session")
