@@ -150,7 +150,8 @@ class Job:
         for ev in self.events():
             if ev.get("type") == "error":
                 tb = ev.get("traceback") or []
-                err = {**ev, **{k: v for k, v in err.items() if v}} if not err else err
+                if not err:
+                    err = ev
         return errors.RemoteError(self.id, stt, err.get("ename", stt), err.get("evalue", ""), tb)
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
@@ -320,6 +321,8 @@ class Remote:
     # -- values --------------------------------------------------------------------------------
     def _push(self, items: dict[str, Any]) -> dict[str, str]:
         """Pickle and upload the values the target does not have yet; return name -> hash."""
+        if items:
+            values.register_local_modules()  # once per push: it scans sys.modules
         encoded = {name: values.encode(name, value) for name, value in items.items()}
         digests = {name: enc.digest for name, enc in encoded.items()}
         unknown = sorted({d for d in digests.values() if d not in self._known})

@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -197,7 +196,7 @@ class Agent:
                 self.uploads[rid] = TarUpload(self.user_path(header["dest"], header.get("cwd")), int(header["size"]))
             else:
                 final = self.user_path(header["dest"], header.get("cwd"))
-                files.private_dir(os.path.dirname(final)) if not os.path.isdir(os.path.dirname(final)) else None
+                files.private_dir(os.path.dirname(final))  # creates only what is missing
                 tmp = final + ".rmpart"
                 offset = int(header.get("offset", 0))
                 if offset and (not os.path.exists(tmp) or os.path.getsize(tmp) < offset):
@@ -722,15 +721,6 @@ class Agent:
     def op_read_file(self, rid: int, req: dict[str, Any]) -> Any:
         return self.stream_file(rid, self.user_path(req["path"], req.get("cwd")), int(req.get("offset", 0)),
                                 self.packer(req))
-
-    def op_mkdir(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
-        path = self.user_path(req["path"], req.get("cwd"))
-        os.makedirs(path, exist_ok=True)
-        return {"path": path}
-
-    def op_disk(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
-        usage = shutil.disk_usage(self.root)
-        return {"total": usage.total, "free": usage.free}
 
 
 def _identifier(name: str) -> str:
