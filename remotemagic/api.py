@@ -65,6 +65,53 @@ class CallReader(io.RawIOBase):
             pass
 
 
+class OutputPrefetch:
+    """One ``-o`` value streamed while the target is still writing it to disk.
+
+    Started by the job's ``output`` event (its name and size): the worker's write (and fsync)
+    and the transfer overlap instead of running one after the other. The value is only used
+    if the job's final status lists the output with the same size; on any failure
+    :meth:`Job.result` reads the finished file the usual way."""
+
+    def __init__(self, remote: "Remote", job_id: str, name: str, size: int):
+        self.remote, self.job_id, self.name, self.size = remote, job_id, name, size
+        self.received = 0
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"remotemagic-prefetch-{name}", daemon=True)
+        self.thread.start()
+
+    def _count(self, n: int) -> None:
+        self.received += n
+
+    def _run(self) -> None:
+        try:
+            call = self.remote.connection().start("read_output", job=self.job_id, name=self.name, follow=True,
+                                                  size=self.size, z=self.remote.codec)
+            reader = CallReader(call, self._count)
+            self.value = files.read_object(reader)
+            reader.drain()
+        except BaseException as exc:  # reported by take(); the caller falls back to a plain read
+            self.error = exc
+
+    def take(self) -> Any:
+        """Wait for the rest (with a progress bar for what is left); the value, or raise."""
+        if self.thread.is_alive():
+            update, close = progress.bar(self.size, f"pull {self.name}", self.remote.show_progress)
+            try:
+                shown = self.received
+                update(shown)
+                while self.thread.is_alive():
+                    self.thread.join(0.1)
+                    update(self.received - shown)
+                    shown = self.received
+            finally:
+                close()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 def parse_events(data: bytes) -> Iterator[dict[str, Any]]:
     for line in data.splitlines():
         if line:
@@ -80,6 +127,7 @@ class Job:
         self.record = state.JobRecord(remote.state_root, job_id)
         self._values: dict[str, Any] = {}
         self._status: dict[str, Any] | None = None
+        self._prefetch: dict[str, OutputPrefetch] = {}
 
     def __repr__(self) -> str:
         return f"<Job {self.id} on {self.remote.target} [{self.state}]>"
@@ -158,7 +206,7 @@ class Job:
         """Wait, then return the pulled ``-o`` values by name.
 
         Raises :class:`RemoteError` if the code failed, :class:`MissingOutputError` (carrying
-        the values that did arrive) if some names were not defined or could not be pickled.
+        the values that did arrive) if some names were not defined, could not be pickled or saved.
         """
         self.wait(timeout)
         exc = self.error()
@@ -166,18 +214,36 @@ class Job:
             raise exc
         st = self._status or {}
         got: dict[str, Any] = {}
-        for name in (st.get("outputs") or {}):
+        for name, meta in (st.get("outputs") or {}).items():
             if name not in self._values:
-                self._values[name] = self.remote._read_output(self, name, st["outputs"][name].get("size", 0))
+                self._values[name] = self._take_prefetched(name, meta.get("size", 0))
             got[name] = self._values[name]
+        self._prefetch.clear()
         problems = []
         if st.get("missing"):
             problems.append("not defined by the cell: " + ", ".join(st["missing"]))
         for name, why in (st.get("unpicklable") or {}).items():
-            problems.append(f"{name!r} could not be pickled on the target ({why})")
+            problems.append(f"{name!r} {why}")
         if problems:
             raise errors.MissingOutputError(f"job {self.id}: some outputs did not arrive -- " + "; ".join(problems), got)
         return got
+
+
+    def _prefetch_output(self, event: dict[str, Any]) -> None:
+        """An ``output`` event: start streaming that value if it is too big to come inline."""
+        name, size = event.get("name"), event.get("size")
+        if (isinstance(name, str) and isinstance(size, int) and size > self.remote.inline_limit
+                and name not in self._prefetch and name not in self._values):
+            self._prefetch[name] = OutputPrefetch(self.remote, self.id, name, size)
+
+    def _take_prefetched(self, name: str, size: int) -> Any:
+        pf = self._prefetch.pop(name, None)
+        if pf is not None and pf.size == size:
+            try:
+                return pf.take()
+            except Exception as exc:
+                log.debug("streaming %s of job %s while it was written failed (%s); reading it again", name, self.id, exc)
+        return self.remote._read_output(self, name, size)
 
 
 class Remote:
@@ -196,6 +262,7 @@ class Remote:
         checkpoint_limit: int = CHECKPOINT_LIMIT,
         compression: str = "auto",
         show_progress: bool = True,
+        prefetch_outputs: bool = True,
     ):
         self.transport = transport
         self.target = transport.name
@@ -211,6 +278,7 @@ class Remote:
         self.compression = compression
         self.codec: str | None = None
         self.show_progress = show_progress
+        self.prefetch_outputs = prefetch_outputs
         self.info: dict[str, Any] = {}
         self._conn: AgentConnection | None = None
         self._lock = threading.RLock()
@@ -448,9 +516,12 @@ class Remote:
                     self._notice(header)
                     continue
                 new = job.record.append(header["offset"], payload)
-                if on_event is not None:
+                if on_event is not None or self.prefetch_outputs:
                     for event in parse_events(new):
-                        on_event(event)
+                        if event.get("type") == "output" and self.prefetch_outputs:
+                            job._prefetch_output(event)
+                        if on_event is not None:
+                            on_event(event)
         finally:
             if deadline is not None:
                 timer.cancel()

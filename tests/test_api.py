@@ -35,6 +35,15 @@ def test_large_output_is_pulled_not_inlined(remote: remotemagic.Remote) -> None:
     assert job.result()["big"].sum() == 500_000
 
 
+def test_large_in_band_pickles_cross_frames(remote: remotemagic.Remote) -> None:
+    """A value pickled in band (a list, not an array) bigger than one 256 KiB frame: the
+    pickle is read across frames (regression: it was refused as a truncated object file)."""
+    remote.inline_limit = 1000
+    assert remote.run("y = list(range(300_000))", pull=["y"]).result()["y"] == list(range(300_000))
+    remote.store_put("big", {"k": [str(i) for i in range(100_000)]})
+    assert remote.store_get("big") == {"k": [str(i) for i in range(100_000)]}
+
+
 def test_namespace_persists_within_a_session(remote: remotemagic.Remote) -> None:
     remote.run("counter = 41")
     assert remote.run("counter += 1", pull=["counter"]).result() == {"counter": 42}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import remotemagic
+from remotemagic.agent import files
 
 
 def test_unchanged_value_is_not_sent_twice(remote: remotemagic.Remote) -> None:
@@ -101,10 +105,10 @@ def test_push_memory_stays_bounded(target, tmp_path: Path) -> None:
         r = remotemagic.connect("local", root={str(target.root)!r}, show_progress=False)
         x = np.ones(50_000_000)  # 400 MB
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        job = r.run("y = x", push={{"x": x}}, pull=["y"])
+        r.run("pass", push={{"x": x}})
         after_push = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         del x
-        y = job.result()["y"]
+        y = r.run("y = x", pull=["y"]).result()["y"]  # streamed while the worker writes it
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         r.stop_session(); r.close()
         print(base, after_push, peak, y.nbytes)
@@ -114,3 +118,82 @@ def test_push_memory_stays_bounded(target, tmp_path: Path) -> None:
     base, after_push, peak, size = map(int, out.stdout.split())
     assert after_push - base < 0.15 * size, (base, after_push)  # pushing adds almost nothing
     assert peak < base + 0.3 * size, (base, peak)  # pulling into the freed space: ~one copy
+
+
+# -- outputs stream while the worker writes them -----------------------------------------------
+def test_large_output_streams_while_it_is_written(remote: remotemagic.Remote) -> None:
+    remote.inline_limit = 1000
+    job = remote.run("import numpy as np\ny = np.arange(3_000_000, dtype=np.int64)", pull=["y"])
+    announced = [e for e in job.events() if e.get("type") == "output"]
+    assert [(e["name"], e["size"]) for e in announced] == [("y", job.meta["status"]["outputs"]["y"]["size"])]
+    assert "y" in job._prefetch  # started by that event, before the job ended
+    np.testing.assert_array_equal(job.result()["y"], np.arange(3_000_000, dtype=np.int64))
+    assert job._prefetch == {}
+
+
+def _follow_output(remote: remotemagic.Remote, job_id: str, size: int, got: list) -> threading.Thread:
+    from remotemagic.api import CallReader
+
+    def run() -> None:
+        try:
+            call = remote.connection().start("read_output", job=job_id, name="y", follow=True, size=size)
+            reader = CallReader(call, lambda n: got.append(n))
+            got.append(files.read_object(reader))
+            reader.drain()
+        except Exception as exc:
+            got.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def _wait_for(cond, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_agent_follows_an_output_file_as_it_grows(remote: remotemagic.Remote, target) -> None:
+    """The agent's side, with the test playing the worker: bytes of ``<name>.obj.part`` reach
+    the client before the file is finished; the rename does not disturb the stream."""
+    job = remote.run("import time\ntime.sleep(60)", background=True)
+    _wait_for(lambda: job.state == "running")
+    out = Path(target.root) / "jobs" / job.id / "outputs"
+    files.private_dir(str(out))
+    enc = files.encode(bytearray(range(256)) * 12_000)  # ~3 MB, one out-of-band buffer
+    data = b"".join(bytes(p) for p in enc.parts())
+    half = len(data) // 2
+    part = out / "y.obj.part"
+    with open(part, "wb") as f:
+        f.write(data[:half])
+        f.flush()
+        got: list = []
+        t = _follow_output(remote, job.id, enc.size, got)
+        _wait_for(lambda: sum(n for n in got if isinstance(n, int)) >= half - 512 * 1024)
+        assert t.is_alive()  # it waits for the rest, it does not end at the current end of file
+        f.write(data[half:])
+    os.replace(part, out / "y.obj")
+    t.join(20)
+    assert not t.is_alive() and got[-1] == bytearray(range(256)) * 12_000
+    job.cancel()
+
+
+def test_followed_output_that_stops_growing_ends_with_an_error(remote: remotemagic.Remote, target) -> None:
+    job = remote.run("import time\ntime.sleep(60)", background=True)
+    _wait_for(lambda: job.state == "running")
+    out = Path(target.root) / "jobs" / job.id / "outputs"
+    files.private_dir(str(out))
+    enc = files.encode(bytearray(3_000_000))
+    data = b"".join(bytes(p) for p in enc.parts())
+    (out / "y.obj.part").write_bytes(data[:100_000])  # a writer that gives up at 100 kB
+    got: list = []
+    t = _follow_output(remote, job.id, enc.size, got)
+    time.sleep(0.3)
+    assert t.is_alive()  # still running: the writer may go on
+    job.cancel()
+    t.join(20)
+    assert not t.is_alive()
+    assert isinstance(got[-1], remotemagic.errors.RemoteRequestError)
+    assert f"ended at 100000 of {enc.size} bytes" in str(got[-1])

@@ -205,6 +205,23 @@ def test_disk_full_during_a_job(tiny_disk: Path) -> None:
         r.close()
 
 
+def test_output_that_does_not_fit_is_reported_not_half_delivered(tiny_disk: Path) -> None:
+    """An 8 MB ``-o`` value on a 6 MB disk: the client, already streaming it while the worker
+    writes it, gets a clear error instead of half a value, and no partial file is left."""
+    r = remotemagic.connect("local", root=str(tiny_disk / "root"), checkpoint_limit=0)
+    try:
+        job = r.run("big = bytearray(8_000_000)\nsmall = 42", pull=["big", "small"])
+        assert [e["name"] for e in job.events() if e["type"] == "output"][:1] == ["big"]
+        with pytest.raises(remotemagic.MissingOutputError,
+                           match=r"'big' could not be saved on the target \(OSError: .*No space left") as info:
+            job.result()
+        assert info.value.values == {"small": 42}
+        assert not list((tiny_disk / "root" / "jobs").glob("*/outputs/*.part"))
+        assert r.run("z = 1", pull=["z"]).result() == {"z": 1}  # the session goes on
+    finally:
+        r.close()
+
+
 # -- concurrency -------------------------------------------------------------------------------
 WRITER = textwrap.dedent("""
     import sys, numpy as np, remotemagic

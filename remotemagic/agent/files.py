@@ -22,11 +22,12 @@ import pickle
 import re
 import struct
 import tempfile
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 MAGIC = b"RMOBJ2\n"  # out-of-band buffers start at 64-byte offsets (so they can be mapped, aligned)
 MAGIC_V1 = b"RMOBJ1\n"  # buffers packed without padding: still read
 ALIGN = 64
+PART_SUFFIX = ".part"  # an object file being written (see atomic_write's ``part``)
 MAP_AT_LEAST = 1024 * 1024  # buffers this large are mapped copy-on-write, not read
 _COUNT = struct.Struct(">IQ")  # number of buffers, pickle length
 _LEN = struct.Struct(">Q")
@@ -83,16 +84,31 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], durable: bool = True) -> int:
+def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], durable: bool = True,
+                 part: bool = False, on_open: Callable[[], None] | None = None) -> int:
     """Write to a temporary file beside ``path``, fsync, rename over ``path``. Returns bytes.
 
     ``durable=False`` skips the fsyncs (the rename stays atomic): for markers that mean nothing
-    after a machine crash -- the processes they describe are gone then too."""
+    after a machine crash -- the processes they describe are gone then too.
+
+    ``part=True`` writes to the well-known name ``<path>.part`` (so a reader can follow the
+    file while it is written; it reads the same inode after the rename), and ``on_open`` is
+    called once that file exists, before the first byte is written."""
     folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    if part:
+        tmp = path + PART_SUFFIX
+        try:
+            os.unlink(tmp)  # a dead writer's leftover: start a fresh inode
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    else:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
     size = 0
     try:
         with os.fdopen(fd, "wb") as f:
+            if on_open is not None:
+                on_open()
             for chunk in chunks:
                 f.write(chunk)
                 size += len(memoryview(chunk).cast("B")) if not isinstance(chunk, bytes) else len(chunk)
@@ -187,8 +203,10 @@ def encode(value: Any, dumps: Any = None, hasher: Any = None) -> Encoded:
     return Encoded(header, buffers, hasher)
 
 
-def write_object(path: str, enc: Encoded) -> int:
-    return atomic_write(path, enc.chunks())
+def write_object(path: str, enc: Encoded, on_open: Callable[[], None] | None = None) -> int:
+    """Write an object file atomically. With ``on_open``, it is written as ``<path>.part`` (a
+    reader may stream it while it grows: see ``atomic_write``)."""
+    return atomic_write(path, enc.chunks(), part=on_open is not None, on_open=on_open)
 
 
 def _read_head(f: BinaryIO) -> tuple[bool, list[int], bytes]:
@@ -269,10 +287,19 @@ def check_private(folder: str) -> None:
 
 
 def _read(f: BinaryIO, n: int) -> bytes:
+    """Exactly ``n`` bytes: a stream (a raw one, frames off the wire) may return fewer per read."""
     data = f.read(n)
-    if len(data) != n:
-        raise ValueError("object file is truncated")
-    return data
+    if len(data) == n:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            raise ValueError("object file is truncated")
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def preview(value: Any, width: int = 60) -> str:

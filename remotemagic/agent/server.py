@@ -24,6 +24,7 @@ from . import PROTOCOL, files, transfer, wire
 from .worker import mark_orphans
 
 DATA = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
 WORKER_START_TIMEOUT = 120.0
 
 
@@ -562,9 +563,59 @@ class Agent:
             time.sleep(0.01)
 
     def op_read_output(self, rid: int, req: dict[str, Any]) -> Any:
+        """Stream a job's ``-o`` value file. With ``follow`` (and its ``size``, from the job's
+        ``output`` event), stream it while the worker is still writing it."""
         jdir = self.job_dir(req["job"])
         name = files.check_name("output", req["name"])
-        return self.stream_file(rid, os.path.join(jdir, "outputs", name + ".obj"), 0, self.packer(req))
+        path = os.path.join(jdir, "outputs", name + ".obj")
+        if req.get("follow"):
+            return self.follow_output(rid, jdir, path, int(req["size"]), self.packer(req))
+        return self.stream_file(rid, path, 0, self.packer(req))
+
+    def follow_output(self, rid: int, jdir: str, path: str, size: int, packer: wire.Packer | None) -> dict[str, Any]:
+        """Send ``size`` bytes of the output file as the worker writes them: its ``.part`` until
+        the rename (the same inode), or the finished file. Ends with an error if the job ends
+        without the file reaching ``size`` bytes (the write failed; the client then asks again
+        the usual way and gets the job's own account of it)."""
+        f = None
+        while f is None:
+            for candidate in (path, path + files.PART_SUFFIX, path):  # the rename can land in between
+                try:
+                    f = open(candidate, "rb", buffering=0)
+                    break
+                except FileNotFoundError:
+                    continue
+            else:
+                raise RequestError(f"output {os.path.basename(path)} is not being written", "FileNotFoundError")
+        with f:
+            buf = bytearray(wire.CHUNK)
+            view = memoryview(buf)
+            sent = 0
+            nap, stalled = 0.0005, 0.0
+            checked = time.monotonic()
+            while sent < size:
+                if rid in self.cancelled:
+                    return {"size": sent, "cancelled": True}
+                n = f.readinto(view[: min(wire.CHUNK, size - sent)])
+                if n:
+                    self.more(rid, {}, view[:n], packer)
+                    sent += n
+                    nap, stalled = 0.0005, 0.0
+                    continue
+                if stalled >= 0.05:  # caught up with the writer for a while: is it still writing?
+                    stalled = 0.0
+                    status = files.read_json(os.path.join(jdir, "status.json"), {})
+                    if status.get("state") in files.TERMINAL and not f.read(1):
+                        raise RequestError(f"output {os.path.basename(path)} ended at {sent} of {size} bytes "
+                                           f"(job {status.get('state')})", "IncompleteOutput")
+                    f.seek(sent)
+                    if time.monotonic() - checked > 1.0:
+                        checked = time.monotonic()
+                        self.check_orphan(jdir, status)
+                time.sleep(nap)
+                stalled += nap
+                nap = min(nap * 2, 0.01)
+        return {"size": sent}
 
     def stream_file(self, rid: int, path: str, offset: int, packer: wire.Packer | None = None) -> dict[str, Any]:
         try:
@@ -737,12 +788,24 @@ def _tail(path: str, lines: int = 20) -> str:
         return "(no log)"
 
 
+def _widen_pipe(fd: int) -> None:
+    """Give the pipe to sshd 1 MiB instead of 64 KiB: a 256 KiB frame then crosses in one
+    read instead of four, with fewer switches between sshd and us (no-op for non-pipes)."""
+    try:
+        if fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032)) < PIPE_SIZE:
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except OSError:
+        pass  # not a pipe, not Linux, or above /proc/sys/fs/pipe-max-size
+
+
 def main(argv: list[str] | None = None) -> None:
     args = argv or sys.argv[1:]
     if not args:
         sys.stderr.write("usage: python -m remotemagic_agent.server ROOT\n")
         sys.exit(2)
     os.umask(0o077)
+    for fd in (0, 1):
+        _widen_pipe(fd)
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # stray prints must never corrupt the frame stream
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import functools
 import importlib
 import io
 import json
@@ -526,10 +527,17 @@ class Worker:
                 continue
             try:
                 enc = files.encode(ns[name])
-                files.write_object(os.path.join(jdir, "outputs", name + ".obj"), enc)
+            except Exception as exc:
+                failed[name] = f"could not be pickled on the target ({type(exc).__name__}: {exc})"
+                continue
+            try:
+                # the "output" event lets a client that follows the job start streaming the
+                # file while it is still being written (the agent follows ``<name>.obj.part``)
+                announce = functools.partial(self.router.emit, {"type": "output", "name": name, "size": enc.size})
+                files.write_object(os.path.join(jdir, "outputs", name + ".obj"), enc, on_open=announce)
                 outputs[name] = {"size": enc.size, "type": files.type_name(ns[name])}
             except Exception as exc:
-                failed[name] = f"{type(exc).__name__}: {exc}"
+                failed[name] = f"could not be saved on the target ({type(exc).__name__}: {exc})"
         return {"outputs": outputs, "missing": missing, "unpicklable": failed}
 
     # -- store <-> namespace ----------------------------------------------------------------
