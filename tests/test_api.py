@@ -71,6 +71,40 @@ def test_output_streams_live(remote: remotemagic.Remote, tmp_path: Path) -> None
     assert "".join(seen) == "first\nsecond\n"
 
 
+FD_CELL = """
+import ctypes, os, subprocess
+os.system("echo from-system")
+subprocess.run(["sh", "-c", "echo to-stderr >&2"])
+ctypes.CDLL(None).printf(b"from-printf %d\\n", 42)
+print("from-print")
+"""
+
+
+def test_output_written_to_file_descriptors_reaches_the_cell(remote: remotemagic.Remote) -> None:
+    """C code, os.system and child processes write to fds 1/2, not sys.stdout: still shown."""
+    job = remote.run(FD_CELL)
+    assert job.state == "done"
+    text = {name: "".join(e["text"] for e in job.events() if e["type"] == "stream" and e["name"] == name)
+            for name in ("stdout", "stderr")}
+    for line in ("from-system", "from-printf 42", "from-print"):
+        assert line in text["stdout"], text
+    assert "to-stderr" in text["stderr"], text
+    # between jobs the descriptors point back at the worker's log: nothing leaks into the next job
+    assert [e for e in remote.run("pass").events() if e["type"] == "stream"] == []
+
+
+def test_file_descriptor_output_streams_live(remote: remotemagic.Remote) -> None:
+    seen: dict[str, float] = {}
+
+    def on_event(ev: dict) -> None:
+        if ev.get("type") == "stream":
+            for word in ev["text"].split():
+                seen.setdefault(word, time.monotonic())
+
+    remote.run("import os, time\nos.system('echo early')\ntime.sleep(2)\nprint('late')", on_event=on_event)
+    assert seen["late"] - seen["early"] > 1.0, seen  # shown while the job ran, not at its end
+
+
 def test_rich_outputs_are_mime_bundles(remote: remotemagic.Remote) -> None:
     code = (
         "from IPython.display import display, HTML, JSON\n"

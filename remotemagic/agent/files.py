@@ -118,6 +118,10 @@ def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], du
         os.replace(tmp, path)
     except BaseException:
         try:
+            os.truncate(tmp, 0)  # frees the blocks now, even while a reader holds the file open
+        except OSError:
+            pass
+        try:
             os.unlink(tmp)
         except OSError:
             pass

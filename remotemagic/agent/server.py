@@ -605,9 +605,11 @@ class Agent:
                 if stalled >= 0.05:  # caught up with the writer for a while: is it still writing?
                     stalled = 0.0
                     status = files.read_json(os.path.join(jdir, "status.json"), {})
-                    if status.get("state") in files.TERMINAL and not f.read(1):
+                    gone = os.fstat(f.fileno()).st_nlink == 0  # the writer gave up and removed it
+                    if (gone or status.get("state") in files.TERMINAL) and not f.read(1):
+                        why = "its writer removed it" if gone else f"job {status.get('state')}"
                         raise RequestError(f"output {os.path.basename(path)} ended at {sent} of {size} bytes "
-                                           f"(job {status.get('state')})", "IncompleteOutput")
+                                           f"({why})", "IncompleteOutput")
                     f.seek(sent)
                     if time.monotonic() - checked > 1.0:
                         checked = time.monotonic()

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from . import files, spot
+from .fdcapture import FdCapture
 
 RESERVE_BYTES = 1024 * 1024  # freed when the disk is full, so a final status can still be written
 SKIP_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
@@ -234,6 +235,7 @@ class Worker:
         self.stdout = EventStream(self.router, "stdout", out)
         self.stderr = EventStream(self.router, "stderr", sys.stderr)
         self.router.streams = [self.stdout, self.stderr]
+        self.capture = FdCapture(self.sdir, {1: self.stdout, 2: self.stderr})
         self.shell = make_shell(self.router)
         sys.stdout, sys.stderr = self.stdout, self.stderr  # type: ignore[assignment]
         signal.signal(signal.SIGINT, self.on_sigint)
@@ -293,6 +295,10 @@ class Worker:
     def _flusher(self) -> None:
         while True:
             time.sleep(FLUSH_INTERVAL)
+            try:
+                self.capture.pump()
+            except Exception:
+                pass
             for s in self.router.streams:
                 try:
                     s.flush()
@@ -319,6 +325,7 @@ class Worker:
         log.emit({"type": "status", "state": "running"})
         state = "done"
         error: dict[str, Any] | None = None
+        self.capture.start()
         try:
             kind = spec.get("kind", "cell")
             if kind == "cell":
@@ -339,6 +346,7 @@ class Worker:
             error = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": []}
             log.emit({"type": "error", **error})
         finally:
+            self.capture.stop()
             for s in self.router.streams:
                 s.flush()
         if self.spot_job == job_id and self.spot and spec.get("kind", "cell") == "cell":
