@@ -33,6 +33,7 @@ EventHandler = Callable[[dict[str, Any]], None]
 INLINE_LIMIT = 1024 * 1024
 OBJECT_CACHE_LIMIT = 20 * 1024**3
 CHECKPOINT_LIMIT = 64 * 1024**2
+HEARTBEAT_EVERY = 60.0  # seconds, while a tunnel is open
 
 
 class CallReader(io.RawIOBase):
@@ -285,6 +286,8 @@ class Remote:
         self._known: set[str] = set()
         self.last_job: Job | None = None
         self.tunnels: dict[int, Any] = {}
+        self._heartbeat: threading.Thread | None = None
+        self._closing = threading.Event()
         #: For EC2 targets: the instance (a ``providers.ec2.InstanceInfo``) and its provider.
         self.instance: Any = None
         self.provider: Any = None
@@ -377,6 +380,7 @@ class Remote:
 
     def close(self) -> None:
         """Close the link. Workers, jobs and stored values stay on the target."""
+        self._closing.set()
         with self._lock:
             for t in list(self.tunnels.values()):
                 t.close()
@@ -620,7 +624,23 @@ class Remote:
 
         t = Tunnel(link().transport, remote_port, local_port)
         self.tunnels[t.local_port] = t
+        if self._heartbeat is None or not self._heartbeat.is_alive():
+            self._closing.clear()
+            self._heartbeat = threading.Thread(target=self._tunnel_heartbeat, name="remotemagic-heartbeat", daemon=True)
+            self._heartbeat.start()
         return t
+
+    def _tunnel_heartbeat(self) -> None:
+        """While a tunnel is open, tell the agent every minute that the target is in use (an
+        instance's idle auto-stop counts from the agent's last request, and a tunnel's traffic
+        does not go through the agent)."""
+        while not self._closing.wait(HEARTBEAT_EVERY):
+            if not self.tunnels:
+                return
+            try:
+                self.request("ping")
+            except Exception as exc:  # the link is down: the next request reconnects
+                log.debug("heartbeat to %s failed: %s", self.target, exc)
 
     def close_tunnel(self, local_port: int) -> None:
         t = self.tunnels.pop(local_port, None)

@@ -105,6 +105,14 @@ def test_file_descriptor_output_streams_live(remote: remotemagic.Remote) -> None
     assert seen["late"] - seen["early"] > 1.0, seen  # shown while the job ran, not at its end
 
 
+def test_requests_mark_the_target_as_in_use(remote: remotemagic.Remote, target) -> None:
+    """The agent touches <root>/activity when a client uses it (EC2's idle auto-stop reads it)."""
+    remote.run("pass")
+    activity = Path(target.root) / "activity"
+    assert time.time() - activity.stat().st_mtime < 120
+    assert activity.stat().st_mode & 0o777 == 0o600
+
+
 def test_rich_outputs_are_mime_bundles(remote: remotemagic.Remote) -> None:
     code = (
         "from IPython.display import display, HTML, JSON\n"

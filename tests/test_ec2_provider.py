@@ -576,7 +576,7 @@ def test_idle_stop_user_data_content():
     assert _embedded_check(ud) == idle_check_script()
     check = idle_check_script()
     assert "shutdown -h now" in check
-    assert "state established '( sport = :22 )'" in check
+    assert '"$RM_ROOT/activity"' in check and 'WHO_CMD="${WHO_CMD:-who}"' in check
     assert '"$RM_ROOT"/sessions/*/current' in check
     assert len(ud.encode()) < 16 * 1024  # EC2's user-data limit
     assert "IDLE_MINUTES=0" in idle_stop_user_data(0, "ec2-user")
@@ -613,7 +613,7 @@ def test_idle_check_logic_in_bash(tmp_path):
         full = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "REMOTEMAGIC_IDLE_CONF": str(conf),
             "RM_ROOT": str(root), "STATE_FILE": str(tmp_path / "idle-since"), "NOW": str(now),
-            "BOOT_TIME": str(boot), "CHECK_SSH": "0", "SHUTDOWN_CMD": str(fake_shutdown), **env,
+            "BOOT_TIME": str(boot), "CHECK_LOGINS": "0", "SHUTDOWN_CMD": str(fake_shutdown), **env,
         }
         res = subprocess.run([BASH, str(check)], env=full, capture_output=True, text=True, timeout=20)
         assert res.returncode == 0, res.stderr
@@ -637,20 +637,34 @@ def test_idle_check_logic_in_bash(tmp_path):
     assert run(t0 + 121 * 60) == f"idle since {t0 + 121 * 60}"
     current.unlink()
 
-    # an established SSH connection counts as busy (ss output: header + one connection)
-    fake_ss = tmp_path / "fake-ss"
-    fake_ss.write_text(
-        "#!/bin/bash\necho 'Recv-Q Send-Q Local Address:Port Peer Address:Port Process'\n"
-        "echo '0      0      172.31.22.17:22   203.0.113.7:51514'\n"
-    )
-    fake_ss.chmod(0o755)
-    no_ss = tmp_path / "no-ss"
-    no_ss.write_text("#!/bin/bash\necho 'Recv-Q Send-Q Local Address:Port Peer Address:Port Process'\n")
-    no_ss.chmod(0o755)
-    assert run(t0 + 200 * 60, CHECK_SSH="1", SS_CMD=str(fake_ss)) == "busy"
-    assert run(t0 + 201 * 60, CHECK_SSH="1", SS_CMD=str(no_ss)).startswith("idle since")
-    assert run(t0 + 300 * 60, CHECK_SSH="1", SS_CMD=str(no_ss)).startswith("idle for 99 minutes: shutting down")
+    # someone logged in on a terminal counts as busy; an open remotemagic connection does not
+    fake_who = tmp_path / "fake-who"
+    fake_who.write_text("#!/bin/bash\necho 'ubuntu   pts/0        2026-01-01 12:00 (203.0.113.7)'\n")
+    fake_who.chmod(0o755)
+    no_who = tmp_path / "no-who"
+    no_who.write_text("#!/bin/bash\nexit 0\n")
+    no_who.chmod(0o755)
+    assert run(t0 + 200 * 60, CHECK_LOGINS="1", WHO_CMD=str(fake_who)) == "busy"
+    assert run(t0 + 201 * 60, CHECK_LOGINS="1", WHO_CMD=str(no_who)).startswith("idle since")
+    assert run(t0 + 300 * 60, CHECK_LOGINS="1", WHO_CMD=str(no_who)).startswith("idle for 99 minutes: shutting down")
     assert marker.exists()
+
+    # a client's request (the agent touches $RM_ROOT/activity) restarts the idle clock
+    marker.unlink()
+    (tmp_path / "idle-since").unlink()
+    t1 = t0 + 400 * 60
+    assert run(t1) == f"idle since {t1}"
+    activity = root / "activity"
+    activity.touch()
+    os.utime(activity, (t1 + 50 * 60, t1 + 50 * 60))
+    assert run(t1 + 70 * 60) == "idle for 20 of 60 minutes"
+    assert not marker.exists()
+    assert run(t1 + 111 * 60).startswith("idle for 61 minutes: shutting down")
+    assert marker.exists()
+    # ... an activity file from before the last boot does not count
+    (tmp_path / "idle-since").unlink()
+    os.utime(activity, (boot - 100, boot - 100))
+    assert run(t1 + 200 * 60) == f"idle since {t1 + 200 * 60}"
 
     # 0 disables it, whatever the clock says
     marker.unlink()

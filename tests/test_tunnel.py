@@ -93,3 +93,32 @@ def test_tunnel_magic(ip: Any, target: Any, web_server: int, capsys: pytest.Capt
     run_ok(ip, f"%ec2 tunnel --close {port}")
     result = ip.run_cell(f"%ec2 tunnel --close {port}")
     assert "no tunnel" in str(result.error_in_exec)
+
+
+def test_open_tunnel_keeps_the_target_marked_in_use(sshd_server: Any, ssh_remote_root: str, web_server: int,
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tunnel traffic does not reach the agent, so while a tunnel is open the client pings it
+    (an instance's idle auto-stop counts from the agent's last request); it stops after."""
+    import time
+
+    from remotemagic import api
+
+    monkeypatch.setattr(api, "HEARTBEAT_EVERY", 0.2)
+    r = remotemagic.connect("ssh:rmtest", root=ssh_remote_root, ssh_config=sshd_server.ssh_config,
+                            python=TEST_PYTHON, state_root=str(tmp_path / "state"))
+    try:
+        conn = r.connection()
+        t = r.tunnel(web_server)
+        before = conn.bytes_sent
+        time.sleep(1.5)
+        assert conn.bytes_sent - before > 0  # pings went out
+        assert (Path(ssh_remote_root) / "activity").exists()
+        r.close_tunnel(t.local_port)
+        assert r._heartbeat is not None
+        r._heartbeat.join(10)  # it sees no tunnel at its next beat and ends
+        assert not r._heartbeat.is_alive()
+        quiet = conn.bytes_sent
+        time.sleep(0.6)
+        assert conn.bytes_sent == quiet
+    finally:
+        r.close()

@@ -25,6 +25,7 @@ from .worker import mark_orphans
 
 DATA = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
+ACTIVITY_EVERY = 30.0  # seconds between touches of <root>/activity (the idle auto-stop reads it)
 WORKER_START_TIMEOUT = 120.0
 
 
@@ -117,6 +118,7 @@ class Agent:
         for sub in ("objects", "store", "sessions", "jobs"):
             files.private_dir(os.path.join(self.root, sub))
         self.agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.activity_at = -ACTIVITY_EVERY
 
     # -- plumbing --------------------------------------------------------------------------
     def serve(self, readinto: Callable[[memoryview], int]) -> None:
@@ -127,6 +129,7 @@ class Agent:
                 break
             rid = header.get("id", 0)
             op = header.get("op", "")
+            self.note_activity()
             if op in ("data", "upload_begin", "upload_end"):
                 try:
                     self.upload_frame(rid, op, header, payload)
@@ -145,6 +148,24 @@ class Agent:
                     os.unlink(up.tmp)
                 except OSError:
                     pass
+
+    def note_activity(self) -> None:
+        """A client is using this target: touch ``<root>/activity`` (at most every 30 s). An
+        EC2 instance's idle auto-stop counts idle time from it, not from open connections."""
+        now = time.monotonic()
+        if now - self.activity_at < ACTIVITY_EVERY:
+            return
+        self.activity_at = now
+        path = self.path("activity")
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError:
+                pass
+        except OSError:
+            pass
 
     def handle(self, rid: int, op: str, req: dict[str, Any]) -> None:
         method = getattr(self, "op_" + op, None)

@@ -207,7 +207,11 @@ def _code(exc: BaseException) -> str:
 _IDLE_CHECK = r"""#!/bin/bash
 # remotemagic idle check, run every minute by remotemagic-idle.timer (or cron).
 # Busy = a remotemagic job runs (a sessions/*/current file written since this boot)
-#        or an SSH connection to port 22 is established.
+#        or someone is logged in on a terminal (who).
+# Idle time counts from the later of: when the machine was first seen idle, and the last time
+# a remotemagic client used it ($RM_ROOT/activity: the agent touches it on every request, and
+# every minute while the client has a tunnel open). An open but unused connection -- a laptop
+# whose notebook stays open overnight -- does not keep the instance running.
 # After IDLE_MINUTES without being busy the machine shuts down; the instance was launched with
 # InstanceInitiatedShutdownBehavior=stop, so it stops (its disk is kept), it is not terminated.
 # Settings live in /etc/remotemagic/idle.conf (IDLE_MINUTES=0 disables); the idle clock is in
@@ -225,8 +229,8 @@ STATE_FILE="${STATE_FILE:-/run/remotemagic-idle-since}"
 NOW="${NOW:-$(date +%s)}"
 BOOT_TIME="${BOOT_TIME:-$(awk '/^btime/ {print $2}' /proc/stat 2>/dev/null)}"
 BOOT_TIME="${BOOT_TIME:-0}"
-SS_CMD="${SS_CMD:-ss}"
-CHECK_SSH="${CHECK_SSH:-1}"
+WHO_CMD="${WHO_CMD:-who}"
+CHECK_LOGINS="${CHECK_LOGINS:-1}"
 SHUTDOWN_CMD="${SHUTDOWN_CMD:-shutdown -h now}"
 
 job_running() {
@@ -240,10 +244,10 @@ job_running() {
     return 1
 }
 
-ssh_connected() {
-    [ "$CHECK_SSH" = 1 ] || return 1
-    command -v "$SS_CMD" >/dev/null 2>&1 || return 1
-    [ -n "$("$SS_CMD" -tn state established '( sport = :22 )' 2>/dev/null | tail -n +2)" ]
+logged_in() {
+    [ "$CHECK_LOGINS" = 1 ] || return 1
+    command -v "$WHO_CMD" >/dev/null 2>&1 || return 1
+    [ -n "$("$WHO_CMD" 2>/dev/null)" ]
 }
 
 case "$IDLE_MINUTES" in ''|*[!0-9]*) echo "remotemagic-idle: bad IDLE_MINUTES=$IDLE_MINUTES" >&2; exit 2;; esac
@@ -252,15 +256,18 @@ if [ "$IDLE_MINUTES" -eq 0 ]; then
     echo "disabled"
     exit 0
 fi
-if job_running || ssh_connected; then
+if job_running || logged_in; then
     rm -f "$STATE_FILE"
     echo "busy"
     exit 0
 fi
 since="$(cat "$STATE_FILE" 2>/dev/null || true)"
 case "$since" in
-    ''|*[!0-9]*) echo "$NOW" > "$STATE_FILE"; echo "idle since $NOW"; exit 0;;
+    ''|*[!0-9]*) echo "$NOW" > "$STATE_FILE"; since="$NOW";;
 esac
+used="$(stat -c %Y "$RM_ROOT/activity" 2>/dev/null || echo 0)"
+if [ "$used" -ge "$BOOT_TIME" ] && [ "$used" -gt "$since" ]; then since="$used"; fi
+if [ "$since" -ge "$NOW" ]; then echo "idle since $NOW"; exit 0; fi
 idle=$(( NOW - since ))
 if [ "$idle" -ge $(( IDLE_MINUTES * 60 )) ]; then
     echo "idle for $(( idle / 60 )) minutes: shutting down"
@@ -276,7 +283,7 @@ def idle_check_script() -> str:
     """The shell script the instance runs every minute to decide whether to shut itself down.
 
     Its defaults can be overridden by environment variables (``RM_ROOT``, ``STATE_FILE``, ``NOW``,
-    ``BOOT_TIME``, ``SS_CMD``, ``CHECK_SSH``, ``SHUTDOWN_CMD``, ``REMOTEMAGIC_IDLE_CONF``) so its
+    ``BOOT_TIME``, ``WHO_CMD``, ``CHECK_LOGINS``, ``SHUTDOWN_CMD``, ``REMOTEMAGIC_IDLE_CONF``) so its
     logic can be exercised outside an instance; systemd and cron run it with none of them set.
     """
     return _IDLE_CHECK
@@ -308,7 +315,7 @@ cat > /usr/local/sbin/remotemagic-idle-check <<'REMOTEMAGIC_IDLE_CHECK_EOF'
 {script}REMOTEMAGIC_IDLE_CHECK_EOF
 chmod 0755 /usr/local/sbin/remotemagic-idle-check
 cat > /etc/remotemagic/idle.conf <<'REMOTEMAGIC_IDLE_CONF_EOF'
-# remotemagic idle auto-stop: minutes without jobs or SSH connections before shutdown (0: never)
+# remotemagic idle auto-stop: minutes without jobs, client requests or logins before shutdown (0: never)
 IDLE_MINUTES={minutes}
 RM_USER={user}
 REMOTEMAGIC_IDLE_CONF_EOF
