@@ -11,14 +11,18 @@ IdentitiesOnly, IdentityAgent (``none`` only), ProxyJump, ProxyCommand, HostKeyA
 UserKnownHostsFile, GlobalKnownHostsFile, StrictHostKeyChecking (``accept-new``/``no`` mean
 trust on first use, never accepting a changed key), ConnectTimeout, ServerAliveInterval,
 ServerAliveCountMax.
-``Include`` is not followed (paramiko does not support it).
+``Include`` is followed as OpenSSH does it (paramiko does not): globs, ``~``, paths relative to
+``~/.ssh``, files in lexical order, missing ones skipped, and an ``Include`` inside a ``Host`` or
+``Match`` block applies only to that block.
 """
 
 from __future__ import annotations
 
 import getpass
+import glob
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 
 import paramiko
@@ -106,10 +110,53 @@ def load_config(path: str | os.PathLike[str] | None = None) -> tuple[paramiko.SS
         if path is not None:
             raise SSHConfigError(f"SSH config file {cfg_path} does not exist")
         return paramiko.SSHConfig(), None
+    text = _read_with_includes(cfg_path)
     try:
-        return paramiko.SSHConfig.from_path(cfg_path), cfg_path
+        return paramiko.SSHConfig.from_text(text), cfg_path
     except Exception as exc:  # ConfigParseError, bad Match lines, ...
         raise SSHConfigError(f"cannot parse SSH config {cfg_path}: {exc}") from exc
+
+
+_KEYWORD_RE = re.compile(r"^\s*(\w+)(?:\s*=\s*|\s+)(.*?)\s*$")
+MAX_INCLUDE_DEPTH = 16
+
+
+def _read_with_includes(path: str, depth: int = 0) -> str:
+    """The config file's text with every ``Include`` replaced by the files it names.
+
+    After an included file, the enclosing ``Host``/``Match`` line is repeated (``Host *`` at top
+    level), so lines after the ``Include`` keep applying to what they applied to before -- the
+    included file's own ``Host`` blocks end with it, as in OpenSSH."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError as exc:
+        raise SSHConfigError(f"cannot read SSH config {path}: {exc}") from exc
+    out: list[str] = []
+    block = "Host *\n"
+    for line in lines:
+        m = _KEYWORD_RE.match(line)
+        keyword = m.group(1).lower() if m else ""
+        if keyword in ("host", "match"):
+            block = line if line.endswith("\n") else line + "\n"
+        if keyword != "include":
+            out.append(line if line.endswith("\n") else line + "\n")
+            continue
+        if depth >= MAX_INCLUDE_DEPTH:
+            raise SSHConfigError(f"SSH config Include nested deeper than {MAX_INCLUDE_DEPTH} at {path} (a loop?)")
+        try:
+            patterns = shlex.split(m.group(2)) if m else []
+        except ValueError as exc:
+            raise SSHConfigError(f"bad Include line in {path}: {line.strip()!r} ({exc})") from exc
+        for pattern in patterns:
+            pattern = os.path.expanduser(pattern)
+            if not os.path.isabs(pattern):
+                pattern = os.path.join(os.path.expanduser("~/.ssh"), pattern)
+            for included in sorted(glob.glob(pattern)):
+                if os.path.isfile(included):
+                    out.append(_read_with_includes(included, depth + 1))
+        out.append(block)
+    return "".join(out)
 
 
 def _expand_path(path: str, user: str, host: str) -> str:

@@ -25,6 +25,7 @@ from remotemagic.transport.ssh_errors import (
     HostNotFoundError,
     KeyPermissionError,
     RemoteCommandError,
+    SSHConfigError,
     UnknownHostKeyError,
     UnreachableError,
 )
@@ -465,5 +466,48 @@ def test_frozen_link_detected_by_keepalive(sshd_server: SSHServer, ssh_remote_ro
         assert proxy.accepted >= 2
         assert stdout_of(job).splitlines() == [str(i) for i in range(n)]
         assert "".join(seen).splitlines() == [str(i) for i in range(n)]
+    finally:
+        finish(r)
+
+
+# -- Include in the SSH config ----------------------------------------------------------------------
+def test_include_is_followed_like_openssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh" / "config.d").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    (home / ".ssh" / "config.d" / "10-alpha").write_text("Host alpha\n    HostName alpha.example\n")
+    (home / ".ssh" / "config.d" / "20-delta").write_text("Host delta\n    HostName delta.example\n    Port 2222\n")
+    (home / ".ssh" / "beta-extra").write_text("Port 2200\nHost gamma\n    HostName gamma.example\n")
+    cfg = home / ".ssh" / "config"
+    cfg.write_text(
+        "Include config.d/* ~/.ssh/does-not-exist\n"  # relative to ~/.ssh, globbed, missing skipped
+        "User bob\n"  # still top level after the include: applies to every host
+        "Host beta\n"
+        "    HostName beta.example\n"
+        "    Include beta-extra\n"  # inside a block: applies to beta only
+        "    IdentityFile ~/.ssh/beta_key\n"  # after it: still beta's, not gamma's
+    )
+    alpha = resolve("alpha", config_path=cfg)
+    assert (alpha.hostname, alpha.port, alpha.user) == ("alpha.example", 22, "bob")
+    assert resolve("delta", config_path=cfg).port == 2222
+    beta = resolve("beta", config_path=cfg)
+    assert (beta.hostname, beta.port) == ("beta.example", 2200)
+    assert beta.identity_files == [str(home / ".ssh" / "beta_key")]
+    gamma = resolve("gamma", config_path=cfg)
+    assert (gamma.hostname, gamma.port, gamma.identities_explicit) == ("gamma.example", 22, False)
+
+    (home / ".ssh" / "loop").write_text("Include loop\n")
+    cfg.write_text("Include loop\n")
+    with pytest.raises(SSHConfigError, match="Include nested deeper"):
+        resolve("alpha", config_path=cfg)
+
+
+def test_host_from_an_included_file_runs_a_cell(sshd_server: SSHServer, ssh_remote_root: str, tmp_path: Path) -> None:
+    main = tmp_path / "config"
+    main.write_text(f"Include {sshd_server.ssh_config}\n")
+    main.chmod(0o600)
+    r = connect("ssh:rmtest", ssh_remote_root, tmp_path, ssh_config=str(main))
+    try:
+        assert r.run("y = 6 * 7", pull=["y"]).result() == {"y": 42}
     finally:
         finish(r)
