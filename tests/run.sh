@@ -17,5 +17,12 @@ if ! [ -x /usr/sbin/sshd ]; then
   fi
 fi
 
+# The bootstrap tests build fresh venvs over SSH; they install from this folder, never from
+# the network (tests talk to 127.0.0.1 only), so it is filled here, with the other installs.
+WHEELS="${REMOTEMAGIC_TEST_WHEELHOUSE:-.cache/wheelhouse}"
+read -r CLOUDPICKLE MIN_IPYTHON < <(python3 -c 'import cloudpickle; from remotemagic.transport.ssh import MIN_IPYTHON; print(cloudpickle.__version__, MIN_IPYTHON)')
+python3 -m pip download --quiet --disable-pip-version-check --dest "$WHEELS" \
+  "cloudpickle==$CLOUDPICKLE" "ipython>=$MIN_IPYTHON" pip uv
+
 python3 -m ruff check .
 python3 -m pytest "$@"

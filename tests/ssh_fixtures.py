@@ -46,6 +46,28 @@ def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]
         server.stop()
 
 
+WHEELHOUSE = os.environ.get("REMOTEMAGIC_TEST_WHEELHOUSE") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "wheelhouse")
+
+
+@pytest.fixture(scope="session")
+def offline_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """An sshd whose sessions install Python packages only from the local wheelhouse that
+    ``tests/run.sh`` fills (pip and uv get no index), so bootstrap tests stay on 127.0.0.1."""
+    if not any(name.startswith("cloudpickle-") for name in (os.listdir(WHEELHOUSE) if os.path.isdir(WHEELHOUSE) else [])):
+        pytest.skip(f"no wheelhouse at {WHEELHOUSE}: bash tests/run.sh fills it (the tests themselves stay offline)")
+    require_sshd()
+    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "UV_NO_INDEX": "1", "UV_FIND_LINKS": WHEELHOUSE,
+           "UV_PYTHON_DOWNLOADS": "never"}
+    server = SSHServer(tmp_path_factory.mktemp("offline-sshd"), env=env)
+    server.start()
+    server.ssh_config = server.write_ssh_config(alias="rmtest")  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def jump_sshd(tmp_path_factory: pytest.TempPathFactory, sshd_server: SSHServer) -> Iterator[SSHServer]:
     """A second sshd (own host key, same client key) to use as a ProxyJump host."""

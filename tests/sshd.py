@@ -70,8 +70,9 @@ class SSHServer:
     """One sshd process on 127.0.0.1 with everything it needs in ``folder``."""
 
     def __init__(self, folder: str | os.PathLike[str], port: int | None = None, user: str | None = None,
-                 client_key: Path | None = None, host_key: Path | None = None):
+                 client_key: Path | None = None, host_key: Path | None = None, env: dict[str, str] | None = None):
         require_sshd()
+        self.env = dict(env or {})  # set in every session (sshd's SetEnv)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         os.chmod(self.folder, 0o700)
@@ -127,6 +128,7 @@ MaxSessions 100
 LogLevel ERROR
 Subsystem sftp internal-sftp
 """
+            + ("SetEnv " + " ".join(f"{k}={v}" for k, v in self.env.items()) + "\n" if self.env else "")
         )
 
     def start(self, timeout: float = 10.0) -> "SSHServer":

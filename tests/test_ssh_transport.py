@@ -423,18 +423,60 @@ def test_missing_interpreter_is_a_clear_error(sshd_server: SSHServer, tmp_path: 
         t.close()
 
 
-def test_fresh_host_bootstrap_with_pip(sshd_server: SSHServer, tmp_path: Path) -> None:
+def test_fresh_host_bootstrap_with_pip(offline_sshd: SSHServer, tmp_path: Path) -> None:
     """An interpreter without cloudpickle: a venv with pip, then pip install cloudpickle==local, ipython
-    (~7 s; needs the package index the test command itself installs from)."""
+    (~7 s; from the local wheelhouse tests/run.sh fills: no network beyond 127.0.0.1)."""
     python = os.environ.get("REMOTEMAGIC_TEST_BARE_PYTHON", "/usr/bin/python3")
     root = tmp_path / "root"
-    r = connect("ssh:rmtest", str(root), tmp_path, ssh_config=sshd_server.ssh_config, python=python)
+    r = connect("ssh:rmtest", str(root), tmp_path, ssh_config=offline_sshd.ssh_config, python=python)
     try:
+        assert r.transport.run("echo $PIP_NO_INDEX")[1].strip() == "1"  # offline: the wheelhouse only
         assert r.info["executable"] == f"{root}/venv/bin/python"
         import cloudpickle
 
         assert r.info["cloudpickle"] == cloudpickle.__version__
         assert r.run("w = 5", pull=["w"]).result() == {"w": 5}
+    finally:
+        finish(r)
+        stop_workers(root)
+
+
+def _other_minor_python() -> str | None:
+    """An interpreter of another minor version than this one (pyenv's, or on PATH)."""
+    import glob
+    import sys
+
+    here = "{}.{}".format(*sys.version_info[:2])
+    for minor in ("3.12", "3.13", "3.10"):
+        if minor == here:
+            continue
+        candidates = [*sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{minor}.*/bin/python{minor}"))),
+                      f"/usr/bin/python{minor}", f"/usr/local/bin/python{minor}"]
+        for path in candidates:
+            try:  # pyenv shims exist for versions that are not selected: run it to be sure
+                if os.path.exists(path) and subprocess.run([path, "-c", "pass"], capture_output=True,
+                                                           timeout=20).returncode == 0:
+                    return path
+            except (OSError, subprocess.SubprocessError):
+                continue
+    return None
+
+
+def test_other_python_minor_is_provisioned_with_uv(offline_sshd: SSHServer, tmp_path: Path) -> None:
+    """The host's python3 is another minor version and there is no uv: uv is pip-installed
+    into the root, finds (or would download) this minor, and the venv is built from it."""
+    import sys
+
+    other = _other_minor_python()
+    if other is None:
+        pytest.skip("no Python of another minor version on this machine")
+    root = tmp_path / "root"
+    r = connect("ssh:rmtest", str(root), tmp_path, ssh_config=offline_sshd.ssh_config, python=other)
+    try:
+        assert (root / "tools" / "uv" / "bin" / "uv").exists()
+        assert r.info["python"].startswith("{}.{}.".format(*sys.version_info[:2]))
+        assert r.info["executable"] == f"{root}/venv/bin/python"
+        assert r.run("import sys\nv = sys.version_info[:2]", pull=["v"]).result() == {"v": sys.version_info[:2]}
     finally:
         finish(r)
         stop_workers(root)
