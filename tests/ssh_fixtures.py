@@ -37,7 +37,11 @@ TEST_PYTHON = _test_python()
 def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
     """A real sshd on 127.0.0.1 with its own host key; ``.ssh_config`` has ``Host rmtest``."""
     require_sshd()
-    server = SSHServer(tmp_path_factory.mktemp("sshd"))
+    yield from _running(SSHServer(tmp_path_factory.mktemp("sshd")))
+
+
+def _running(server: SSHServer) -> Iterator[SSHServer]:
+    """Start ``server`` with a client config (``Host rmtest``) as ``.ssh_config``; stop it after."""
     server.start()
     server.ssh_config = server.write_ssh_config(alias="rmtest")  # type: ignore[attr-defined]
     try:
@@ -59,13 +63,7 @@ def offline_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer
     require_sshd()
     env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "UV_NO_INDEX": "1", "UV_FIND_LINKS": WHEELHOUSE,
            "UV_PYTHON_DOWNLOADS": "never"}
-    server = SSHServer(tmp_path_factory.mktemp("offline-sshd"), env=env)
-    server.start()
-    server.ssh_config = server.write_ssh_config(alias="rmtest")  # type: ignore[attr-defined]
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(SSHServer(tmp_path_factory.mktemp("offline-sshd"), env=env))
 
 
 @pytest.fixture(scope="session")

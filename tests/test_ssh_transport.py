@@ -464,7 +464,8 @@ def _other_minor_python() -> str | None:
 
 def test_other_python_minor_is_provisioned_with_uv(offline_sshd: SSHServer, tmp_path: Path) -> None:
     """The host's python3 is another minor version and there is no uv: uv is pip-installed
-    into the root, finds (or would download) this minor, and the venv is built from it."""
+    into the root from the wheelhouse, finds this minor on the host (downloads are off here), and
+    the venv is built from it."""
     import sys
 
     other = _other_minor_python()
