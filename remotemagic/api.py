@@ -79,16 +79,31 @@ class OutputPrefetch:
         self.received = 0
         self.value: Any = None
         self.error: BaseException | None = None
+        self.call: Call | None = None
+        self.cancelled = False
+        self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"remotemagic-prefetch-{name}", daemon=True)
         self.thread.start()
 
     def _count(self, n: int) -> None:
         self.received += n
 
+    def cancel(self) -> None:
+        """Nobody will take the value (Ctrl-C, the job failed): stop the transfer, free the memory."""
+        with self.lock:
+            self.cancelled = True
+            call = self.call
+        if call is not None:
+            call.close()
+
     def _run(self) -> None:
         try:
             call = self.remote.connection().start("read_output", job=self.job_id, name=self.name, follow=True,
                                                   size=self.size, z=self.remote.codec)
+            with self.lock:
+                self.call = call
+                if self.cancelled:
+                    call.close()
             reader = CallReader(call, self._count)
             self.value = files.read_object(reader)
             reader.drain()
@@ -236,6 +251,11 @@ class Job:
         if (isinstance(name, str) and isinstance(size, int) and size > self.remote.inline_limit
                 and name not in self._prefetch and name not in self._values):
             self._prefetch[name] = OutputPrefetch(self.remote, self.id, name, size)
+
+    def _cancel_prefetch(self) -> None:
+        for pf in self._prefetch.values():
+            pf.cancel()
+        self._prefetch.clear()
 
     def _take_prefetched(self, name: str, size: int) -> Any:
         pf = self._prefetch.pop(name, None)
@@ -485,6 +505,14 @@ class Remote:
                 timeout: float | None) -> str:
         """Submit (if ``spec``) and/or stream the job's log into the mirror until it ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return self._follow_until_done(job, spec, on_event, deadline)
+        except BaseException:  # Ctrl-C, a wait timeout: nobody takes streamed outputs now
+            job._cancel_prefetch()
+            raise
+
+    def _follow_until_done(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
+                           deadline: float | None) -> str:
         while True:
             conn = self.connection()
             try:
@@ -534,6 +562,8 @@ class Remote:
             return
         status = result.get("status") or {}
         job._status = status
+        if status.get("state") != "done":
+            job._cancel_prefetch()  # result() raises the job's error: streamed outputs go unused
         offset = 0
         for name, size in (result.get("inline") or {}).items():
             job._values[name] = values.decode(memoryview(call.payload)[offset : offset + size])

@@ -34,6 +34,22 @@ class AgentStream(Protocol):
     def close(self) -> None: ...
 
 
+def _wake(q: queue.Queue) -> None:
+    """Put the end-of-stream marker in ``q`` (a consumer this far behind re-reads on its own:
+    if the queue is full, one frame makes room for the news)."""
+    try:
+        q.put_nowait(_LOST)
+    except queue.Full:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            q.put_nowait(_LOST)
+        except queue.Full:
+            pass
+
+
 class Call:
     """One request in flight. Iterate for its data frames; ``result`` once it has ended."""
 
@@ -71,6 +87,11 @@ class Call:
         for _ in self:
             pass
         return self.result
+
+    def close(self) -> None:
+        """Abandon the stream and wake a consumer blocked on it (it gets ConnectionLostError)."""
+        self.abandon()
+        _wake(self.queue)
 
     def abandon(self) -> None:
         """Stop listening (e.g. after Ctrl-C): ask the agent to stop streaming, drop frames."""
@@ -138,15 +159,7 @@ class AgentConnection:
             pending = list(self.calls.values())
             self.calls.clear()
         for call in pending:
-            try:
-                call.queue.put_nowait(_LOST)
-            except queue.Full:
-                # a consumer this far behind re-reads on its own; make room for the news
-                try:
-                    call.queue.get_nowait()
-                except queue.Empty:
-                    pass
-                call.queue.put_nowait(_LOST)
+            _wake(call.queue)
 
     def start(self, op: str, payload: bytes = b"", **args: Any) -> Call:
         if self.lost:

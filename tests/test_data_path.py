@@ -197,3 +197,30 @@ def test_followed_output_that_stops_growing_ends_with_an_error(remote: remotemag
     assert not t.is_alive()
     assert isinstance(got[-1], remotemagic.errors.RemoteRequestError)
     assert f"ended at 100000 of {enc.size} bytes" in str(got[-1])
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("remotemagic-prefetch-") and t.is_alive()]
+
+
+def test_streamed_output_nobody_will_take_is_dropped(remote: remotemagic.Remote) -> None:
+    """A job that fails after its outputs were announced, or a Ctrl-C while following it: the
+    transfer stops and its memory goes, instead of finishing in the background."""
+    remote.inline_limit = 1000
+    job = remote.run("import numpy as np\ny = np.ones(4_000_000)\nraise ValueError('boom')", pull=["y"])
+    assert job.state == "error" and any(e["type"] == "output" for e in job.events())
+    assert job._prefetch == {}
+    with pytest.raises(remotemagic.RemoteError, match="boom"):
+        job.result()
+    _wait_for(lambda: not _prefetch_threads())
+
+    def interrupt_on_output(event: dict) -> None:
+        if event.get("type") == "output":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        remote.run("import time\ny = np.ones(4_000_000)", pull=["y"], on_event=interrupt_on_output)
+    _wait_for(lambda: not _prefetch_threads())
+    job = remote.last_job
+    assert job is not None and job.wait(timeout=60) == "done"
+    np.testing.assert_array_equal(job.result()["y"], np.ones(4_000_000))  # read the plain way
