@@ -129,7 +129,7 @@ def _read_with_includes(path: str, depth: int = 0) -> str:
     included file's own ``Host`` blocks end with it, as in OpenSSH."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
+            lines = f.read().splitlines()
     except OSError as exc:
         raise SSHConfigError(f"cannot read SSH config {path}: {exc}") from exc
     out: list[str] = []
@@ -138,14 +138,14 @@ def _read_with_includes(path: str, depth: int = 0) -> str:
         m = _KEYWORD_RE.match(line)
         keyword = m.group(1).lower() if m else ""
         if keyword in ("host", "match"):
-            block = line if line.endswith("\n") else line + "\n"
-        if keyword != "include":
-            out.append(line if line.endswith("\n") else line + "\n")
+            block = line + "\n"
+        if m is None or keyword != "include":
+            out.append(line + "\n")
             continue
         if depth >= MAX_INCLUDE_DEPTH:
             raise SSHConfigError(f"SSH config Include nested deeper than {MAX_INCLUDE_DEPTH} at {path} (a loop?)")
         try:
-            patterns = shlex.split(m.group(2)) if m else []
+            patterns = shlex.split(m.group(2))
         except ValueError as exc:
             raise SSHConfigError(f"bad Include line in {path}: {line.strip()!r} ({exc})") from exc
         for pattern in patterns:

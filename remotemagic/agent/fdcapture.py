@@ -20,8 +20,15 @@ FDS = (1, 2)
 READ = 64 * 1024
 
 
-def _flush_c_stdio() -> None:
-    """Flush C's stdio buffers (``printf`` to a file is block-buffered until then)."""
+def _flush_pending() -> None:
+    """Flush what is buffered on its way to fds 1 and 2: Python's own ``sys.__stdout__`` and
+    ``sys.__stderr__``, and C's stdio (``printf`` to a file is block-buffered until then)."""
+    for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
     try:
         ctypes.CDLL(None).fflush(None)
     except (OSError, AttributeError):
@@ -45,10 +52,7 @@ class FdCapture:
 
     def start(self) -> None:
         """A job starts: fds 1 and 2 now write into the (emptied) capture files."""
-        for stream in (sys.__stdout__, sys.__stderr__):
-            if stream is not None:
-                stream.flush()
-        _flush_c_stdio()
+        _flush_pending()
         with self.lock:
             for fd, cap in self.files.items():
                 os.ftruncate(cap, 0)
@@ -59,13 +63,7 @@ class FdCapture:
 
     def stop(self) -> None:
         """The job ends: forward everything written so far, point fds 1 and 2 back at the log."""
-        for stream in (sys.__stdout__, sys.__stderr__):
-            if stream is not None:
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-        _flush_c_stdio()
+        _flush_pending()
         with self.lock:
             if not self.active:
                 return

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Callable, Iterable
 MAGIC = b"RMOBJ2\n"  # out-of-band buffers start at 64-byte offsets (so they can be mapped, aligned)
 MAGIC_V1 = b"RMOBJ1\n"  # buffers packed without padding: still read
 ALIGN = 64
-PART_SUFFIX = ".part"  # an object file being written (see atomic_write's ``part``)
+PART_SUFFIX = ".part"  # an object file being written (see atomic_write's ``on_open``)
 MAP_AT_LEAST = 1024 * 1024  # buffers this large are mapped copy-on-write, not read
 _COUNT = struct.Struct(">IQ")  # number of buffers, pickle length
 _LEN = struct.Struct(">Q")
@@ -85,17 +85,17 @@ def fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], durable: bool = True,
-                 part: bool = False, on_open: Callable[[], None] | None = None) -> int:
+                 on_open: Callable[[], None] | None = None) -> int:
     """Write to a temporary file beside ``path``, fsync, rename over ``path``. Returns bytes.
 
     ``durable=False`` skips the fsyncs (the rename stays atomic): for markers that mean nothing
     after a machine crash -- the processes they describe are gone then too.
 
-    ``part=True`` writes to the well-known name ``<path>.part`` (so a reader can follow the
-    file while it is written; it reads the same inode after the rename), and ``on_open`` is
-    called once that file exists, before the first byte is written."""
+    With ``on_open``, the temporary file has the well-known name ``<path>.part`` (so a reader
+    can follow it while it is written; it reads the same inode after the rename), and
+    ``on_open`` is called once that file exists, before the first byte is written."""
     folder = os.path.dirname(path) or "."
-    if part:
+    if on_open is not None:
         tmp = path + PART_SUFFIX
         try:
             os.unlink(tmp)  # a dead writer's leftover: start a fresh inode
@@ -210,10 +210,10 @@ def encode(value: Any, dumps: Any = None, hasher: Any = None) -> Encoded:
 def write_object(path: str, enc: Encoded, on_open: Callable[[], None] | None = None) -> int:
     """Write an object file atomically. With ``on_open``, it is written as ``<path>.part`` (a
     reader may stream it while it grows: see ``atomic_write``)."""
-    return atomic_write(path, enc.chunks(), part=on_open is not None, on_open=on_open)
+    return atomic_write(path, enc.chunks(), on_open=on_open)
 
 
-def _read_head(f: BinaryIO) -> tuple[bool, list[int], bytes]:
+def _read_head(f: BinaryIO) -> tuple[bool, list[int], bytearray]:
     magic = f.read(len(MAGIC))
     if magic not in (MAGIC, MAGIC_V1):
         raise ValueError("not a remotemagic object file (bad magic)")
@@ -241,15 +241,7 @@ def read_object(f: BinaryIO) -> Any:
     for offset, n in zip(_offsets(aligned, position, lengths), lengths, strict=True):
         if offset > position:
             _read(f, offset - position)  # alignment padding
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = f.readinto(view[got:])
-            if not k:
-                raise ValueError("object file is truncated")
-            got += k
-        buffers.append(buf)
+        buffers.append(_read(f, n))
         position = offset + n
     return pickle.loads(header, buffers=buffers)
 
@@ -290,20 +282,18 @@ def check_private(folder: str) -> None:
         )
 
 
-def _read(f: BinaryIO, n: int) -> bytes:
-    """Exactly ``n`` bytes: a stream (a raw one, frames off the wire) may return fewer per read."""
-    data = f.read(n)
-    if len(data) == n:
-        return data
-    parts = [data]
-    got = len(data)
+def _read(f: BinaryIO, n: int) -> bytearray:
+    """Exactly ``n`` bytes, read straight into a new bytearray: a stream (a raw file, frames off
+    the wire) may return fewer per read."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
     while got < n:
-        more = f.read(n - got)
-        if not more:
+        k = f.readinto(view[got:])
+        if not k:
             raise ValueError("object file is truncated")
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+        got += k
+    return buf
 
 
 def preview(value: Any, width: int = 60) -> str:

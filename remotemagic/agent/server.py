@@ -598,16 +598,14 @@ class Agent:
         the rename (the same inode), or the finished file. Ends with an error if the job ends
         without the file reaching ``size`` bytes (the write failed; the client then asks again
         the usual way and gets the job's own account of it)."""
-        f = None
-        while f is None:
-            for candidate in (path, path + files.PART_SUFFIX, path):  # the rename can land in between
-                try:
-                    f = open(candidate, "rb", buffering=0)
-                    break
-                except FileNotFoundError:
-                    continue
-            else:
-                raise RequestError(f"output {os.path.basename(path)} is not being written", "FileNotFoundError")
+        for candidate in (path, path + files.PART_SUFFIX, path):  # the rename can land in between
+            try:
+                f = open(candidate, "rb", buffering=0)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            raise RequestError(f"output {os.path.basename(path)} is not being written", "FileNotFoundError")
         with f:
             buf = bytearray(wire.CHUNK)
             view = memoryview(buf)
