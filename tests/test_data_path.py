@@ -13,6 +13,8 @@ import pytest
 import remotemagic
 from remotemagic.agent import files
 
+from .conftest import wait_for
+
 
 def test_unchanged_value_is_not_sent_twice(remote: remotemagic.Remote) -> None:
     x = np.random.default_rng(1).random(2_000_000)  # 16 MB
@@ -148,18 +150,11 @@ def _follow_output(remote: remotemagic.Remote, job_id: str, size: int, got: list
     return t
 
 
-def _wait_for(cond, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_agent_follows_an_output_file_as_it_grows(remote: remotemagic.Remote, target) -> None:
     """The agent's side, with the test playing the worker: bytes of ``<name>.obj.part`` reach
     the client before the file is finished; the rename does not disturb the stream."""
     job = remote.run("import time\ntime.sleep(60)", background=True)
-    _wait_for(lambda: job.state == "running")
+    wait_for("the job to run", lambda: job.state == "running", 20)
     out = Path(target.root) / "jobs" / job.id / "outputs"
     files.private_dir(str(out))
     enc = files.encode(bytearray(range(256)) * 12_000)  # ~3 MB, one out-of-band buffer
@@ -171,7 +166,7 @@ def test_agent_follows_an_output_file_as_it_grows(remote: remotemagic.Remote, ta
         f.flush()
         got: list = []
         t = _follow_output(remote, job.id, enc.size, got)
-        _wait_for(lambda: sum(n for n in got if isinstance(n, int)) >= half - 512 * 1024)
+        wait_for("the first half to arrive", lambda: sum(n for n in got if isinstance(n, int)) >= half - 512 * 1024, 20)
         assert t.is_alive()  # it waits for the rest, it does not end at the current end of file
         f.write(data[half:])
     os.replace(part, out / "y.obj")
@@ -182,7 +177,7 @@ def test_agent_follows_an_output_file_as_it_grows(remote: remotemagic.Remote, ta
 
 def test_followed_output_that_stops_growing_ends_with_an_error(remote: remotemagic.Remote, target) -> None:
     job = remote.run("import time\ntime.sleep(60)", background=True)
-    _wait_for(lambda: job.state == "running")
+    wait_for("the job to run", lambda: job.state == "running", 20)
     out = Path(target.root) / "jobs" / job.id / "outputs"
     files.private_dir(str(out))
     enc = files.encode(bytearray(3_000_000))
@@ -212,7 +207,7 @@ def test_streamed_output_nobody_will_take_is_dropped(remote: remotemagic.Remote)
     assert job._prefetch == {}
     with pytest.raises(remotemagic.RemoteError, match="boom"):
         job.result()
-    _wait_for(lambda: not _prefetch_threads())
+    wait_for("the stream to end", lambda: not _prefetch_threads(), 20)
 
     def interrupt_on_output(event: dict) -> None:
         if event.get("type") == "output":
@@ -220,7 +215,8 @@ def test_streamed_output_nobody_will_take_is_dropped(remote: remotemagic.Remote)
 
     with pytest.raises(KeyboardInterrupt):
         remote.run("import time\ny = np.ones(4_000_000)", pull=["y"], on_event=interrupt_on_output)
-    _wait_for(lambda: not _prefetch_threads())
     job = remote.last_job
-    assert job is not None and job.wait(timeout=60) == "done"
+    assert job is not None and job._prefetch == {}
+    wait_for("the stream to end", lambda: not _prefetch_threads(), 20)
+    assert job.wait(timeout=60) == "done"
     np.testing.assert_array_equal(job.result()["y"], np.ones(4_000_000))  # read the plain way

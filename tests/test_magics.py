@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 
 import remotemagic
 
-from .conftest import plain, run_ok
+from .conftest import plain, run_ok, wait_for
 
 
 def test_run_pushes_and_pulls(ip: Any, capsys: pytest.CaptureFixture) -> None:
@@ -97,7 +97,7 @@ def test_jobs_status_cancel(ip: Any, capsys: pytest.CaptureFixture) -> None:
     run_ok(ip, "%ec2 status")
     status = capsys.readouterr().out
     assert "Sessions:" in status and "default" in status
-    _wait_for(lambda: "running" in _capture(ip, capsys, "%ec2 jobs"))
+    wait_for("the job to show as running", lambda: "running" in _capture(ip, capsys, "%ec2 jobs"))
     run_ok(ip, f"%ec2 cancel {job_id}")
     assert "interrupting" in capsys.readouterr().out
     result = ip.run_cell(f"%ec2 wait {job_id}")
@@ -110,7 +110,7 @@ def test_ctrl_c_interrupts_remote_code_and_session_survives(ip: Any, tmp_path: P
     run_ok(ip, "%%ec2 run\nkept = 'yes'")
 
     def press_ctrl_c() -> None:
-        _wait_for(flag.exists)
+        wait_for("the cell to start", flag.exists)
         os.kill(os.getpid(), signal.SIGINT)
 
     t = threading.Thread(target=press_ctrl_c)
@@ -128,7 +128,7 @@ def test_second_ctrl_c_detaches(ip: Any, tmp_path: Path, capsys: pytest.CaptureF
     flag = tmp_path / "started"
 
     def press_twice() -> None:
-        _wait_for(flag.exists)
+        wait_for("the cell to start", flag.exists)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGINT)
@@ -204,9 +204,3 @@ def _capture(ip: Any, capsys: pytest.CaptureFixture, line: str) -> str:
     return capsys.readouterr().out
 
 
-def _wait_for(pred: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)

@@ -16,14 +16,14 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
 import remotemagic
 from remotemagic.agent import files, spot
 
-from .conftest import stop_workers
+from .conftest import stop_workers, wait_for
 
 ACTION_PATH = "/latest/meta-data/spot/instance-action"
 NOTICE = {"action": "stop", "time": "2026-11-22T04:10:00Z"}
@@ -115,16 +115,6 @@ def enable_spot(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("REMOTEMAGIC_SPOT", "1")
     monkeypatch.setenv("REMOTEMAGIC_IMDS_URL", url)
     monkeypatch.setenv("REMOTEMAGIC_SPOT_POLL", "0.1")
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def final_notice(root: Path, session: str = "default") -> dict[str, Any] | None:
