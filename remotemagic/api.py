@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from . import errors, progress, state, values
+from . import errors, notices, progress, state, values
 from .agent import files
 from .connection import AgentConnection, Call
 from .transport.base import Transport
@@ -311,7 +311,13 @@ class Remote:
         #: For EC2 targets: the instance (a ``providers.ec2.InstanceInfo``) and its provider.
         self.instance: Any = None
         self.provider: Any = None
-        self._connect_first()
+        #: The user notices raised while connecting (also shown: see :mod:`remotemagic.notices`).
+        self.notices: list[dict[str, Any]] = []
+        with notices.collect(propagate=True) as got:
+            try:
+                self._connect_first()
+            finally:
+                self.notices.extend(got)
 
     def __repr__(self) -> str:
         return f"<Remote {self.target} session={self.session}>"
@@ -497,9 +503,10 @@ class Remote:
         self._follow(job, spec, on_event, None)
         return job
 
-    def _notice(self, header: dict[str, Any]) -> None:
-        if header.get("notice"):
-            log.warning("%s", header["notice"])
+    def _notice(self, answer: dict[str, Any]) -> None:
+        """A notice the agent sent outside a job's log (a background submission's answer)."""
+        if answer.get("notice"):
+            self.notices.append(notices.notify(answer["notice"], logger=log))
 
     def _follow(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
                 timeout: float | None) -> str:
@@ -548,12 +555,14 @@ class Remote:
                     self._notice(header)
                     continue
                 new = job.record.append(header["offset"], payload)
-                if on_event is not None or self.prefetch_outputs:
-                    for event in parse_events(new):
-                        if event.get("type") == "output" and self.prefetch_outputs:
-                            job._prefetch_output(event)
-                        if on_event is not None:
-                            on_event(event)
+                for event in parse_events(new) if new else ():
+                    if event.get("type") == "output" and self.prefetch_outputs:
+                        job._prefetch_output(event)
+                    if on_event is not None:
+                        on_event(event)
+                    elif notices.is_notice(event):  # nobody renders this job: still tell the user
+                        self.notices.append(event)
+                        notices.deliver(event)
         finally:
             if deadline is not None:
                 timer.cancel()
@@ -854,18 +863,20 @@ def connect_ec2(name: str, *, session: str | None = None, root: str | None = Non
 
     ec2_opts = take(EC2_OPTIONS)
     launch = {k: v for k, v in {**ec2_opts, **take(LAUNCH_OPTIONS)}.items() if k in LAUNCH_OPTIONS}
-    if provider is None:
-        provider = Ec2Provider(**ec2_opts)
     progress = options.get("show_progress", True)
-    if start:
-        info = provider.start(name, user=options.get("user"), progress=progress, **launch)
-    else:
-        info = provider.find(name)
-        if info is None:
-            raise InstanceNotFoundError(f"no instance named {name!r} of ours in {provider.region}: "
-                                        f"%ec2 start --name {name} launches one")
-        if info.state != "running":
-            raise InstanceNotFoundError(f"instance {name!r} ({info.instance_id}) is {info.state}: %ec2 start starts it")
+    with notices.collect(propagate=True) as early:  # kept in Remote.notices too
+        if provider is None:
+            provider = Ec2Provider(**ec2_opts)
+        if start:
+            info = provider.start(name, user=options.get("user"), progress=progress, **launch)
+        else:
+            info = provider.find(name)
+            if info is None:
+                raise InstanceNotFoundError(f"no instance named {name!r} of ours in {provider.region}: "
+                                            f"%ec2 start --name {name} launches one")
+            if info.state != "running":
+                raise InstanceNotFoundError(f"instance {name!r} ({info.instance_id}) is {info.state}: "
+                                            "%ec2 start starts it")
     ssh_keys = ("ssh_config", "known_hosts", "python", "connect_timeout", "key_file", "user", "keepalive")
     ssh_options = take(ssh_keys)
     transport = Ec2Transport(provider, info, state_dir=Path(options.get("state_root") or state.state_dir()),
@@ -879,4 +890,5 @@ def connect_ec2(name: str, *, session: str | None = None, root: str | None = Non
         raise
     remote.instance = info
     remote.provider = provider
+    remote.notices[:0] = early
     return remote

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import logging
 import os
 import shlex
@@ -15,7 +16,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Bool, Float, Int, List, Unicode, observe
 
-from . import api, errors, state
+from . import api, errors, notices, state
 from .agent import files
 from .render import Renderer
 
@@ -38,6 +39,18 @@ def _names(text: str | None) -> list[str]:
         if not n.isidentifier():
             raise UsageError(f"{n!r} is not a variable name")
     return names
+
+
+def _showing_notices(method: Any) -> Any:
+    """Run a magic with every user notice raised meanwhile rendered in the cell's output
+    (see :mod:`remotemagic.notices`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with notices.collect(Renderer()):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _parsers() -> dict[str, _Parser]:
@@ -191,10 +204,20 @@ class Ec2Magics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
         self.remote = None
+        #: Where cells run now: the ``_connect`` arguments of the last successful ``%ec2 use`` /
+        #: ``start`` / ``resize`` (None: the configured ``target``). ``remote`` is its open
+        #: connection (None until needed, or after it was closed); :meth:`_switch` sets both.
+        self.where: dict[str, Any] | None = None
+        #: Why the last ``%ec2 use``/``start`` failed: cells refuse to run anywhere until one succeeds.
+        self.use_error: str | None = None
+        self._said_default = False
 
     @observe("target", "local_root")
     def _target_changed(self, change: Any) -> None:
+        """Configuring another target (or local root) is choosing it: drop the current one."""
         self.close()
+        self.where = None
+        self.use_error = None
 
     def close(self) -> None:
         if self.remote is not None:
@@ -202,10 +225,38 @@ class Ec2Magics(Magics):
             self.remote = None
 
     # -- connection ----------------------------------------------------------------------------
+    def _switch(self, where: dict[str, Any] | None, remote: api.Remote | None) -> None:
+        """The one place that changes where cells run (and keeps the connection just made)."""
+        if self.remote is not None and self.remote is not remote:
+            self.remote.close()
+        self.where, self.remote, self.use_error = where, remote, None
+
+    def _choosing(self, what: str, connect: Any) -> api.Remote:
+        """Connect for ``%ec2 use``/``start``: on failure, remember why, so that cells fail with
+        that reason instead of running somewhere else."""
+        self.close()
+        try:
+            return connect()
+        except BaseException as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self.where, self.use_error = None, f"{what} failed ({reason})"
+            raise
+
     def get_remote(self) -> api.Remote:
+        if self.use_error is not None:
+            raise UsageError(f"{self.use_error}: cells do not run anywhere else until a %ec2 use (or %ec2 start) "
+                             "succeeds")
         if self.remote is None:
-            words = (self.target or "local").split()
-            self.remote = self._connect(words[0], words[1] if len(words) > 1 else None, None, None)
+            if self.where is not None:
+                self.remote = self._connect(**self.where)
+            else:
+                words = (self.target or "local").split()
+                self.remote = self._connect(words[0], words[1] if len(words) > 1 else None, None, None)
+                if not self._said_default:
+                    self._said_default = True
+                    notices.notify(f"no %ec2 use in this kernel: cells run on {self.remote.target} "
+                                   f"(session '{self.remote.session}', Ec2Magics.target = {self.target!r}); "
+                                   "%ec2 use picks another target", level="info", logger=log)
         return self.remote
 
     def _connect(self, kind: str, host: str | None, root: str | None, session: str | None,
@@ -258,6 +309,7 @@ class Ec2Magics(Magics):
 
     # -- %ec2 ----------------------------------------------------------------------------------
     @line_cell_magic
+    @_showing_notices
     def ec2(self, line: str, cell: str | None = None) -> Any:
         """Run code on a bigger machine, keep every output.
 
@@ -306,9 +358,11 @@ class Ec2Magics(Magics):
         return getattr(self, "_cmd_" + cmd)(args)
 
     def _cmd_use(self, args: argparse.Namespace) -> None:
-        self.close()
-        self.remote = self._connect(args.kind, args.host, args.root, args.session, args.python, args.trust_new_host,
-                                    args.ssh_config, args.workdir)
+        where = dict(kind=args.kind, host=args.host, root=args.root, session=args.session, python=args.python,
+                     trust=args.trust_new_host, ssh_config=args.ssh_config, workdir=args.workdir)
+        what = f"%ec2 use {args.kind}" + (f" {args.host}" if args.host else "")
+        self._switch(where, self._choosing(what, lambda: self._connect(**where)))
+        assert self.remote is not None
         print(f"Using {self.remote.target} (session '{self.remote.session}', "
               f"Python {self.remote.info.get('python')} on the target)")
 
@@ -492,9 +546,11 @@ class Ec2Magics(Magics):
         launch = {k: getattr(args, k) for k in ("instance_type", "ami", "disk_gb", "key_name") if getattr(args, k)}
         if args.spot:
             launch["spot"] = True
-        self.remote = self._connect("ec2", args.name or self.instance_name, None, None, start=True, launch=launch)
-        inst = self.remote.instance
-        self.target = f"ec2 {inst.name}"
+        name = args.name or self.instance_name
+        remote = self._choosing(f"%ec2 start --name {name}", lambda: self._connect(
+            "ec2", name, None, None, start=True, launch=launch))
+        inst = remote.instance
+        self._switch(dict(kind="ec2", host=inst.name, root=None, session=None), remote)
         print(f"Using {inst.name} ({inst.instance_id}, {inst.instance_type}, {inst.lifecycle}) at {inst.host}; "
               f"it stops itself after {self.idle_stop_minutes} idle minutes" if self.idle_stop_minutes else
               f"Using {inst.name} ({inst.instance_id}, {inst.instance_type}, {inst.lifecycle}) at {inst.host}")
@@ -505,10 +561,15 @@ class Ec2Magics(Magics):
             return name
         if self.remote is not None and self.remote.instance is not None:
             return self.remote.instance.name
-        words = (self.target or "").split()
-        if words and words[0] == "ec2":
-            return words[1] if len(words) > 1 else self.instance_name
-        target = self.remote.target if self.remote is not None else self.target
+        if self.where is not None:
+            if self.where["kind"] == "ec2":
+                return self.where["host"] or self.instance_name
+        else:
+            words = (self.target or "").split()
+            if words and words[0] == "ec2":
+                return words[1] if len(words) > 1 else self.instance_name
+        target = self.remote.target if self.remote is not None else " ".join(
+            str(w) for w in ((self.where or {}).get("kind"), (self.where or {}).get("host")) if w) or self.target
         raise UsageError(f"{target} is not an EC2 instance: %ec2 use ec2 NAME or %ec2 start first, or give --name")
 
     def _provider(self) -> Any:
@@ -536,7 +597,6 @@ class Ec2Magics(Magics):
         provider = self._provider()
         self._drop_connection_to(name)
         info = self._ec2_call(provider.stop, name, wait=True, progress=self.show_progress)
-        self.target = f"ec2 {info.name}"
         print(f"Stopped {info.name} ({info.instance_id}). Its disk, job logs and checkpoints stay; "
               f"%ec2 start --name {info.name} brings it back.")
 
@@ -558,11 +618,13 @@ class Ec2Magics(Magics):
     def _cmd_resize(self, args: argparse.Namespace) -> None:
         name = self._instance_name(args.name)
         provider = self._provider()
-        session = self.remote.session if self.remote is not None else None
+        session = self.remote.session if self.remote is not None else (self.where or {}).get("session")
         self._drop_connection_to(name)
         self._ec2_call(provider.resize, name, args.instance_type, progress=self.show_progress)
-        self.remote = self._connect("ec2", name, None, session, start=True)
-        self.target = f"ec2 {name}"
+        same = self.where is not None and self.where["kind"] == "ec2" and self.where["host"] in (None, name)
+        where = {**(self.where if same else {"root": None}), "kind": "ec2", "host": name, "session": session}
+        self._switch(where, self._connect(**where, start=True))
+        assert self.remote is not None
         print(f"{name} is now a {self.remote.instance.instance_type}; reattached")
 
     def _cmd_tunnel(self, args: argparse.Namespace) -> None:
@@ -634,6 +696,7 @@ class Ec2Magics(Magics):
 
     # -- %ec2_store ----------------------------------------------------------------------------
     @line_magic
+    @_showing_notices
     def ec2_store(self, line: str) -> None:
         """Like %store, but the values live on the target: any kernel or process using the
         same target can restore them.

@@ -1,4 +1,4 @@
-"""Turning job events (Jupyter-shaped) back into output: in IPython, or as plain text."""
+"""Turning job events (Jupyter-shaped) and user notices back into output: in IPython, or as plain text."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ class Renderer:
             from IPython.display import clear_output
 
             clear_output(wait=bool(event.get("wait")))
+        elif kind == "notice":  # see remotemagic.notices: stderr-styled, in a terminal and a notebook
+            from .notices import format_text
+
+            sys.stderr.write(format_text(event))
+            sys.stderr.flush()
         elif kind == "error" and self.replay:
             sys.stderr.write("\n".join(event.get("traceback") or [f"{event.get('ename')}: {event.get('evalue')}"]) + "\n")
             sys.stderr.flush()

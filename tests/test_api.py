@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import signal
@@ -222,7 +221,7 @@ def test_timeout_interrupts(remote: remotemagic.Remote) -> None:
     assert "timeout" in str(job.error())
 
 
-def test_worker_killed_mid_job(remote: remotemagic.Remote, caplog: pytest.LogCaptureFixture) -> None:
+def test_worker_killed_mid_job(remote: remotemagic.Remote, capsys: pytest.CaptureFixture) -> None:
     remote.run("lost = 1")
     job = remote.run("import time\nprint('go', flush=True)\ntime.sleep(60)", background=True)
     for _ in _events_until(job, lambda e: e.get("text") == "go\n"):
@@ -232,9 +231,12 @@ def test_worker_killed_mid_job(remote: remotemagic.Remote, caplog: pytest.LogCap
     assert job.wait(timeout=30) == "failed"
     err = job.error()
     assert err is not None and "worker died, signal 9 (SIGKILL)" in err.evalue
-    with caplog.at_level(logging.WARNING, logger="remotemagic"):
-        nxt = remote.run("print('lost' in dir())")
-    assert "namespace was lost" in caplog.text
+    capsys.readouterr()
+    nxt = remote.run("print('lost' in dir())")
+    # a script with no renderer: the notice is written to stderr, and kept with the job's events
+    assert "[remotemagic] warning: the previous worker" in capsys.readouterr().err
+    assert [e for e in nxt.events() if e["type"] == "notice" and "namespace was lost" in e["text"]]
+    assert any("namespace was lost" in n["text"] for n in remote.notices)
     assert [e["text"] for e in nxt.events() if e["type"] == "stream"] == ["False\n"]
 
 

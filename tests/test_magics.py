@@ -204,3 +204,96 @@ def _capture(ip: Any, capsys: pytest.CaptureFixture, line: str) -> str:
     return capsys.readouterr().out
 
 
+
+
+# -- user notices, and where cells run (issue #16 items 5 and 6) ----------------------------------
+def _magics(ip: Any) -> Any:
+    from remotemagic.magics import _loaded
+
+    return _loaded[id(ip)]
+
+
+def _kill_worker(ip: Any, checkpointed: bool = True) -> None:
+    """SIGKILL the session's worker (after its automatic checkpoint) and wait until it is gone."""
+    remote = _magics(ip).remote
+    last = remote.last_job.id
+
+    def session() -> dict:
+        return [s for s in remote.sessions() if s["name"] == remote.session][0]
+
+    if checkpointed:
+        wait_for("the automatic checkpoint", lambda: (session()["checkpoint"] or {}).get("after_job") == last)
+    os.kill(session()["pid"], signal.SIGKILL)
+    wait_for("the worker to be gone", lambda: not session()["alive"])
+
+
+def test_lost_namespace_is_told_in_the_cell(ip: Any, capsys: pytest.CaptureFixture) -> None:
+    run_ok(ip, "%%ec2 run\nlost = 1")
+    _kill_worker(ip)
+    capsys.readouterr()
+    run_ok(ip, "%%ec2 run\nprint('lost' in dir())")
+    out = capsys.readouterr()
+    assert out.out == "False\n"
+    assert "[remotemagic] warning: the previous worker of session 'default' stopped (worker died, signal 9" in out.err
+    assert "its namespace was lost" in out.err and "%ec2 checkpoint --restore brings them back" in out.err
+    run_ok(ip, "%ec2 output")  # the notice is one of the job's events: replayed with its output
+    replay = capsys.readouterr()
+    assert "its namespace was lost" in replay.err and replay.out.startswith("False\n")
+    # a background job: told when the cell returns
+    _kill_worker(ip, checkpointed=False)  # the dead worker's checkpoint is held until restored
+    capsys.readouterr()
+    run_ok(ip, "%%ec2 run --bg\nx = 1")
+    out = capsys.readouterr()
+    assert "its namespace was lost" in out.err and "runs in the background" in out.out
+
+
+@pytest.fixture
+def bare_ip(_isolated_state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A real IPython shell with the extension loaded and no %ec2 use."""
+    from IPython.testing import globalipapp
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    shell = globalipapp.get_ipython()
+    shell.run_line_magic("load_ext", "remotemagic")
+    yield shell
+    shell.run_line_magic("unload_ext", "remotemagic")
+    shell.config.pop("Ec2Magics", None)
+    from .conftest import stop_workers
+
+    stop_workers(_isolated_state / "local-target")
+
+
+def test_no_use_says_once_which_target_cells_run_on(bare_ip: Any, capsys: pytest.CaptureFixture) -> None:
+    run_ok(bare_ip, "%%ec2 run\nprint('hi')")
+    out = capsys.readouterr()
+    assert out.out == "hi\n"
+    assert "[remotemagic] no %ec2 use in this kernel: cells run on local:" in out.err
+    assert "Ec2Magics.target = 'local'" in out.err
+    run_ok(bare_ip, "%%ec2 run\nprint('again')")
+    assert "no %ec2 use" not in capsys.readouterr().err
+
+
+def test_failed_use_never_falls_back_to_another_target(bare_ip: Any, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("")
+    flag = tmp_path / "ran"
+    result = bare_ip.run_cell(f"%ec2 use ssh nobody@127.0.0.1:{port} --ssh-config {cfg}")
+    assert result.error_in_exec is not None
+    for cell in (f"%%ec2 run\nimport pathlib\npathlib.Path({str(flag)!r}).touch()", "%ec2 jobs"):
+        result = bare_ip.run_cell(cell)
+        err = result.error_in_exec
+        assert isinstance(err, UsageError), err
+        assert f"%ec2 use ssh nobody@127.0.0.1:{port} failed (" in str(err) and "until a %ec2 use" in str(err)
+    assert not flag.exists()
+    assert "no %ec2 use" not in capsys.readouterr().err
+    run_ok(bare_ip, "%ec2 use local")
+    run_ok(bare_ip, f"%%ec2 run\nimport pathlib\npathlib.Path({str(flag)!r}).touch()")
+    assert flag.exists()

@@ -147,6 +147,25 @@ def test_kernel_killed_mid_job_then_wait_in_new_kernel(target: Any, kernel_env: 
         stop_workers(target.root)
 
 
+def test_lost_namespace_notice_reaches_a_notebook(target: Any, kernel_env: dict[str, str]) -> None:
+    """A notice is part of what the cell shows in a real kernel, not a log record."""
+    k = Kernel(kernel_env)
+    try:
+        k.execute(f"%load_ext remotemagic\n%ec2 {target.use_line}")
+        text, errs = k.execute("%%ec2 run\nkept = 1")
+        assert not errs, errs
+        worker = files.read_json(str(target.root / "sessions" / "default" / "worker.json"))
+        os.kill(int(worker["pid"]), signal.SIGKILL)
+        text, errs = k.execute("%%ec2 run\nprint('kept' in dir())")
+        assert not errs, errs
+        assert "False" in text
+        assert "[remotemagic] warning: the previous worker of session 'default' stopped" in text
+        assert "its namespace was lost" in text
+    finally:
+        k.stop()
+        stop_workers(target.root)
+
+
 # -- the link ----------------------------------------------------------------------------------
 def test_agent_killed_mid_stream_resumes_without_gap_or_duplicate(remote: remotemagic.Remote) -> None:
     job = remote.run("import time\nfor i in range(60):\n    print('line', i, flush=True)\n    time.sleep(0.02)",

@@ -21,7 +21,7 @@ import traceback
 from typing import Any, Callable
 
 from . import PROTOCOL, files, transfer, wire
-from .worker import mark_orphans
+from .worker import mark_orphans, note_job
 
 DATA = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -411,7 +411,10 @@ class Agent:
                 alive = self.worker_alive(sdir)
                 worker = files.read_json(os.path.join(sdir, "worker.json"), {}) or {}
                 if not alive:
-                    notice = self.start_worker(session, sdir, cwd) or notice
+                    started = self.start_worker(session, sdir, cwd)
+                    if started:  # the job's own log tells it (see remotemagic.notices)
+                        notice = started
+                        note_job(self.path("jobs", job_id), started)
                     continue
                 if worker.get("pid"):
                     files.atomic_write(handed, [str(worker["pid"]).encode()], durable=False)
@@ -449,10 +452,8 @@ class Agent:
         except Exception as exc:
             mark_orphans(self.root, session, f"could not start: {exc}", job_ids=[job_id])
             raise
-        if notice:
-            self.more(rid, {"notice": notice})
-        if not req.get("follow"):
-            return {"job": job_id, "state": "queued"}
+        if not req.get("follow"):  # a background job: the client shows the notice at once
+            return {"job": job_id, "state": "queued", **({"notice": notice} if notice else {})}
         return self.op_events(rid, {"job": job_id, "offset": 0, "follow": True})
 
     def op_events(self, rid: int, req: dict[str, Any]) -> Any:

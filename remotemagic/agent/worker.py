@@ -660,6 +660,15 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def note_job(jdir: str, text: str, level: str = "warning") -> None:
+    """Write a user notice into a job's log (the client renders it like output)."""
+    log = EventLog(os.path.join(jdir, "events.jsonl"))
+    try:
+        log.emit({"type": "notice", "level": level, "text": text})
+    finally:
+        log.close()
+
+
 def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
                  job_ids: list[str] | None = None) -> list[str]:
     """Fail the unfinished jobs of ``session`` that were handed to worker ``pid`` (or the

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from importlib import resources
 from typing import Any, TypeVar
 
+from .. import notices
 from ..errors import RemoteMagicError
 
 log = logging.getLogger("remotemagic")
@@ -725,7 +726,7 @@ class Ec2Provider:
         except ValueError as exc:
             raise ValueError(f"invalid ssh_cidrs entry {cidr!r}: {exc}") from None
         if net.prefixlen == 0:
-            log.warning("ssh_cidrs contains %s: SSH will be open to the whole internet", net)
+            notices.notify(f"ssh_cidrs contains {net}: SSH will be open to the whole internet", logger=log)
         return str(net)
 
     def _describe(self, filters: list[dict[str, Any]] | None = None, ids: list[str] | None = None) -> list[dict]:
@@ -1044,17 +1045,18 @@ class Ec2Provider:
         iid, state = d["InstanceId"], d["State"]["Name"]
         info = InstanceInfo.from_description(d)
         if instance_type and instance_type != info.instance_type:
-            log.warning("%s (%s) already exists as %s; not changing it to %s (use resize)", name, iid,
-                        info.instance_type, instance_type)
+            notices.notify(f"{name} ({iid}) already exists as {info.instance_type}; --type {instance_type} "
+                           f"applies to new launches only (%ec2 resize {instance_type} changes it)", logger=log)
         if spot and info.lifecycle != "spot":
-            log.warning("%s (%s) already exists as an on-demand instance; --spot applies to new launches only", name, iid)
+            notices.notify(f"{name} ({iid}) already exists as an on-demand instance; --spot applies to new "
+                           "launches only", logger=log)
         if ami:
-            log.warning("%s (%s) already exists (AMI %s); the ami option applies to new launches only", name, iid,
-                        info.image_id)
+            notices.notify(f"{name} ({iid}) already exists (AMI {info.image_id}); --ami {ami} applies to new "
+                           "launches only", logger=log)
         try:
             self._refresh_group_of(d, name)
         except PublicIpError as exc:
-            log.warning("%s: security group left as it is: %s", name, exc)
+            notices.notify(f"{name}: security group left as it is: {exc}", logger=log)
         if state == "stopping":
             log.info("%s (%s) is stopping; waiting for it to stop before starting it again", name, iid)
             self._wait_state(iid, {"stopped"}, timeout, progress, f"{name}: stopping")

@@ -34,7 +34,7 @@ from typing import Any
 
 import paramiko
 
-from .. import errors
+from .. import errors, notices
 from ..sshconfig import HostConfig, resolve
 from .base import AGENT_PACKAGE, Transport, agent_sources, agent_version
 from .ssh_errors import (
@@ -177,7 +177,8 @@ def verify_host_key(hop: HostConfig, key: paramiko.PKey, known: KnownHosts, trus
     record = hop.known_hosts_files[0] if hop.known_hosts_files else os.path.expanduser("~/.ssh/known_hosts")
     if trust_on_first_use or hop.accept_new_host_keys:
         add_known_host(record, name, key)
-        log.warning("trusting %s on first use: recorded its host key %s as %r in %s", hop.describe(), fp, name, record)
+        notices.notify(f"trusting {hop.describe()} on first use: recorded its host key {fp} as {name!r} in {record}",
+                       logger=log)
         return
     searched = ", ".join(known.paths) or "(no known_hosts files)"
     keyscan = f"ssh-keyscan -p {hop.port} {hop.hostname}" if hop.port != 22 else f"ssh-keyscan {hop.hostname}"
@@ -221,7 +222,7 @@ def load_keys(hop: HostConfig) -> tuple[list[tuple[str, paramiko.PKey]], list[st
             )
             if hop.identities_explicit:
                 raise KeyPermissionError(message)
-            log.warning("%s", message)
+            notices.notify(message, logger=log)
             notes.append(f"{path} skipped: readable by others (chmod 600 {path})")
             continue
         blob = _public_blob(path)
