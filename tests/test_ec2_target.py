@@ -151,3 +151,32 @@ def test_instance_connect_ephemeral_key(ec2_env: Any, tmp_path: Path) -> None:
             r.close()
     finally:
         keys.write_text(before)
+
+
+def test_start_keeps_its_connection_and_resize_after_use(shell: Any, capsys: pytest.CaptureFixture) -> None:
+    """Issue #16 item 7: one place for where cells run."""
+    from remotemagic.magics import _loaded
+
+    magics = _loaded[id(shell)]
+    run_ok(shell, "%ec2 start --name keep")
+    remote = magics.remote
+    assert remote is not None and remote.instance.name == "keep"
+    conn = remote._conn
+    run_ok(shell, "%%ec2 run -o v\nv = 1")
+    assert shell.user_ns["v"] == 1
+    assert magics.remote is remote and remote._conn is conn  # no second handshake
+    # asked for another type on an existing instance: the cell says it is ignored
+    capsys.readouterr()
+    run_ok(shell, "%ec2 start --name keep --type t3.large")
+    err = capsys.readouterr().err
+    assert "[remotemagic] warning: keep (i-" in err and "--type t3.large applies to new launches only" in err
+
+    run_ok(shell, "%ec2 use local")
+    run_ok(shell, "%ec2 use ec2 keep")
+    run_ok(shell, "%ec2 resize t3.large")
+    assert "keep is now a t3.large; reattached" in capsys.readouterr().out
+    assert _instance("keep")["InstanceType"] == "t3.large"
+    resized = magics.remote
+    run_ok(shell, "%%ec2 run -o w\nw = 'after resize'")
+    assert shell.user_ns["w"] == "after resize" and magics.remote is resized
+    run_ok(shell, "%ec2 terminate -y")
