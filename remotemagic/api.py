@@ -34,6 +34,7 @@ INLINE_LIMIT = 1024 * 1024
 OBJECT_CACHE_LIMIT = 20 * 1024**3
 CHECKPOINT_LIMIT = 64 * 1024**2
 HEARTBEAT_EVERY = 60.0  # seconds, while a tunnel is open
+STOP_GRACE = 5.0  # seconds between interrupt, SIGTERM and SIGKILL when a worker is stopped
 
 
 class CallReader(io.RawIOBase):
@@ -198,9 +199,15 @@ class Job:
             self._status = status
             self.record.update(state=status["state"], finished=status.get("finished"), status=status)
 
-    def cancel(self) -> str:
-        """Interrupt the job if running (KeyboardInterrupt on the target), drop it if queued."""
-        return self.remote.request("cancel", job=self.id)["state"]
+    def cancel(self, kill: bool = False, reason: str | None = None) -> str:
+        """Interrupt the job if running (KeyboardInterrupt on the target), drop it if queued.
+
+        ``kill=True``: kill the worker running it (its whole process group) at once -- for code
+        that ignores KeyboardInterrupt. The job ends ``cancelled``; the session's namespace is
+        lost (a notice says so); ``reason`` is recorded as the job's error."""
+        ans = self.remote.request("cancel", job=self.id, kill=bool(kill), **({"reason": reason} if reason else {}))
+        self.remote._notice(ans)
+        return ans["state"]
 
     # -- results -------------------------------------------------------------------------------
     def error(self) -> errors.RemoteError | None:
@@ -621,9 +628,20 @@ class Remote:
     def sessions(self) -> list[dict[str, Any]]:
         return self.request("sessions")["sessions"]
 
-    def stop_session(self, session: str | None = None) -> bool:
-        """Stop a session's worker (its namespace is dropped)."""
-        return self.request("stop_session", session=session or self.session)["stopped"]
+    def stop_session(self, session: str | None = None, grace: float = STOP_GRACE) -> bool:
+        """Stop a session's worker (its namespace is dropped); False if none was running.
+        See :meth:`stop_worker`."""
+        return bool(self.stop_worker(session, grace)["stopped"])
+
+    def stop_worker(self, session: str | None = None, grace: float = STOP_GRACE) -> dict[str, Any]:
+        """Stop a session's worker for good and return when it is gone: its queued jobs fail,
+        the running one is interrupted, then its process group gets SIGTERM, then SIGKILL
+        (``grace`` seconds apart); every job it held or queued is failed with the reason.
+        Returns ``{"stopped": bool, "how": "exit"|"SIGINT"|"SIGTERM"|"SIGKILL", "failed": [job ids]}``."""
+        if not grace >= 0:
+            raise ValueError(f"grace must be a number of seconds >= 0, not {grace!r}")
+        return self.request("stop_session", session=files.check_name("session", session or self.session),
+                            grace=float(grace))
 
     def status(self) -> dict[str, Any]:
         """The target, its sessions and recent jobs; for EC2 also every instance of ours in the

@@ -97,6 +97,8 @@ def _parsers() -> dict[str, _Parser]:
         q.add_argument("job", nargs="?" if name != "cancel" else None, help="job id or its unique end")
         if name == "wait":
             q.add_argument("--timeout", type=float)
+        if name == "cancel":
+            q.add_argument("--kill", action="store_true", help="kill the job's worker at once (the namespace is lost)")
     push = p["push"] = _Parser(prog="%ec2 push", add_help=False)
     push.add_argument("local", help="file or folder here")
     push.add_argument("dest", nargs="?", help="where on the target (default: same name, in the session's folder)")
@@ -183,6 +185,8 @@ class Ec2Magics(Magics):
     interrupt_grace = Float(1.0, help="Seconds between Ctrl-C and interrupting the remote job. Jupyter "
                             "interrupts a kernel before every restart or shutdown; if the kernel is shut "
                             "down within this time, the remote job is left running.").tag(config=True)
+    stop_grace = Float(api.STOP_GRACE, help="Seconds %ec2 restart and %ec2 cancel give a job at each step (interrupt, "
+                       "then SIGTERM, then SIGKILL of the worker's process group) before the next.").tag(config=True)
     instance_name = Unicode("remotemagic", help="EC2: name of the instance %ec2 start/use ec2 work on.").tag(config=True)
     instance_type = Unicode("t3.large", help="EC2: instance type for new instances.").tag(config=True)
     region = Unicode("", help="EC2: AWS region (default: boto3's chain, e.g. AWS_DEFAULT_REGION).").tag(config=True)
@@ -325,13 +329,15 @@ class Ec2Magics(Magics):
         %ec2 jobs [-n N]     jobs on the target, newest last
         %ec2 output [JOB]    show a job's complete output again (works after a kernel restart)
         %ec2 wait [JOB]      stream the rest of a job's output, then pull its -o values
-        %ec2 cancel JOB      interrupt a running job (KeyboardInterrupt there)
+        %ec2 cancel [--kill] JOB   interrupt a running job (KeyboardInterrupt there); if it still runs
+                             after Ec2Magics.stop_grace s, or with --kill, kill its worker
         %ec2 status          target, sessions and recent jobs
         %ec2 tunnel [REMOTE_PORT [LOCAL_PORT]] [--close LOCAL_PORT]   forward a port (127.0.0.1 only)
         %ec2 pip install PKG ...     install into the target's Python environment
         %ec2 push LOCAL [DEST]   copy a file or folder to the target (resumes; skips unchanged files)
         %ec2 pull PATH [LOCAL]   copy a file or folder from the target
-        %ec2 restart [--session S]   stop a session's worker: the next cell starts fresh
+        %ec2 restart [--session S]   stop a session's worker (interrupt, SIGTERM, SIGKILL; its jobs
+                             fail): the next cell starts fresh
         %ec2 checkpoint [--max-bytes N]   save the session's variables on the target now
         %ec2 checkpoint --restore    after a worker died: load its last checkpoint
 
@@ -500,7 +506,22 @@ class Ec2Magics(Magics):
 
     def _cmd_cancel(self, args: argparse.Namespace) -> None:
         job = self._job(args.job)
-        print(f"Job {job.id}: {job.cancel()}")
+        if args.kill:
+            print(f"Job {job.id}: {job.cancel(kill=True)}")
+            return
+        state = job.cancel()
+        print(f"Job {job.id}: {state}", flush=True)
+        if state != "interrupting":
+            return
+        try:
+            job.wait(timeout=self.stop_grace)
+        except TimeoutError:
+            sys.stderr.write(f"Job {job.id} still runs {self.stop_grace:g} s after the interrupt (Ec2Magics.stop_grace): "
+                             "killing its worker\n")
+            why = f"killed by %ec2 cancel: still running {self.stop_grace:g} s after the interrupt"
+            print(f"Job {job.id}: {job.cancel(kill=True, reason=why)}")
+            return
+        print(f"Job {job.id}: {job.state}")
 
     def _cmd_jobs(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -690,9 +711,15 @@ class Ec2Magics(Magics):
     def _cmd_restart(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
         session = args.session or remote.session
-        stopped = remote.stop_session(session)
-        print(f"Session '{session}': " + ("worker stopped; the next cell starts with a fresh namespace"
-                                           if stopped else "no worker was running"))
+        st = remote.stop_worker(session, grace=self.stop_grace)
+        if not st["stopped"]:
+            print(f"Session '{session}': no worker was running")
+            return
+        how = {"exit": "", "SIGINT": " (its job interrupted)", "SIGTERM": " (with SIGTERM)",
+               "SIGKILL": " (with SIGKILL)"}.get(st.get("how", ""), "")
+        failed = st.get("failed") or []
+        jobs = f"; {len(failed)} job(s) it held or queued failed: {', '.join(failed)}" if failed else ""
+        print(f"Session '{session}': worker stopped{how}{jobs}; the next cell starts with a fresh namespace")
 
     # -- %ec2_store ----------------------------------------------------------------------------
     @line_magic

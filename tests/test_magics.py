@@ -297,3 +297,60 @@ def test_failed_use_never_falls_back_to_another_target(bare_ip: Any, tmp_path: P
     run_ok(bare_ip, "%ec2 use local")
     run_ok(bare_ip, f"%%ec2 run\nimport pathlib\npathlib.Path({str(flag)!r}).touch()")
     assert flag.exists()
+
+
+# -- stopping what does not want to stop (issue #16 items 3 and 4) --------------------------------
+STUBBORN = ("%%ec2 run --bg\nimport time, pathlib\npathlib.Path({flag!r}).touch()\n"
+            "while True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n        pass\n")
+
+
+def _bg(ip: Any, capsys: pytest.CaptureFixture, cell: str) -> str:
+    run_ok(ip, cell)
+    return capsys.readouterr().out.split("Job ", 1)[1].split()[0]
+
+
+def test_restart_stops_a_busy_worker_and_fails_its_jobs(ip: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    flag = tmp_path / "started"
+    run_ok(ip, "%config Ec2Magics.stop_grace = 0.5")
+    run_ok(ip, "%%ec2 run\nold = 1")
+    stubborn = _bg(ip, capsys, STUBBORN.format(flag=str(flag)))
+    wait_for("the job to start", flag.exists)
+    queued = _bg(ip, capsys, "%%ec2 run --bg\nprint('never')")
+    run_ok(ip, "%ec2 restart")
+    out = capsys.readouterr().out
+    assert "Session 'default': worker stopped (with SIGTERM); 2 job(s) it held or queued failed" in out, out
+    assert stubborn in out and queued in out
+    for job_id in (stubborn, queued):
+        err = ip.run_cell(f"%ec2 wait {job_id}").error_in_exec
+        assert isinstance(err, remotemagic.RemoteError) and err.state == "failed", err
+        assert err.ename == "SessionStopped" and "session 'default' was restarted (%ec2 restart)" in err.evalue
+    capsys.readouterr()
+    run_ok(ip, "%%ec2 run -o fresh\nfresh = 'old' not in dir()")  # the next cell runs at once, in a new worker
+    assert ip.user_ns["fresh"] is True
+    assert "never" not in capsys.readouterr().out
+
+
+def test_cancel_escalates_to_killing_the_worker(ip: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_ok(ip, "%config Ec2Magics.stop_grace = 0.5")
+    run_ok(ip, "%%ec2 run\nkept = 1")
+    flag = tmp_path / "one"
+    job_id = _bg(ip, capsys, STUBBORN.format(flag=str(flag)))
+    wait_for("the job to start", flag.exists)
+    run_ok(ip, f"%ec2 cancel {job_id[-6:]}")
+    out = capsys.readouterr()
+    assert f"Job {job_id}: interrupting\nJob {job_id}: cancelled\n" == out.out
+    assert "still runs 0.5 s after the interrupt" in out.err and "its namespace is lost" in out.err
+    err = ip.run_cell(f"%ec2 wait {job_id}").error_in_exec
+    assert isinstance(err, remotemagic.RemoteError) and err.state == "cancelled" and err.ename == "Killed", err
+    capsys.readouterr()
+    run_ok(ip, "%%ec2 run\nprint('kept' in dir())")
+    out = capsys.readouterr()
+    assert out.out == "False\n" and "killed by %ec2 cancel: still running 0.5 s after the interrupt" in out.err
+    # --kill: at once
+    flag = tmp_path / "two"
+    job_id = _bg(ip, capsys, STUBBORN.format(flag=str(flag)))
+    wait_for("the job to start", flag.exists)
+    run_ok(ip, f"%ec2 cancel --kill {job_id}")
+    assert capsys.readouterr().out == f"Job {job_id}: cancelled\n"
+    run_ok(ip, "%%ec2 run -o v\nv = 2")
+    assert ip.user_ns["v"] == 2

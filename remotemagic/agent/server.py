@@ -21,12 +21,14 @@ import traceback
 from typing import Any, Callable
 
 from . import PROTOCOL, files, transfer, wire
-from .worker import mark_orphans, note_job
+from .worker import STOPPING, mark_orphans, note_job
 
 DATA = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
 ACTIVITY_EVERY = 30.0  # seconds between touches of <root>/activity (the idle auto-stop reads it)
 WORKER_START_TIMEOUT = 120.0
+STOP_GRACE = 5.0  # default seconds between interrupt, SIGTERM and SIGKILL when stopping a worker
+KILL_WAIT = 10.0  # how long a SIGKILLed process group may take to go
 
 
 class RequestError(Exception):
@@ -364,6 +366,7 @@ class Agent:
                 notice += (f". A checkpoint from {when} holds {len(index['saved'])} value(s) "
                            f"({', '.join(sorted(index['saved'])[:8])}): %ec2 checkpoint --restore brings them back")
             os.replace(os.path.join(sdir, "died.json"), os.path.join(sdir, "died.prev.json"))
+        _unlink(os.path.join(sdir, STOPPING))  # a stop that was cut short: not about this worker
         fifo = os.path.join(sdir, "in.fifo")
         if not os.path.exists(fifo):
             os.mkfifo(fifo, 0o600)
@@ -577,6 +580,8 @@ class Agent:
                 current = ""
             worker = files.read_json(os.path.join(sdir, "worker.json"), {})
             if current == job_id and worker.get("pid"):
+                if req.get("kill"):
+                    return self.kill_job(spec.get("session", "default"), sdir, job_id, req)
                 os.kill(int(worker["pid"]), signal.SIGINT)
                 return {"state": "interrupting"}
             status = files.read_json(os.path.join(jdir, "status.json"), {})
@@ -676,18 +681,100 @@ class Agent:
                         "spot_notice": files.read_json(os.path.join(sdir, "spot_notice.json"))})
         return {"sessions": out}
 
+    def kill_job(self, session: str, sdir: str, job_id: str, req: dict[str, Any]) -> dict[str, Any]:
+        """``cancel --kill``: kill the worker running ``job_id`` (its whole process group) now.
+        The job ends ``cancelled``; the namespace is lost (the next job is told so)."""
+        reason = str(req.get("reason") or f"killed by %ec2 cancel --kill (the worker of session '{session}' with it)")
+        done = self.stop_worker(session, sdir, reason, grace=0.0, interrupt=False, state="cancelled",
+                                ename="Killed", queued=False, lost=True)
+        status = files.read_json(os.path.join(self.path("jobs", job_id), "status.json"), {})
+        return {"state": status.get("state", "cancelled"), "killed": done.get("stopped", False),
+                "notice": done.get("notice")}
+
     def op_stop_session(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
-        sdir = self.session_dir(req["session"])
-        worker = files.read_json(os.path.join(sdir, "worker.json"), {})
-        if not self.worker_alive(sdir) or not worker:
-            return {"stopped": False}
-        fd = os.open(os.path.join(sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
-        os.write(fd, b"exit\n")
-        os.close(fd)
-        deadline = time.monotonic() + 10
-        while self.worker_alive(sdir) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return {"stopped": True}
+        """Stop a session's worker for good: fail its queued jobs, interrupt the running one, then
+        SIGTERM and SIGKILL its process group (``grace`` seconds apart), fail every job it held,
+        and answer only once it is gone."""
+        session = files.check_name("session", req["session"])
+        sdir = self.session_dir(session)
+        reason = str(req.get("reason") or f"session '{session}' was restarted (%ec2 restart)")
+        return self.stop_worker(session, sdir, reason, grace=float(req.get("grace", STOP_GRACE)))
+
+    def stop_worker(self, session: str, sdir: str, reason: str, *, grace: float, interrupt: bool = True,
+                    state: str = "failed", ename: str = "SessionStopped", queued: bool = True,
+                    lost: bool = False) -> dict[str, Any]:
+        worker = files.read_json(os.path.join(sdir, "worker.json"), {}) or {}
+        pid = int(worker.get("pid") or 0)
+        if not self.worker_alive(sdir) or not pid:
+            return {"stopped": False, "failed": []}
+        # the worker and its supervisor read this: end the running job with this reason, start no other
+        files.write_json(os.path.join(sdir, STOPPING), {"reason": reason, "state": state, "ename": ename,
+                                                         "pid": pid, "time": time.time()})
+        try:
+            with open(os.path.join(sdir, "current")) as f:
+                current = files.check_job_id(f.read().strip())
+        except (OSError, ValueError):
+            current = ""
+        failed: list[str] = []
+        if queued:  # claim the session's queued jobs: none of them starts
+            failed += mark_orphans(self.root, session, reason, job_ids=self.queued_jobs(session),
+                                   state=state, ename=ename)
+        try:
+            fd = os.open(os.path.join(sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                os.write(fd, b"exit\n")
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        try:
+            pgid = os.getpgid(pid)
+        except OSError:
+            pgid = 0
+        steps: list[tuple[str, float]] = [("SIGINT", grace), ("SIGTERM", grace)] if interrupt else []
+        steps.append(("SIGKILL", KILL_WAIT))
+        how = "exit"
+        for name, wait in steps:
+            if not self.worker_alive(sdir):
+                break
+            how = name
+            try:
+                if name == "SIGINT":
+                    os.kill(pid, signal.SIGINT)
+                elif pgid > 1:
+                    os.killpg(pgid, getattr(signal, name))
+            except OSError:
+                pass
+            deadline = time.monotonic() + wait
+            while self.worker_alive(sdir) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if self.worker_alive(sdir):
+            raise RequestError(f"the worker of session '{session}' (pid {pid}) is still alive after SIGKILL",
+                               "WorkerStopError")
+        # jobs it held that its supervisor did not fail (it was SIGKILLed with it)
+        failed += mark_orphans(self.root, session, reason, pid=pid, state=state, ename=ename)
+        if current and current not in failed:  # failed by the worker or its supervisor
+            st = files.read_json(self.path("jobs", current, "status.json"), {}) or {}
+            if (st.get("error") or {}).get("ename") == ename:
+                failed.insert(0, current)
+        for name in ("worker.json", "current"):
+            _unlink(os.path.join(sdir, name))
+        out: dict[str, Any] = {"stopped": True, "how": how, "failed": failed}
+        if lost:
+            files.write_json(os.path.join(sdir, "died.json"), {"cause": reason, "time": time.time(), "jobs": failed})
+            out["notice"] = (f"the worker of session '{session}' was killed: its namespace is lost; the next job "
+                             "starts in a fresh one (%ec2 checkpoint --restore loads the last checkpoint)")
+        _unlink(os.path.join(sdir, STOPPING))
+        return out
+
+    def queued_jobs(self, session: str) -> list[str]:
+        out = []
+        for job_id in sorted(os.listdir(self.path("jobs"))):
+            jdir = self.path("jobs", job_id)
+            if os.path.exists(os.path.join(jdir, "queued")):
+                if files.read_json(os.path.join(jdir, "spec.json"), {}).get("session") == session:
+                    out.append(job_id)
+        return out
 
     # -- the store -----------------------------------------------------------------------------
     def op_store_put(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
@@ -794,6 +881,13 @@ class Agent:
     def op_read_file(self, rid: int, req: dict[str, Any]) -> Any:
         return self.stream_file(rid, self.user_path(req["path"], req.get("cwd")), int(req.get("offset", 0)),
                                 self.packer(req))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _identifier(name: str) -> str:

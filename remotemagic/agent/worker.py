@@ -35,6 +35,7 @@ FLUSH_INTERVAL = 0.05
 FLUSH_BYTES = 64 * 1024
 TIMEOUT_GRACE = 30.0
 SPOT_GRACE = 10.0  # a spot reclaim leaves ~2 minutes: interrupt again this often
+STOPPING = "stopping.json"  # in the session folder while the agent stops its worker (restart, cancel --kill)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -265,6 +266,8 @@ class Worker:
                     except ValueError:
                         continue
                     self.run_job(job_id)
+                    if os.path.exists(os.path.join(self.sdir, STOPPING)):
+                        return  # being stopped: no other job starts here
 
     # -- a full disk must not leave a job "running" forever --------------------------------------
     def make_reserve(self) -> None:
@@ -351,6 +354,12 @@ class Worker:
                 s.flush()
         if self.spot_job == job_id and self.spot and spec.get("kind", "cell") == "cell":
             state, error = "interrupted", {"ename": "SpotInterruption", "evalue": self.spot["message"], "traceback": []}
+        stopping = files.read_json(os.path.join(self.sdir, STOPPING))
+        if stopping and state != "done":  # interrupted because the session is being stopped
+            state = str(stopping.get("state") or "failed")
+            error = {"ename": str(stopping.get("ename") or "SessionStopped"), "evalue": str(stopping.get("reason")),
+                     "traceback": []}
+            log.emit({"type": "error", **error})
         if log.failed:
             state = "error"
             error = {"ename": "OSError", "evalue": f"writing output failed: {log.failed}", "traceback": []}
@@ -373,6 +382,8 @@ class Worker:
         held = os.path.exists(os.path.join(self.sdir, "checkpoint.hold"))  # a dead worker's, not restored yet
         if self.spot is not None and not self.spot_saved:
             self.spot_checkpoint(job_id)  # replaces the size-limited one below
+        elif stopping:
+            pass  # its namespace is being dropped on purpose
         elif spec.get("kind", "cell") == "cell" and limit > 0 and not held and state in ("done", "error", "interrupted", "timeout"):
             try:
                 self.checkpoint(int(limit), job_id)
@@ -670,7 +681,7 @@ def note_job(jdir: str, text: str, level: str = "warning") -> None:
 
 
 def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
-                 job_ids: list[str] | None = None) -> list[str]:
+                 job_ids: list[str] | None = None, state: str = "failed", ename: str = "WorkerDied") -> list[str]:
     """Fail the unfinished jobs of ``session`` that were handed to worker ``pid`` (or the
     ``job_ids`` given) with ``cause``; return their ids. A job handed to another worker, or to
     none yet, is left alone: a live worker will run it."""
@@ -702,12 +713,12 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
                 _unlink(os.path.join(jdir, "handed"))
                 continue
         _unlink(os.path.join(jdir, "queued"))
-        error = {"ename": "WorkerDied", "evalue": cause, "traceback": []}
+        error = {"ename": ename, "evalue": cause, "traceback": []}
         log = EventLog(os.path.join(jdir, "events.jsonl"))
         log.emit({"type": "error", **error})
-        log.emit({"type": "status", "state": "failed"})
+        log.emit({"type": "status", "state": state})
         log.close()
-        status.update({"state": "failed", "finished": time.time(), "error": error})
+        status.update({"state": state, "finished": time.time(), "error": error})
         files.write_json(os.path.join(jdir, "status.json"), status)
         marked.append(job_id)
     return marked
@@ -751,7 +762,11 @@ def supervise(root: str, session: str, child: int) -> None:
         fcntl.flock(start_lock, fcntl.LOCK_EX)  # no job is being handed to our worker meanwhile
         for name in ("worker.json", "current"):
             _unlink(os.path.join(sdir, name))
-        if not clean:
+        stopping = files.read_json(os.path.join(sdir, STOPPING))
+        if not clean and stopping:  # the agent is stopping us (restart, cancel --kill): it says why
+            mark_orphans(root, session, str(stopping.get("reason")), pid=child,
+                         state=str(stopping.get("state") or "failed"), ename=str(stopping.get("ename") or "SessionStopped"))
+        elif not clean:
             cause = describe_exit(status)
             jobs = mark_orphans(root, session, cause, pid=child)
             files.write_json(os.path.join(sdir, "died.json"), {"cause": cause, "time": time.time(), "jobs": jobs})
