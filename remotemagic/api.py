@@ -34,6 +34,7 @@ INLINE_LIMIT = 1024 * 1024
 OBJECT_CACHE_LIMIT = 20 * 1024**3
 CHECKPOINT_LIMIT = 64 * 1024**2
 HEARTBEAT_EVERY = 60.0  # seconds, while a tunnel is open
+WORKER_IDLE_HOURS = 24.0
 STOP_GRACE = 5.0  # seconds between interrupt, SIGTERM and SIGKILL when a worker is stopped
 
 
@@ -288,6 +289,7 @@ class Remote:
         inline_limit: int = INLINE_LIMIT,
         object_cache_limit: int = OBJECT_CACHE_LIMIT,
         checkpoint_limit: int = CHECKPOINT_LIMIT,
+        worker_idle_hours: float = WORKER_IDLE_HOURS,
         compression: str = "auto",
         show_progress: bool = True,
         prefetch_outputs: bool = True,
@@ -301,6 +303,10 @@ class Remote:
         self.inline_limit = inline_limit
         self.object_cache_limit = object_cache_limit
         self.checkpoint_limit = checkpoint_limit
+        if not worker_idle_hours >= 0:
+            raise ValueError(f"worker_idle_hours must be >= 0 (0: never), not {worker_idle_hours!r}")
+        #: A session's worker exits after this many hours without a job, checkpointing first (0: never).
+        self.worker_idle_hours = float(worker_idle_hours)
         if compression not in ("auto", "zstd", "zlib", "none"):
             raise ValueError(f"compression must be auto, zstd, zlib or none, not {compression!r}")
         self.compression = compression
@@ -487,7 +493,8 @@ class Remote:
         for attempt in (1, 2):
             inputs = self._push(dict(push or {}))
             spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
-                    "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit}
+                    "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
+                    "worker_idle_hours": self.worker_idle_hours}
             spec["modules"] = values.local_module_sources(code)
             try:
                 return self._submit(spec, background, on_event)
@@ -794,7 +801,8 @@ class Remote:
             if not name.isidentifier():
                 raise ValueError(f"{name!r} is not a Python identifier")
         session = files.check_name("session", session or self.session)
-        spec = {"id": state.new_job_id(), "session": session, "kind": kind, "names": names, "cwd": self.cwd, **extra}
+        spec = {"id": state.new_job_id(), "session": session, "kind": kind, "names": names, "cwd": self.cwd,
+                "worker_idle_hours": self.worker_idle_hours, **extra}
         job = self._submit(spec, False, on_event)
         exc = job.error()
         if exc is not None:

@@ -114,6 +114,8 @@ def _parsers() -> dict[str, _Parser]:
     ck.add_argument("--max-bytes", type=int, default=0, help="skip values whose pickle is larger (0: none)")
     restart = p["restart"] = _Parser(prog="%ec2 restart", add_help=False)
     restart.add_argument("--session")
+    restart.add_argument("--all", action="store_true", help="stop the workers of every session on the target")
+    p["sessions"] = _Parser(prog="%ec2 sessions", add_help=False)
     store = p["store"] = _Parser(prog="%ec2_store", add_help=False)
     store.add_argument("names", nargs="*")
     store.add_argument("-r", action="store_true", help="restore (all, or the names given)")
@@ -185,6 +187,9 @@ class Ec2Magics(Magics):
     interrupt_grace = Float(1.0, help="Seconds between Ctrl-C and interrupting the remote job. Jupyter "
                             "interrupts a kernel before every restart or shutdown; if the kernel is shut "
                             "down within this time, the remote job is left running.").tag(config=True)
+    worker_idle_hours = Float(api.WORKER_IDLE_HOURS, help="A session's worker exits after this many hours without a "
+                              "job, checkpointing its namespace first (%ec2 checkpoint --restore brings it back; "
+                              "0: never).").tag(config=True)
     stop_grace = Float(api.STOP_GRACE, help="Seconds %ec2 restart and %ec2 cancel give a job at each step (interrupt, "
                        "then SIGTERM, then SIGKILL of the worker's process group) before the next.").tag(config=True)
     instance_name = Unicode("remotemagic", help="EC2: name of the instance %ec2 start/use ec2 work on.").tag(config=True)
@@ -222,6 +227,11 @@ class Ec2Magics(Magics):
         self.close()
         self.where = None
         self.use_error = None
+
+    @observe("worker_idle_hours")
+    def _idle_changed(self, change: Any) -> None:
+        if self.remote is not None:  # sent with every job: the session's worker takes it from the next one
+            self.remote.worker_idle_hours = change["new"]
 
     def close(self) -> None:
         if self.remote is not None:
@@ -269,7 +279,8 @@ class Ec2Magics(Magics):
         opts: dict[str, Any] = dict(
             reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
             object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
-            checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression)
+            checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression,
+            worker_idle_hours=self.worker_idle_hours)
         session = session or self.session or None
         if workdir:
             opts["cwd"] = workdir
@@ -336,8 +347,9 @@ class Ec2Magics(Magics):
         %ec2 pip install PKG ...     install into the target's Python environment
         %ec2 push LOCAL [DEST]   copy a file or folder to the target (resumes; skips unchanged files)
         %ec2 pull PATH [LOCAL]   copy a file or folder from the target
-        %ec2 restart [--session S]   stop a session's worker (interrupt, SIGTERM, SIGKILL; its jobs
-                             fail): the next cell starts fresh
+        %ec2 restart [--session S | --all]   stop a session's worker (interrupt, SIGTERM, SIGKILL;
+                             its jobs fail), or every session's: the next cell starts fresh
+        %ec2 sessions        sessions on the target: worker pid, memory, idle time
         %ec2 checkpoint [--max-bytes N]   save the session's variables on the target now
         %ec2 checkpoint --restore    after a worker died: load its last checkpoint
 
@@ -708,10 +720,41 @@ class Ec2Magics(Magics):
 
         display(InstanceTable(rows))
 
+    def _cmd_sessions(self, args: argparse.Namespace) -> None:
+        remote = self.get_remote()
+        rows = remote.sessions()
+        if not rows:
+            print(f"No sessions on {remote.target} yet.")
+            return
+        print(f"Sessions on {remote.target} (workers exit after {remote.worker_idle_hours:g} idle hours; "
+              "%ec2 restart --all stops them):")
+        print(f"  {'session':20} {'worker':>8} {'memory':>9} {'idle':>7}  state")
+        for s in rows:
+            if not s["alive"]:
+                print(f"  {s['name']:20} {'-':>8} {'-':>9} {'-':>7}  no worker")
+                continue
+            idle = _duration(s["idle_since"], None) if s.get("idle_since") else "-"
+            what = f"running {s['current']}" if s.get("current") else "idle"
+            print(f"  {s['name']:20} {s['pid']:>8} {_size(s.get('rss')) if s.get('rss') else '?':>9} {idle:>7}  {what}")
+
     def _cmd_restart(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
-        session = args.session or remote.session
-        st = remote.stop_worker(session, grace=self.stop_grace)
+        if args.all:
+            if args.session:
+                raise UsageError("%ec2 restart: give --session S or --all, not both")
+            alive = [s["name"] for s in remote.sessions() if s["alive"]]
+            if not alive:
+                print(f"No worker runs on {remote.target}")
+            for name in alive:
+                self._restart_one(remote, name)
+            return
+        self._restart_one(remote, args.session or remote.session)
+
+    def _restart_one(self, remote: api.Remote, session: str) -> None:
+        try:
+            st = remote.stop_worker(session, grace=self.stop_grace)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if not st["stopped"]:
             print(f"Session '{session}': no worker was running")
             return

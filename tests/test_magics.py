@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -354,3 +355,39 @@ def test_cancel_escalates_to_killing_the_worker(ip: Any, tmp_path: Path, capsys:
     assert capsys.readouterr().out == f"Job {job_id}: cancelled\n"
     run_ok(ip, "%%ec2 run -o v\nv = 2")
     assert ip.user_ns["v"] == 2
+
+
+# -- idle workers exit (issue #16 item 10) --------------------------------------------------------
+def test_idle_worker_exits_after_a_checkpoint(ip: Any, capsys: pytest.CaptureFixture) -> None:
+    remote = _magics(ip).remote
+
+    def session(name: str = "default") -> dict:
+        return [s for s in remote.sessions() if s["name"] == name][0]
+
+    run_ok(ip, "%%ec2 run --session other\nx = 1")  # a worker that stays (24 h)
+    wait_for("the job's end", lambda: not session("other")["current"])
+    capsys.readouterr()
+    run_ok(ip, "%ec2 sessions")
+    listing = capsys.readouterr().out
+    row = [line for line in listing.splitlines() if line.strip().startswith("other ")][0]
+    assert str(session("other")["pid"]) in row and " MB " in row and row.endswith("  idle"), listing
+    assert re.search(r" \d+\.\ds  idle$", row), row
+    run_ok(ip, "%config Ec2Magics.worker_idle_hours = 0.0005")  # 1.8 s
+    run_ok(ip, "%%ec2 run\nkeep = 41")
+    wait_for("the idle worker to exit", lambda: not session()["alive"])
+    assert session("other")["alive"]
+    run_ok(ip, "%%ec2 run\nprint('keep' in dir())")
+    out = capsys.readouterr()
+    assert out.out == "False\n"
+    assert "idle for 0.0005 h, it exited to free its memory; checkpointed 1 value(s) first" in out.err, out.err
+    assert "%ec2 checkpoint --restore brings them back" in out.err
+    run_ok(ip, "%ec2 checkpoint --restore")
+    run_ok(ip, "%%ec2 run -o keep\npass")
+    assert ip.user_ns["keep"] == 41
+    # %ec2 restart --all stops every session's worker
+    run_ok(ip, "%config Ec2Magics.worker_idle_hours = 24")
+    capsys.readouterr()
+    run_ok(ip, "%ec2 restart --all")
+    out = capsys.readouterr().out
+    assert "Session 'default': worker stopped" in out and "Session 'other': worker stopped" in out
+    assert not any(s["alive"] for s in remote.sessions())

@@ -349,7 +349,7 @@ class Agent:
         except OSError:
             return False
 
-    def start_worker(self, session: str, sdir: str, cwd: str) -> str | None:
+    def start_worker(self, session: str, sdir: str, cwd: str, idle_hours: Any = None) -> str | None:
         """Start the session's worker (caller holds ``start.lock``); return a notice, if any."""
         notice = None
         died = files.read_json(os.path.join(sdir, "died.json"))
@@ -379,7 +379,8 @@ class Agent:
         env["PYTHONUNBUFFERED"] = "1"
         log = open(os.path.join(sdir, "worker.log"), "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "remotemagic_agent.worker", self.root, session, cwd],
+            [sys.executable, "-m", "remotemagic_agent.worker", self.root, session, cwd]
+            + ([str(float(idle_hours))] if idle_hours is not None else []),
             cwd=self.agent_dir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -414,7 +415,8 @@ class Agent:
                 alive = self.worker_alive(sdir)
                 worker = files.read_json(os.path.join(sdir, "worker.json"), {}) or {}
                 if not alive:
-                    started = self.start_worker(session, sdir, cwd)
+                    spec = files.read_json(os.path.join(self.path("jobs", job_id), "spec.json"), {}) or {}
+                    started = self.start_worker(session, sdir, cwd, spec.get("worker_idle_hours"))
                     if started:  # the job's own log tells it (see remotemagic.notices)
                         notice = started
                         note_job(self.path("jobs", job_id), started)
@@ -674,8 +676,15 @@ class Agent:
             except FileNotFoundError:
                 pass
             ck = files.read_json(os.path.join(sdir, "checkpoint", "index.json"), {}) or {}
-            out.append({"name": name, "alive": alive, "pid": worker.get("pid") if alive else None,
+            pid = worker.get("pid") if alive else None
+            try:
+                busy_at = os.path.getmtime(os.path.join(sdir, "worker.json")) if alive else None
+            except OSError:
+                busy_at = None
+            out.append({"name": name, "alive": alive, "pid": pid,
                         "started": worker.get("started") if alive else None, "current": current if alive else None,
+                        "rss": _rss(pid) if pid else None, "idle_since": None if current else busy_at,
+                        "idle_hours": worker.get("idle_hours") if alive else None,
                         "checkpoint": {"time": ck.get("time"), "after_job": ck.get("after_job"),
                                        "names": sorted(ck.get("saved") or {})} if ck else None,
                         "spot_notice": files.read_json(os.path.join(sdir, "spot_notice.json"))})
@@ -881,6 +890,18 @@ class Agent:
     def op_read_file(self, rid: int, req: dict[str, Any]) -> Any:
         return self.stream_file(rid, self.user_path(req["path"], req.get("cwd")), int(req.get("offset", 0)),
                                 self.packer(req))
+
+
+def _rss(pid: int) -> int | None:
+    """Resident memory of a process in bytes (Linux: /proc; elsewhere None)."""
+    try:
+        with open(f"/proc/{int(pid)}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _unlink(path: str) -> None:

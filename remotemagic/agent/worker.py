@@ -20,6 +20,7 @@ import importlib
 import io
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -207,8 +208,10 @@ def make_shell(router: Router) -> Any:
 
 
 class Worker:
-    def __init__(self, root: str, session: str):
+    def __init__(self, root: str, session: str, idle_hours: float = 0.0):
         self.root = root
+        self.idle_hours = idle_hours  # exit after this long without a job (0: never); each job may change it
+        self.busy_at = time.time()  # when the last job ended
         self.session = session
         self.sdir = os.path.join(root, "sessions", session)
         self.router = Router()
@@ -244,11 +247,18 @@ class Worker:
         self.make_reserve()
         # O_RDWR keeps the FIFO open with no writer, so readline never sees EOF.
         fd = os.open(fifo, os.O_RDWR)
-        files.write_json(os.path.join(self.sdir, "worker.json"), {"pid": os.getpid(), "started": time.time()})
+        files.write_json(os.path.join(self.sdir, "worker.json"),
+                         {"pid": os.getpid(), "started": time.time(), "idle_hours": self.idle_hours})
         spot.start(self.on_spot_notice)  # only with REMOTEMAGIC_SPOT=1
         with os.fdopen(fd, "rb", buffering=0) as pipe:
             buf = b""
             while True:
+                if not buf and self.idle_hours > 0:
+                    left = self.busy_at + self.idle_hours * 3600 - time.time()
+                    if not select.select([pipe], [], [], max(0.0, left))[0]:
+                        if self.idle_exit(pipe):
+                            return
+                        continue
                 chunk = pipe.read(4096)
                 if not chunk:
                     return
@@ -266,8 +276,31 @@ class Worker:
                     except ValueError:
                         continue
                     self.run_job(job_id)
+                    self.busy_at = time.time()
                     if os.path.exists(os.path.join(self.sdir, STOPPING)):
                         return  # being stopped: no other job starts here
+
+    def idle_exit(self, pipe: Any) -> bool:
+        """No job for ``idle_hours``: checkpoint the namespace, then exit (True) -- unless a job
+        arrived meanwhile (False). The next job's notice says how to restore the checkpoint."""
+        held = os.path.exists(os.path.join(self.sdir, "checkpoint.hold"))  # a dead worker's, not restored yet
+        saved = "its checkpoint from before was kept" if held else "nothing could be checkpointed"
+        if not held:
+            try:
+                index = self.checkpoint(0, "idle", report=False)["checkpoint"]
+                saved = f"checkpointed {len(index['saved'])} value(s) first"
+            except Exception as exc:  # exit anyway: the point is to free the memory
+                saved = f"the checkpoint failed ({type(exc).__name__}: {exc})"
+                sys.__stderr__.write(f"remotemagic worker: idle checkpoint failed: {exc}\n")
+        with open(os.path.join(self.sdir, "start.lock"), "a+") as start_lock:
+            fcntl.flock(start_lock, fcntl.LOCK_EX)  # no job is being handed to us meanwhile
+            if select.select([pipe], [], [], 0)[0]:
+                self.busy_at = time.time()
+                return False
+            cause = f"idle for {self.idle_hours:g} h, it exited to free its memory; {saved}"
+            files.write_json(os.path.join(self.sdir, "died.json"), {"cause": cause, "time": time.time(), "jobs": []})
+            _unlink(os.path.join(self.sdir, "worker.json"))
+        return True
 
     # -- a full disk must not leave a job "running" forever --------------------------------------
     def make_reserve(self) -> None:
@@ -318,6 +351,9 @@ class Worker:
             return
         self.interrupt_pending = False
         self.job_id = job_id
+        spec_idle = (files.read_json(os.path.join(jdir, "spec.json"), {}) or {}).get("worker_idle_hours")
+        if isinstance(spec_idle, (int, float)) and spec_idle >= 0:
+            self.idle_hours = float(spec_idle)
         # "current" before "running": a cancel that sees the job running also finds it current
         files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()], durable=False)
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
@@ -378,6 +414,10 @@ class Worker:
         except OSError:
             pass
         self.job_id = None
+        try:  # its mtime is when the worker was last busy (%ec2 sessions shows the idle time)
+            os.utime(os.path.join(self.sdir, "worker.json"))
+        except OSError:
+            pass
         limit = spec.get("checkpoint_limit") or 0
         held = os.path.exists(os.path.join(self.sdir, "checkpoint.hold"))  # a dead worker's, not restored yet
         if self.spot is not None and not self.spot_saved:
@@ -773,7 +813,9 @@ def supervise(root: str, session: str, child: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    root, session, cwd = (argv or sys.argv[1:])[:3]
+    args = argv or sys.argv[1:]
+    root, session, cwd = args[:3]
+    idle_hours = float(args[3]) if len(args) > 3 else 0.0
     os.umask(0o077)
     files.check_name("session", session)
     sdir = os.path.join(root, "sessions", session)
@@ -791,7 +833,7 @@ def main(argv: list[str] | None = None) -> None:
     os.chdir(cwd if os.path.isdir(cwd) else os.path.expanduser("~"))
     sys.path.insert(0, "")
     os.environ.pop("PYTHONPATH", None)
-    Worker(root, session).serve()
+    Worker(root, session, idle_hours).serve()
 
 
 if __name__ == "__main__":
