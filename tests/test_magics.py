@@ -391,3 +391,18 @@ def test_idle_worker_exits_after_a_checkpoint(ip: Any, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "Session 'default': worker stopped" in out and "Session 'other': worker stopped" in out
     assert not any(s["alive"] for s in remote.sessions())
+
+
+def test_host_key_recorded_on_first_use_is_told(bare_ip: Any, sshd_server: Any, ssh_shared_venv: Path,
+                                                tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from .ssh_fixtures import TEST_PYTHON
+
+    known = tmp_path / "kh" / "known_hosts"  # the host was never seen
+    cfg = sshd_server.write_ssh_config(tmp_path / "cfg", alias="fresh", UserKnownHostsFile=known)
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    (root / "venv").symlink_to(ssh_shared_venv)
+    run_ok(bare_ip, f"%ec2 use ssh fresh --root {root} --python {TEST_PYTHON} --ssh-config {cfg} --trust-new-host")
+    err = capsys.readouterr().err
+    assert "[remotemagic] warning: trusting" in err and "on first use: recorded its host key" in err, err
+    assert str(known) in err and known.read_text().strip() == sshd_server.host_key_line

@@ -117,13 +117,31 @@ def test_browser_disconnect_loses_nothing(target: Any, kernel_env: dict[str, str
         stop_workers(target.root)
 
 
+GATED_COUNT_CELL = (
+    "%%ec2 run -o total\n"
+    "import os, time\n"
+    "total = 0\n"
+    "for i in range(30):\n"
+    "    print('line', i, flush=True)\n"
+    "    total += i\n"
+    "    while i == 15 and not os.path.exists({gate!r}):  # until the test has seen it running\n"
+    "        time.sleep(0.05)\n"
+    "    time.sleep(0.05)\n"
+)
+
+
 @pytest.mark.parametrize("how", ["killed", "restarted"])
-def test_kernel_killed_mid_job_then_wait_in_new_kernel(target: Any, kernel_env: dict[str, str], how: str) -> None:
-    """Jupyter interrupts a kernel before killing or restarting it: the job must run on."""
+def test_kernel_killed_mid_job_then_wait_in_new_kernel(target: Any, kernel_env: dict[str, str], how: str,
+                                                       tmp_path: Path) -> None:
+    """Jupyter interrupts a kernel before killing or restarting it: the job must run on.
+
+    The job holds at line 15 until the test has counted it as running in the new kernel
+    (a fixed-length job could end first on a loaded machine)."""
+    gate = tmp_path / "gate"
     k1 = Kernel(kernel_env)
     try:
         k1.execute(f"%load_ext remotemagic\n%ec2 {target.use_line}")
-        msg_id = k1.kc.execute(COUNT_CELL.format(n=30, pause=0.1))
+        msg_id = k1.kc.execute(GATED_COUNT_CELL.format(gate=str(gate)))
         collect(k1.kc, msg_id, 60, until="line 2\n")
     finally:
         if how == "killed":
@@ -138,6 +156,7 @@ def test_kernel_killed_mid_job_then_wait_in_new_kernel(target: Any, kernel_env: 
         assert not errs, errs
         running = [line.split()[0] for line in text.splitlines() if " running " in line]
         assert len(running) == 1, text
+        gate.touch()
         text, errs = k2.execute(f"%ec2 wait {running[0]}\nprint('total =', total)")
         assert not errs, errs
         assert numbered(text) == list(range(30))
