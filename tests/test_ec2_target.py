@@ -180,3 +180,11 @@ def test_start_keeps_its_connection_and_resize_after_use(shell: Any, capsys: pyt
     run_ok(shell, "%%ec2 run -o w\nw = 'after resize'")
     assert shell.user_ns["w"] == "after resize" and magics.remote is resized
     run_ok(shell, "%ec2 terminate -y")
+
+
+def test_ssh_open_to_the_whole_internet_is_told(shell: Any, capsys: pytest.CaptureFixture) -> None:
+    run_ok(shell, "%config Ec2Magics.ssh_cidrs = ['0.0.0.0/0']")
+    result = shell.run_cell("%ec2 stop --name nosuch")
+    assert result.error_in_exec is not None  # there is no such instance; the notice came first
+    err = capsys.readouterr().err
+    assert "[remotemagic] warning: ssh_cidrs contains 0.0.0.0/0: SSH will be open to the whole internet" in err
