@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from . import errors, notices, progress, state, values
+from . import errors, notices, progress, retry, state, values
 from .agent import files
 from .connection import AgentConnection, Call
 from .transport.base import Transport
@@ -293,8 +293,12 @@ class Remote:
         compression: str = "auto",
         show_progress: bool = True,
         prefetch_outputs: bool = True,
+        auto_restore: bool = False,
     ):
         self.transport = transport
+        #: After the session's worker died (or the machine restarted), the next cell first loads
+        #: the last checkpoint into the new worker and says what came back (a notice in its log).
+        self.auto_restore = bool(auto_restore)
         self.target = transport.name
         self.session = files.check_name("session", session)
         self.cwd = cwd
@@ -477,6 +481,7 @@ class Remote:
         session: str | None = None,
         timeout: float | None = None,
         on_event: EventHandler | None = None,
+        retries: int = 0,
     ) -> Job:
         """Run ``code`` in a session on the target.
 
@@ -484,22 +489,46 @@ class Remote:
         when the cell ends (``Job.result()`` returns them). In the foreground, events go to
         ``on_event`` as they arrive and the call returns when the job ends; with
         ``background=True`` it returns at once.
+
+        ``retries``: if the job ends because its worker died (a signal such as the
+        out-of-memory killer's SIGKILL, or its machine went away), run it again -- up to
+        ``retries`` more times -- in a fresh worker that first restores the session's last
+        checkpoint (see :mod:`remotemagic.retry`). The returned :class:`Job` is the last
+        attempt's. Not for background jobs; never when the cell itself raises.
         """
         session = files.check_name("session", session or self.session)
+        retries = retry.check_retries(retries)
+        if retries and background:
+            raise ValueError("retries apply to foreground jobs only (background=False)")
         pull = list(pull or [])
         for name in pull:
             if not name.isidentifier():
                 raise ValueError(f"cannot pull {name!r}: not a Python identifier")
-        for attempt in (1, 2):
+        job = self._run_once(code, push, pull, background, session, timeout, on_event, None)
+        for n in range(2, retries + 2):
+            why = retry.why_retry(job._status or {})
+            if why is None:
+                break
+            job = self._run_once(code, push, pull, background, session, timeout, on_event,
+                                 {"n": n, "of": retries + 1, "why": why})
+        return job
+
+    def _run_once(self, code: str, push: dict[str, Any] | None, pull: list[str], background: bool, session: str,
+                  timeout: float | None, on_event: EventHandler | None, attempt: dict[str, Any] | None) -> Job:
+        for attempt_push in (1, 2):
             inputs = self._push(dict(push or {}))
             spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
                     "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
                     "worker_idle_hours": self.worker_idle_hours}
+            if attempt:
+                spec["attempt"] = attempt
+            if self.auto_restore:
+                spec["auto_restore"] = True
             spec["modules"] = values.local_module_sources(code)
             try:
                 return self._submit(spec, background, on_event)
             except errors.RemoteRequestError as exc:
-                if exc.kind != "MissingObject" or attempt == 2:
+                if exc.kind != "MissingObject" or attempt_push == 2:
                     raise
                 self._known.difference_update(inputs.values())  # evicted meanwhile: send again
         raise AssertionError("unreachable")

@@ -92,6 +92,8 @@ def _parsers() -> dict[str, _Parser]:
     run.add_argument("--bg", action="store_true", help="return at once; the job runs on")
     run.add_argument("--session", help="session (remote namespace) to run in")
     run.add_argument("--timeout", type=float, help="interrupt the job after this many seconds")
+    run.add_argument("--retry", type=int, metavar="N", help="if the worker dies under the job, run it again up to N "
+                     "times on a fresh worker restored from the last checkpoint (default: Ec2Magics.retries)")
     for name in ("output", "wait", "cancel"):
         q = p[name] = _Parser(prog=f"%ec2 {name}", add_help=False)
         q.add_argument("job", nargs="?" if name != "cancel" else None, help="job id or its unique end")
@@ -176,6 +178,11 @@ class Ec2Magics(Magics):
     object_cache_limit = Int(api.OBJECT_CACHE_LIMIT, help="Bytes of pushed values the target keeps (LRU).").tag(config=True)
     checkpoint_max_bytes = Int(api.CHECKPOINT_LIMIT, help="After each cell, checkpoint the session's variables "
                                "whose pickle is at most this size (0: no automatic checkpoints).").tag(config=True)
+    retries = Int(0, help="Default --retry for %%ec2 run: run a cell again (up to this many more times) when its "
+                  "worker dies under it (SIGKILL, out of memory, its machine went away), first restoring the "
+                  "checkpoint taken before it. Never when the cell itself raises (0: no retries).").tag(config=True)
+    auto_restore = Bool(False, help="After a session's worker died (or its machine restarted), the next cell first "
+                        "restores the last checkpoint and says which values came back.").tag(config=True)
     show_progress = Bool(True, help="Progress bars for transfers above 16 MiB.").tag(config=True)
     ssh_config = Unicode("~/.ssh/config", help="OpenSSH config file used to resolve SSH hosts.").tag(config=True)
     known_hosts = Unicode("", help="known_hosts file (default: UserKnownHostsFile from the SSH config, "
@@ -233,6 +240,12 @@ class Ec2Magics(Magics):
         if self.remote is not None:  # sent with every job: the session's worker takes it from the next one
             self.remote.worker_idle_hours = change["new"]
 
+    @observe("auto_restore", "checkpoint_max_bytes")
+    def _recovery_changed(self, change: Any) -> None:
+        if self.remote is not None:  # sent with every job
+            setattr(self.remote, "auto_restore" if change["name"] == "auto_restore" else "checkpoint_limit",
+                    change["new"])
+
     def close(self) -> None:
         if self.remote is not None:
             self.remote.close()
@@ -280,7 +293,7 @@ class Ec2Magics(Magics):
             reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
             object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
             checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression,
-            worker_idle_hours=self.worker_idle_hours)
+            worker_idle_hours=self.worker_idle_hours, auto_restore=self.auto_restore)
         session = session or self.session or None
         if workdir:
             opts["cwd"] = workdir
@@ -392,11 +405,17 @@ class Ec2Magics(Magics):
             raise UsageError("-i: no variable named " + ", ".join(repr(n) for n in missing) + " in this namespace")
         remote = self.get_remote()
         timeout = args.timeout if args.timeout is not None else (self.timeout or None)
+        retries = args.retry if args.retry is not None else self.retries
+        if retries < 0:
+            raise UsageError(f"--retry: a number of retries >= 0, not {retries}")
+        if args.bg and args.retry:
+            raise UsageError("--retry applies to jobs in the foreground, not with --bg")
         render = Renderer()
         remote.last_job = None
         try:
             job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
-                             session=args.session, timeout=timeout, on_event=render)
+                             session=args.session, timeout=timeout, on_event=render,
+                             retries=0 if args.bg else retries)
         except errors.UnpicklableValueError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:

@@ -349,10 +349,20 @@ class Agent:
         except OSError:
             return False
 
-    def start_worker(self, session: str, sdir: str, cwd: str, idle_hours: Any = None) -> str | None:
-        """Start the session's worker (caller holds ``start.lock``); return a notice, if any."""
+    def start_worker(self, session: str, sdir: str, cwd: str, idle_hours: Any = None,
+                     restoring: bool = False) -> str | None:
+        """Start the session's worker (caller holds ``start.lock``); return a notice, if any.
+
+        ``restoring``: the job that starts it restores the checkpoint itself (``--retry``,
+        ``auto_restore``) and says so; no notice here then, unless there is nothing to restore."""
         notice = None
         died = files.read_json(os.path.join(sdir, "died.json"))
+        if not died and os.path.exists(os.path.join(sdir, "worker.json")):
+            # a worker and its supervisor that went without a word: the machine stopped or rebooted
+            # (an instance stop/start, a spot reclaim) or both were killed
+            died = {"cause": "it went away with its supervisor -- the machine was restarted or both were killed",
+                    "time": time.time(), "jobs": []}
+            files.write_json(os.path.join(sdir, "died.json"), died)
         if died:
             notice = (
                 f"the previous worker of session '{session}' stopped ({died.get('cause')}); "
@@ -365,6 +375,8 @@ class Agent:
                 when = time.strftime("%H:%M:%S", time.localtime(index["time"]))
                 notice += (f". A checkpoint from {when} holds {len(index['saved'])} value(s) "
                            f"({', '.join(sorted(index['saved'])[:8])}): %ec2 checkpoint --restore brings them back")
+                if restoring:
+                    notice = None
             os.replace(os.path.join(sdir, "died.json"), os.path.join(sdir, "died.prev.json"))
         _unlink(os.path.join(sdir, STOPPING))  # a stop that was cut short: not about this worker
         fifo = os.path.join(sdir, "in.fifo")
@@ -416,7 +428,8 @@ class Agent:
                 worker = files.read_json(os.path.join(sdir, "worker.json"), {}) or {}
                 if not alive:
                     spec = files.read_json(os.path.join(self.path("jobs", job_id), "spec.json"), {}) or {}
-                    started = self.start_worker(session, sdir, cwd, spec.get("worker_idle_hours"))
+                    started = self.start_worker(session, sdir, cwd, spec.get("worker_idle_hours"),
+                                                restoring=bool(spec.get("attempt") or spec.get("auto_restore")))
                     if started:  # the job's own log tells it (see remotemagic.notices)
                         notice = started
                         note_job(self.path("jobs", job_id), started)

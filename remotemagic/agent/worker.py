@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from . import files, spot
+from . import files, recover, spot
 from .fdcapture import FdCapture
 
 RESERVE_BYTES = 1024 * 1024  # freed when the disk is full, so a final status can still be written
@@ -224,6 +224,7 @@ class Worker:
         self.spot_job: str | None = None  # the job that was running when it came
         self.spot_saved = False  # the spot checkpoint is taken (main thread only)
         self.spot_lock = threading.Lock()  # orders the writes of spot_notice.json
+        self.fresh = True  # no job has run here yet (recover.restore_before_cell restores only then)
 
     # -- signals -------------------------------------------------------------------------
     def on_sigint(self, signum: int, frame: Any) -> None:
@@ -368,6 +369,7 @@ class Worker:
         try:
             kind = spec.get("kind", "cell")
             if kind == "cell":
+                recover.restore_before_cell(self, spec, log.emit)  # --retry, auto_restore
                 state, error, extra = self.run_cell(jdir, spec)
                 status.update(extra)
             elif kind == "store":
@@ -414,6 +416,7 @@ class Worker:
         except OSError:
             pass
         self.job_id = None
+        self.fresh = False
         try:  # its mtime is when the worker was last busy (%ec2 sessions shows the idle time)
             os.utime(os.path.join(self.sdir, "worker.json"))
         except OSError:
@@ -679,7 +682,7 @@ class Worker:
                 self.router.emit({"type": "stream", "name": "stderr", "text": f"  skipped {name}: {why}\n"})
         return {"checkpoint": index}
 
-    def restore_checkpoint(self) -> dict[str, Any]:
+    def restore_checkpoint(self, report: bool = True) -> dict[str, Any]:
         for folder in ("checkpoint", "checkpoint.old"):
             path = os.path.join(self.sdir, folder)
             index = files.read_json(os.path.join(path, "index.json"))
@@ -693,8 +696,10 @@ class Worker:
             restored.append(name)
         _unlink(os.path.join(self.sdir, "checkpoint.hold"))
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(index["time"]))
-        self.router.emit({"type": "stream", "name": "stdout",
-                          "text": f"Restored {len(restored)} value(s) from the checkpoint of {when}: {', '.join(sorted(restored))}\n"})
+        if report:
+            self.router.emit({"type": "stream", "name": "stdout",
+                              "text": f"Restored {len(restored)} value(s) from the checkpoint of {when}: "
+                                      f"{', '.join(sorted(restored))}\n"})
         return {"restored": restored, "checkpoint": index}
 
 
@@ -721,7 +726,8 @@ def note_job(jdir: str, text: str, level: str = "warning") -> None:
 
 
 def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
-                 job_ids: list[str] | None = None, state: str = "failed", ename: str = "WorkerDied") -> list[str]:
+                 job_ids: list[str] | None = None, state: str = "failed", ename: str = "WorkerDied",
+                 details: dict[str, Any] | None = None) -> list[str]:
     """Fail the unfinished jobs of ``session`` that were handed to worker ``pid`` (or the
     ``job_ids`` given) with ``cause``; return their ids. A job handed to another worker, or to
     none yet, is left alone: a live worker will run it."""
@@ -753,7 +759,7 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
                 _unlink(os.path.join(jdir, "handed"))
                 continue
         _unlink(os.path.join(jdir, "queued"))
-        error = {"ename": ename, "evalue": cause, "traceback": []}
+        error = {"ename": ename, "evalue": cause, "traceback": [], **(details or {})}
         log = EventLog(os.path.join(jdir, "events.jsonl"))
         log.emit({"type": "error", **error})
         log.emit({"type": "status", "state": state})
@@ -764,7 +770,7 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
     return marked
 
 
-def describe_exit(status: int) -> str:
+def describe_exit(status: int, memory: dict[str, int] | None = None) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
@@ -772,6 +778,10 @@ def describe_exit(status: int) -> str:
         except ValueError:
             name = "unknown"
         hint = " -- killed, possibly by the out-of-memory killer" if sig == signal.SIGKILL else ""
+        if sig == signal.SIGKILL and memory and memory.get("peak_rss"):
+            hint += f"; it had reached {recover.size(memory['peak_rss'])} of memory"
+            if memory.get("mem_total"):
+                hint += f" (the machine has {recover.size(memory['mem_total'])})"
         return f"worker died, signal {sig} ({name}){hint}"
     return f"worker exited with status {os.WEXITSTATUS(status)}"
 
@@ -807,8 +817,10 @@ def supervise(root: str, session: str, child: int) -> None:
             mark_orphans(root, session, str(stopping.get("reason")), pid=child,
                          state=str(stopping.get("state") or "failed"), ename=str(stopping.get("ename") or "SessionStopped"))
         elif not clean:
-            cause = describe_exit(status)
-            jobs = mark_orphans(root, session, cause, pid=child)
+            memory = recover.memory_report()  # the peak of the worker (our only child) and the machine's
+            cause = describe_exit(status, memory)
+            details = {**memory, "signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {}
+            jobs = mark_orphans(root, session, cause, pid=child, details=details)
             files.write_json(os.path.join(sdir, "died.json"), {"cause": cause, "time": time.time(), "jobs": jobs})
 
 
