@@ -505,12 +505,15 @@ class Remote:
             if not name.isidentifier():
                 raise ValueError(f"cannot pull {name!r}: not a Python identifier")
         job = self._run_once(code, push, pull, background, session, timeout, on_event, None)
+        if not background:
+            retry.tell_memory(job, self)
         for n in range(2, retries + 2):
             why = retry.why_retry(job._status or {})
             if why is None:
                 break
             job = self._run_once(code, push, pull, background, session, timeout, on_event,
                                  {"n": n, "of": retries + 1, "why": why})
+            retry.tell_memory(job, self)
         return job
 
     def _run_once(self, code: str, push: dict[str, Any] | None, pull: list[str], background: bool, session: str,

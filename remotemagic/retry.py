@@ -14,10 +14,13 @@ not undone: a cell run with retries should be safe to run again.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
-from . import errors
+from . import errors, notices
+
+log = logging.getLogger(__name__)
 
 #: Error names (the job's ``status.error.ename``) that mean "the worker died under the job".
 RETRYABLE = {"WorkerDied"}
@@ -46,9 +49,12 @@ def short_cause(evalue: str) -> str:
     return evalue.split(" -- ")[0] or "worker died"
 
 
-def attempt_spec(spec: dict[str, Any], job_id: str, n: int, of: int, why: str) -> dict[str, Any]:
-    """The spec of attempt ``n`` (of ``of``): same cell and inputs, a new id, restore first."""
-    return {**spec, "id": job_id, "attempt": {"n": n, "of": of, "why": why}}
+def tell_memory(job: Any, remote: Any) -> None:
+    """After a job ended: if its worker was killed near the machine's memory, a notice with advice."""
+    err = (job._status or {}).get("error") or {}
+    advice = memory_advice(err, remote.provider, remote.instance)
+    if advice:
+        notices.notify(advice, logger=log)
 
 
 def memory_advice(error: dict[str, Any], provider: Any = None, instance: Any = None) -> str | None:
@@ -73,11 +79,12 @@ def memory_advice(error: dict[str, Any], provider: Any = None, instance: Any = N
             text += f" (no type suggested: {exc})"
 
     if bigger:
+        now = (f", now {instance.instance_type} at ${bigger['current_price']:.4f}/h"
+               if bigger.get("current_price") is not None else "")
         text += (f"; %ec2 resize {bigger['type']} gives {bigger['memory_gib']:g} GiB "
-                 f"(${bigger['price']:.4f}/h, now {instance.instance_type} at ${bigger['current_price']:.4f}/h)")
+                 f"(${bigger['price']:.4f}/h{now})")
     else:
         text += "; a machine with more memory (%ec2 resize TYPE on EC2) or smaller data would avoid it"
     return text
 
 
-__all__ = ["RETRYABLE", "why_retry", "short_cause", "attempt_spec", "memory_advice", "check_retries", "errors"]

@@ -142,3 +142,41 @@ def test_auto_restore_after_worker_death(ip: Any, target: Any, capsys: pytest.Ca
     capsys.readouterr()
     run_ok(ip, "%%ec2 run\nprint(x)")  # no death since: nothing restored, nothing said
     assert "restored" not in plain(capsys.readouterr().err)
+
+
+ALLOCATE = (
+    "import os, time\n"
+    "block = b'x' * ({mb} * 1024 * 1024)  # every page touched\n"
+    "open({started!r}, 'a').write('x')\n"
+    "while True:\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+def test_sigkilled_worker_is_reported_with_the_memory_it_reached(ip: Any, target: Any, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    import threading
+
+    run_ok(ip, "%%ec2 run\nready = 1")
+    magics = ip.magics_manager.registry["Ec2Magics"]
+    session = magics.remote.session
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    killer = threading.Thread(target=kill_when_started, args=(target.root, session, started, gate))
+    killer.start()
+    capsys.readouterr()
+    result = ip.run_cell("%%ec2 run\n" + ALLOCATE.format(mb=150, started=str(started)))
+    killer.join()
+    err = result.error_in_exec
+    assert err is not None and err.ename == "WorkerDied", err
+    out = capsys.readouterr()
+    text = plain(str(err) + out.out + out.err)
+    import re
+
+    m = re.search(r"signal 9 \(SIGKILL\) -- killed, possibly by the out-of-memory killer; it had reached "
+                  r"([\d.]+) MiB of memory \(the machine has ([\d.]+) GiB\)", text)
+    assert m, text
+    assert 150 <= float(m.group(1)) < 400  # the 150 MiB block plus the interpreter and IPython
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1024**3
+    assert abs(float(m.group(2)) - total) < 0.1
+    status = magics.remote.last_job._status
+    assert status["error"]["peak_rss"] >= 150 * 1024**2 and status["error"]["signal"] == 9

@@ -1201,6 +1201,33 @@ class Ec2Provider:
                     break
 
     @_aws_errors
+    def larger_memory_type(self, instance_type: str, peak_bytes: int) -> dict[str, Any] | None:
+        """The cheapest type of the packaged price table with the same architecture and at least
+        twice the memory of ``instance_type`` (and 1.5x ``peak_bytes``): ``{"type", "memory_gib",
+        "price", "current_price"}`` (on-demand $/h), or None if there is none. For the advice
+        after a worker was killed near the machine's memory (see :mod:`remotemagic.retry`)."""
+        current = self.instance_type_info(instance_type)
+        cur_mib = int((current.get("MemoryInfo") or {}).get("SizeInMiB") or 0)
+        arch = self.architecture(instance_type)
+        need = max(2 * cur_mib, int(1.5 * peak_bytes / 1024**2))
+        best: tuple[float, str, int] | None = None
+        for name in sorted(packaged_prices()["prices"]):
+            try:
+                info = self.instance_type_info(name)
+            except UnknownInstanceTypeError:
+                continue
+            mib = int((info.get("MemoryInfo") or {}).get("SizeInMiB") or 0)
+            if mib < need or self.architecture(name) != arch:
+                continue
+            price, _ = self.hourly_price(name)
+            if price is not None and (best is None or price < best[0]):
+                best = (price, name, mib)
+        if best is None:
+            return None
+        current_price, _ = self.hourly_price(instance_type)
+        return {"type": best[1], "memory_gib": best[2] / 1024, "price": best[0], "current_price": current_price}
+
+    @_aws_errors
     def resize(self, name: str, new_type: str, *, wait: bool = True, progress: bool = True,
                timeout: float = 900) -> InstanceInfo:
         """Change the instance type: stop, wait, modify, start (and wait). Refuses instances not ours."""
