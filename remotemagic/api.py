@@ -901,7 +901,7 @@ def connect(target: str = "local", *, session: str | None = None, root: str | No
 
 
 EC2_OPTIONS = ("region", "profile", "ssh_cidrs", "idle_stop_minutes", "key_name", "instance_type")
-LAUNCH_OPTIONS = ("instance_type", "spot", "ami", "disk_gb", "key_name")
+LAUNCH_OPTIONS = ("instance_type", "spot", "ami", "disk_gb", "key_name", "fallback")
 
 
 def connect_ec2(name: str, *, session: str | None = None, root: str | None = None, start: bool = True,
@@ -909,7 +909,8 @@ def connect_ec2(name: str, *, session: str | None = None, root: str | None = Non
     """Attach to our instance ``name`` -- starting it if stopped, launching it if there is none
     (``start=False``: only attach to a running one) -- and connect over SSH.
 
-    Options: ``region``, ``profile``, ``instance_type``, ``spot``, ``ami``, ``disk_gb``,
+    Options: ``region``, ``profile``, ``instance_type``, ``spot`` (``fallback``: on-demand when
+    there is no spot capacity), ``ami``, ``disk_gb``,
     ``key_name``, ``key_file``, ``user``, ``ssh_cidrs``, ``idle_stop_minutes``, and the SSH
     options of :func:`connect` (``ssh_config``, ``known_hosts``, ``python``...)."""
     from .providers.ec2 import Ec2Provider, InstanceNotFoundError

@@ -75,6 +75,8 @@ def _parsers() -> dict[str, _Parser]:
     start.add_argument("--name", help="instance name (default: Ec2Magics.instance_name)")
     start.add_argument("--type", dest="instance_type", help="instance type, e.g. c7i.4xlarge")
     start.add_argument("--spot", action="store_true", help="a spot instance (stops, not terminates, when reclaimed)")
+    start.add_argument("--fallback", action="store_true", help="with --spot: launch on-demand if there is no spot "
+                       "capacity (a notice says so, with the price difference)")
     start.add_argument("--ami", help="AMI id or alias (ubuntu, al2023); default: current Ubuntu LTS")
     start.add_argument("--disk", type=int, dest="disk_gb", help="root volume size in GB")
     start.add_argument("--key", dest="key_name", help="EC2 key pair name (default: EC2 Instance Connect)")
@@ -598,6 +600,10 @@ class Ec2Magics(Magics):
         launch = {k: getattr(args, k) for k in ("instance_type", "ami", "disk_gb", "key_name") if getattr(args, k)}
         if args.spot:
             launch["spot"] = True
+        if args.fallback:
+            if not args.spot:
+                raise UsageError("%ec2 start --fallback goes with --spot (on-demand when there is no spot capacity)")
+            launch["fallback"] = True
         name = args.name or self.instance_name
         remote = self._choosing(f"%ec2 start --name {name}", lambda: self._connect(
             "ec2", name, None, None, start=True, launch=launch))

@@ -180,3 +180,16 @@ def test_sigkilled_worker_is_reported_with_the_memory_it_reached(ip: Any, target
     assert abs(float(m.group(2)) - total) < 0.1
     status = magics.remote.last_job._status
     assert status["error"]["peak_rss"] >= 150 * 1024**2 and status["error"]["signal"] == 9
+
+
+@pytest.mark.parametrize("target", ["local"], indirect=True)
+def test_retry_and_fallback_usage_errors(ip: Any) -> None:
+    from IPython.core.error import UsageError
+
+    magics = ip.magics_manager.registry["Ec2Magics"]
+    with pytest.raises(UsageError, match="--fallback goes with --spot"):
+        magics.ec2("start --fallback")
+    with pytest.raises(UsageError, match="not with --bg"):
+        magics.ec2("run --bg --retry 2", "x = 1")
+    with pytest.raises(UsageError, match=">= 0"):
+        magics.ec2("run --retry -1", "x = 1")

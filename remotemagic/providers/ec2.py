@@ -196,6 +196,11 @@ def _aws_errors(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+#: RunInstances errors that mean "no spot instance for you now" (``start(spot=True, fallback=True)``).
+SPOT_UNAVAILABLE = {"InsufficientInstanceCapacity", "SpotMaxPriceTooLow", "InsufficientCapacity",
+                    "MaxSpotInstanceCountExceeded"}
+
+
 def _code(exc: BaseException) -> str:
     resp = getattr(exc, "response", None) or {}
     return str(resp.get("Error", {}).get("Code", ""))
@@ -1023,11 +1028,15 @@ class Ec2Provider:
         wait: bool = True,
         progress: bool = True,
         timeout: float = 600,
+        fallback: bool = False,
     ) -> InstanceInfo:
         """Attach to our instance ``name`` (starting it if stopped), else launch a new one.
 
         On attach, the security group is brought up to date with the caller's current address;
         ``instance_type``/``spot``/``ami``/``disk_gb`` only apply to a launch (use :meth:`resize`).
+        ``fallback`` (with ``spot``): when AWS has no spot capacity for the type
+        (``InsufficientInstanceCapacity``, ``SpotMaxPriceTooLow``...), launch on-demand instead and
+        say so (a notice) with the price difference.
         """
         self._check_name(name)
         found = self._ours_by_name(name)
@@ -1038,7 +1047,7 @@ class Ec2Provider:
                                 wait=wait, progress=progress, timeout=timeout)
         return self._launch(name, instance_type=instance_type or self.instance_type, spot=spot, ami=ami,
                             disk_gb=disk_gb, key_name=key_name or self.key_name, user=user, wait=wait,
-                            progress=progress, timeout=timeout)
+                            progress=progress, timeout=timeout, fallback=fallback)
 
     def _attach(self, d: dict[str, Any], name: str, *, instance_type: str | None, spot: bool, ami: str | None,
                 user: str | None, wait: bool, progress: bool, timeout: float) -> InstanceInfo:
@@ -1075,7 +1084,8 @@ class Ec2Provider:
         return info
 
     def _launch(self, name: str, *, instance_type: str, spot: bool, ami: str | None, disk_gb: int | None,
-                key_name: str | None, user: str | None, wait: bool, progress: bool, timeout: float) -> InstanceInfo:
+                key_name: str | None, user: str | None, wait: bool, progress: bool, timeout: float,
+                fallback: bool = False) -> InstanceInfo:
         arch = self.architecture(instance_type)
         image = self.resolve_ami(ami, arch)
         login = user or login_user_for_image(image)
@@ -1132,7 +1142,14 @@ class Ec2Provider:
             }
         log.info("launching %s: %s%s, %s (%s), %d GiB encrypted, user %s", name, instance_type,
                  " spot" if spot else "", image["ImageId"], image.get("Name", ""), size, login)
-        d = self.ec2.run_instances(**params)["Instances"][0]
+        from botocore.exceptions import ClientError
+
+        try:
+            d = self.ec2.run_instances(**params)["Instances"][0]
+        except ClientError as exc:
+            if not (spot and fallback and _code(exc) in SPOT_UNAVAILABLE):
+                raise
+            d = self._launch_on_demand_instead(name, instance_type, params, _code(exc))
         iid = d["InstanceId"]
         log.info("launched %s as %s", name, iid)
         if wait:
@@ -1141,6 +1158,24 @@ class Ec2Provider:
             info = InstanceInfo.from_description(d)
         info.user = login
         return info
+
+    def _launch_on_demand_instead(self, name: str, instance_type: str, params: dict[str, Any],
+                                  code: str) -> dict[str, Any]:
+        """``--spot --fallback`` and no spot capacity: the same launch, on-demand, with a notice."""
+        params = {k: v for k, v in params.items() if k != "InstanceMarketOptions"}
+        params["ClientToken"] = f"remotemagic-{uuid.uuid4().hex}"
+        d = self.ec2.run_instances(**params)["Instances"][0]
+        on_demand, _ = self.hourly_price(instance_type)
+        spot = self._spot_price(instance_type, None)
+        if on_demand is not None and spot:  # (a price of 0: unknown)
+            cost = f"at ${on_demand:.4f}/h, ${on_demand - spot:.4f}/h more than spot (${spot:.4f}/h)"
+        elif on_demand is not None:
+            cost = f"at ${on_demand:.4f}/h (the spot price is unknown)"
+        else:
+            cost = "(its price is unknown)"
+        notices.notify(f"no spot capacity for {instance_type} ({code}): {name} ({d['InstanceId']}) was launched "
+                       f"on-demand instead {cost}", logger=log)
+        return d
 
     @_aws_errors
     def stop(self, name: str, *, wait: bool = False, progress: bool = True, timeout: float = 600) -> InstanceInfo:
