@@ -193,3 +193,32 @@ def test_retry_and_fallback_usage_errors(ip: Any) -> None:
         magics.ec2("run --bg --retry 2", "x = 1")
     with pytest.raises(UsageError, match=">= 0"):
         magics.ec2("run --retry -1", "x = 1")
+
+
+def test_auto_restore_after_the_worker_went_with_its_supervisor(target: Any) -> None:
+    """What an instance stop/start does to a session: worker and supervisor gone without a word."""
+    remote = target.connect(auto_restore=True)
+    try:
+        first = remote.run("x = 7")
+        wait_for("the checkpoint", lambda: checkpointed_after(target.root, remote.session, first.id), timeout=60)
+        pid = worker_pid(target.root, remote.session)
+        os.killpg(os.getpgid(pid), signal.SIGKILL)  # the whole group, supervisor included
+        wait_for("the group to be gone", lambda: not _alive(pid), timeout=30)
+        assert worker_pid(target.root, remote.session) == pid  # nobody was left to tidy up
+        events: list[dict] = []
+        job = remote.run("y = x + 1", pull=["y"], on_event=events.append)
+        assert job.result() == {"y": 8}
+        notes = [e["text"] for e in events if e["type"] == "notice"]
+        assert len(notes) == 1 and notes[0].startswith(
+            f"the previous worker of session '{remote.session}' stopped (it went away with its supervisor -- the "
+            "machine was restarted or both were killed); restored x from the checkpoint of"), notes
+    finally:
+        remote.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
