@@ -9,6 +9,7 @@ import os
 import shlex
 import sys
 import time
+import unicodedata
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -33,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _names(text: str | None) -> list[str]:
-    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    # NFKC: what Python itself does to identifiers (``ℌ = 1`` binds ``H``)
+    names = [unicodedata.normalize("NFKC", n.strip()) for n in (text or "").split(",") if n.strip()]
     for n in names:
         if not n.isidentifier():
             raise UsageError(f"{n!r} is not a variable name")
