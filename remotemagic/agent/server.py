@@ -193,7 +193,8 @@ class Agent:
 
     def fail(self, rid: int, exc: BaseException) -> None:
         kind = getattr(exc, "kind", type(exc).__name__)
-        detail = "" if isinstance(exc, (RequestError, ValueError, KeyError, FileNotFoundError)) else traceback.format_exc()
+        # an OSError names its file and says what is wrong (permission, not a folder...): no traceback
+        detail = "" if isinstance(exc, (RequestError, ValueError, KeyError, OSError)) else traceback.format_exc()
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         self.writer.send({"id": rid, "ok": False, "error": {"type": kind, "message": message, "detail": detail}})
 
@@ -363,6 +364,9 @@ class Agent:
 
     def start_worker(self, session: str, sdir: str, cwd: str) -> str | None:
         """Start the session's worker (caller holds ``start.lock``); return a notice, if any."""
+        if not os.path.isdir(cwd):
+            raise RequestError(f"the working folder {cwd} does not exist on the target (or is not a folder): "
+                               "create it, or choose another with %ec2 use ... --workdir", "WorkdirError")
         notice = None
         died = files.read_json(os.path.join(sdir, "died.json"))
         if died:
@@ -566,7 +570,13 @@ class Agent:
                 "submitted": spec.get("submitted"), "state": status.get("state"),
                 "started": status.get("started"), "finished": status.get("finished"),
             })
-        return {"jobs": out}
+        answer: dict[str, Any] = {"jobs": out}
+        if req.get("active"):  # every queued or running job, not only among the last ``limit``
+            answer["active"] = [
+                job_id for job_id in ids
+                if (files.read_json(self.path("jobs", job_id, "status.json"), {}) or {}).get("state") not in files.TERMINAL
+            ]
+        return answer
 
     def op_cancel(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         job_id = req["job"]
@@ -691,6 +701,7 @@ class Agent:
                 pass
             ck = files.read_json(os.path.join(sdir, "checkpoint", "index.json"), {}) or {}
             out.append({"name": name, "alive": alive, "pid": worker.get("pid") if alive else None,
+                        "cwd": worker.get("cwd") if alive else None,
                         "started": worker.get("started") if alive else None, "current": current if alive else None,
                         "checkpoint": {"time": ck.get("time"), "after_job": ck.get("after_job"),
                                        "names": sorted(ck.get("saved") or {})} if ck else None,
@@ -768,7 +779,7 @@ class Agent:
 
     def op_stat(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         path = self.user_path(req["path"], req.get("cwd"))
-        out: dict[str, Any] = {"path": path, "exists": os.path.exists(path)}
+        out: dict[str, Any] = {"path": path, "real": os.path.realpath(path), "exists": os.path.exists(path)}
         if out["exists"]:
             st = os.stat(path)
             out.update(size=st.st_size, mode=st.st_mode & 0o777, is_dir=os.path.isdir(path))
