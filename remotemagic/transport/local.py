@@ -117,6 +117,7 @@ class LocalTransport(Transport):
             stderr=log,
             bufsize=0,
             close_fds=True,
+            umask=0o077,  # from the start: what Python writes there (__pycache__) is ours alone
         )
         log.close()
         return PipeStream(proc)

@@ -656,14 +656,20 @@ print("probe=" + json.dumps(info))
 UNSAFE_SH = r"""U=$(id -u)
 rm_unsafe() {
   [ -e "$1" ] || [ -h "$1" ] || return 0
-  find -H "$@" \( ! -user "$U" -o \( ! -type l \( -perm -020 -o -perm -002 \) \) \) -print 2>/dev/null | head -n 1
+  o=$(find -H "$@" \( ! -user "$U" -o \( ! -type l \( -perm -020 -o -perm -002 \) \) \) -print 2>/dev/null) || {
+    echo "!$1"; return 0; }
+  printf '%s\n' "$o" | head -n 1
 }
 B=$(rm_unsafe "$R" -maxdepth 1)
 [ -n "$B" ] || B=$(rm_unsafe "$R/agent" -maxdepth 1)
 [ -n "$B" ] || B=$(rm_unsafe "$V")
 [ -n "$B" ] || B=$(rm_unsafe "$R/venv" -maxdepth 4)
 if [ -n "$B" ]; then
-  echo "MARK unsafe $U $(ls -ldn -- "$B" | awk '{print $1 ":" $3}') $B"
+  case "$B" in
+    "!"*) B=${B#!}; I="nocheck:-" ;;
+    *) I=$(ls -ldn -- "$B" | awk '{print $1 ":" $3}') ;;
+  esac
+  echo "MARK unsafe $U $I $B"
   exit EXIT_UNSAFE
 fi""".replace("MARK", MARK).replace("EXIT_UNSAFE", str(EXIT_UNSAFE))
 
@@ -864,7 +870,10 @@ exit {EXIT_MISSING}
         """The agent script's report of a path under the root that is not safely ours."""
         info, _, path = found.partition(" ")
         mode, _, owner = info.partition(":")
-        if owner != uid:
+        if mode == "nocheck":
+            why = ("it could not be checked: `find` failed on it there (is it readable, and does the host's find "
+                   "support -H and -maxdepth?), and nothing is run from a folder that was not checked")
+        elif owner != uid:
             why = (f"it belongs to uid {owner} there, not to you (uid {uid}), so code or pickles another user put "
                    "there would run as you. Use a root folder that you own and only you can write (a new one, "
                    "or leave --root / remote_root unset for the default ~/.remotemagic)")
