@@ -312,6 +312,8 @@ class Remote:
         #: For EC2 targets: the instance (a ``providers.ec2.InstanceInfo``) and its provider.
         self.instance: Any = None
         self.provider: Any = None
+        #: the working folder as the target resolves it (None: the target's home folder)
+        self.workdir: str | None = None
         self._connect_first()
         if cwd is not None:
             self._check_cwd()
@@ -325,7 +327,6 @@ class Remote:
             what = "is not a folder" if st.get("exists") else "does not exist"
             raise ValueError(f"the working folder {self.cwd} {what} on {self.target}: create it there, or "
                              "choose another (--workdir, or cwd=)")
-        #: the working folder as the target resolves it (``~`` and relative paths expanded)
         self.workdir = st.get("real") or st["path"]
 
     def __repr__(self) -> str:

@@ -369,7 +369,7 @@ class Ec2Magics(Magics):
     @staticmethod
     def _workdir_notice(remote: api.Remote) -> None:
         """--workdir takes effect when a session's worker starts: say so if it already runs elsewhere."""
-        want = getattr(remote, "workdir", None)
+        want = remote.workdir
         for s in remote.sessions():
             if s["name"] == remote.session and s.get("alive") and s.get("cwd") and want and s["cwd"] != want:
                 print(f"Note: session '{remote.session}' is already running in {s['cwd']}; --workdir {want} "

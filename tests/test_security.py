@@ -240,3 +240,26 @@ def test_api_refuses_unsafe_store_before_unpickling(target: Any, tmp_path: Path)
         assert r.store_get("v") == {"a": 1}
     finally:
         r.close()
+
+
+def test_own_root_keeps_working_with_a_group_writable_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With umask 002 (Ubuntu's default for user-private groups) nothing remotemagic writes in its
+    root -- __pycache__ included -- becomes group-writable, so the next connect does not refuse
+    our own agent."""
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    root = tmp_path / "root"
+    old = os.umask(0o002)
+    try:
+        for _ in range(2):  # the second connect checks what the first one (and its imports) wrote
+            r = remotemagic.connect("local", root=str(root), state_root=str(tmp_path / "state"))
+            try:
+                assert r.run("x = 1", pull=["x"]).result() == {"x": 1}
+                r.stop_session()
+            finally:
+                r.close()
+    finally:
+        os.umask(old)
+        stop_workers(root)
+    assert list(root.glob("agent/*/*/__pycache__")), "the agent wrote no bytecode: this test checks nothing"
+    bad = [str(p) for p in [root, *root.rglob("*")] if not p.is_symlink() and p.stat().st_mode & 0o022]
+    assert not bad, bad
