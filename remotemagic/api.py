@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -326,11 +327,26 @@ class Remote:
         self.provider: Any = None
         #: The user notices raised while connecting (also shown: see :mod:`remotemagic.notices`).
         self.notices: list[dict[str, Any]] = []
+        #: the working folder as the target resolves it (None: the target's home folder)
+        self.workdir: str | None = None
         with notices.collect(propagate=True) as got:
             try:
                 self._connect_first()
             finally:
                 self.notices.extend(got)
+        if cwd is not None:
+            self._check_cwd()
+
+    def _check_cwd(self) -> None:
+        """A working folder that does not exist on the target is an error now, not a job that
+        silently runs somewhere else later."""
+        st = self.request("stat", path=self.cwd)
+        if not st.get("exists") or not st.get("is_dir"):
+            self.close()
+            what = "is not a folder" if st.get("exists") else "does not exist"
+            raise ValueError(f"the working folder {self.cwd} {what} on {self.target}: create it there, or "
+                             "choose another (--workdir, or cwd=)")
+        self.workdir = st.get("real") or st["path"]
 
     def __repr__(self) -> str:
         return f"<Remote {self.target} session={self.session}>"
@@ -486,6 +502,8 @@ class Remote:
         ``background=True`` it returns at once.
         """
         session = files.check_name("session", session or self.session)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         pull = list(pull or [])
         for name in pull:
             if not name.isidentifier():
@@ -627,6 +645,8 @@ class Remote:
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         """Jobs on the target (all sessions), newest last; the local index if it is unreachable."""
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive number of jobs, not {limit!r}")
         try:
             return self.request("jobs", limit=limit)["jobs"]
         except errors.ConnectionLostError:
@@ -653,7 +673,9 @@ class Remote:
     def status(self) -> dict[str, Any]:
         """The target, its sessions and recent jobs; for EC2 also every instance of ours in the
         region with its hourly price and cost so far."""
-        out = {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": self.jobs(20)}
+        recent = self.request("jobs", limit=20, active=True)
+        out = {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": recent["jobs"],
+               "active": recent["active"]}
         if self.provider is not None:
             out["instances"] = self.provider.status()
         return out

@@ -41,6 +41,16 @@ class UnpicklableValueError(RemoteMagicError, ValueError):
     """A value to push could not be pickled; names the variable and the reason."""
 
 
+class UnsafeRootError(RemoteMagicError, PermissionError):
+    """A target's root folder (or the agent, venv, store... in it) belongs to another user or is
+    writable by others: nothing from it is run or unpickled. The message says what to fix."""
+
+
+class RootFolderError(RemoteMagicError, OSError):
+    """The target's root folder cannot be created or written (a permission problem, a file in
+    the way): the message names the folder and what to do."""
+
+
 class VersionMismatchError(RemoteMagicError):
     """Local and remote Python differ in a way that breaks pickles."""
 
@@ -74,7 +84,14 @@ class RemoteError(RemoteMagicError):
         return [head, *body]
 
 
+class UnsafeObjectError(RemoteRequestError, PermissionError):
+    """The target refused to serve a stored value or output: its file (a pickle, i.e. code) or
+    folder belongs to another user or is writable by others. Nothing was unpickled."""
+
+
 _KINDS: dict[str, type[Exception]] = {
+    "UnsafeObject": UnsafeObjectError,
+    "UnsafeRoot": UnsafeRootError,
     "UnknownJob": UnknownJobError,
     "RemoteDiskError": RemoteDiskError,
     "KeyError": KeyError,

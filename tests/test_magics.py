@@ -406,3 +406,121 @@ def test_host_key_recorded_on_first_use_is_told(bare_ip: Any, sshd_server: Any, 
     err = capsys.readouterr().err
     assert "[remotemagic] warning: trusting" in err and "on first use: recorded its host key" in err, err
     assert str(known) in err and known.read_text().strip() == sshd_server.host_key_line
+
+
+# -- issue #16 item 9: each of these was a raw traceback or a silent surprise -----------------------
+def _fails(ip: Any, capsys: pytest.CaptureFixture, cell: str, *expected: str) -> str:
+    """Run a cell that must fail with a one-line UsageError containing ``expected``; return what
+    the user saw."""
+    result = ip.run_cell(cell)
+    err = result.error_in_exec or result.error_before_exec
+    out = capsys.readouterr()
+    seen = plain(out.out + out.err)
+    assert isinstance(err, UsageError), (cell, err)
+    for text in expected:
+        assert text in str(err) and text in seen, (cell, text, seen)
+    assert "Traceback" not in seen, seen
+    return seen
+
+
+def test_bad_session_name_on_run_and_restart(ip: Any, capsys: pytest.CaptureFixture) -> None:
+    for cell in ("%%ec2 run --session ../x\nprint('ran')", "%ec2 restart --session ../x",
+                 "%ec2 checkpoint --session ../x"):
+        seen = _fails(ip, capsys, cell, "invalid session name '../x'")
+        assert "ran" not in seen
+
+
+def test_unterminated_quote_in_any_magic_line(ip: Any, capsys: pytest.CaptureFixture) -> None:
+    for cell in ("%ec2 push 'unclosed", "%ec2_store 'x", "%%ec2 run -o 'a\nprint('ran')"):
+        seen = _fails(ip, capsys, cell, "cannot read the line", "No closing quotation")
+        assert "ran" not in seen
+
+
+def test_pull_of_an_unreadable_file(ip: Any, capsys: pytest.CaptureFixture) -> None:
+    path = "/proc/sys/vm/compact_memory"  # write-only, even for root
+    try:
+        open(path).close()
+    except PermissionError:
+        pass
+    else:
+        pytest.skip(f"{path} is readable here")
+    _fails(ip, capsys, f"%ec2 pull {path}", f"%ec2 pull {path}", "Permission denied")
+    assert not Path("compact_memory").exists() and not Path("compact_memory.rmpart").exists()
+
+
+def test_pull_folder_onto_an_existing_file(ip: Any, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    folder = tmp_path / "remote-folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a")
+    blocker = tmp_path / "here.txt"
+    blocker.write_text("keep me")
+    _fails(ip, capsys, f"%ec2 pull {folder} {blocker}", "is a file here")
+    assert blocker.read_text() == "keep me"
+
+
+def test_push_of_an_empty_name_sends_nothing(ip: Any, capsys: pytest.CaptureFixture) -> None:
+    before = sorted(os.listdir("."))
+    _fails(ip, capsys, "%ec2 push ''", "empty name")
+    assert "Pushed" not in capsys.readouterr().out
+    assert sorted(os.listdir(".")) == before
+
+
+def test_timeout_must_be_positive(ip: Any, capsys: pytest.CaptureFixture) -> None:
+    for value in ("-1", "0", "nan", "inf", "soon"):
+        seen = _fails(ip, capsys, f"%%ec2 run --timeout {value}\nprint('ran')", "--timeout")
+        assert "ran" not in seen
+    _fails(ip, capsys, "%ec2 wait --timeout -1", "positive number of seconds")
+
+
+def test_jobs_count_must_be_positive(ip: Any, capsys: pytest.CaptureFixture) -> None:
+    run_ok(ip, "%%ec2 run\npass")
+    for value in ("-5", "0"):
+        _fails(ip, capsys, f"%ec2 jobs -n {value}", "positive number")
+
+
+def test_missing_workdir_is_an_error(ip: Any, target: Any, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-folder"
+    _fails(ip, capsys, f"%ec2 {target.use_line} --workdir {missing}", str(missing), "does not exist")
+    assert not missing.exists()
+
+
+def test_workdir_of_a_running_session_is_not_ignored_silently(ip: Any, target: Any, capsys: pytest.CaptureFixture,
+                                                              tmp_path: Path) -> None:
+    run_ok(ip, "%%ec2 run\nimport os\nprint(os.getcwd())")
+    first = capsys.readouterr().out
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    run_ok(ip, f"%ec2 {target.use_line} --workdir {other}")
+    out = capsys.readouterr().out
+    assert f"is already running in {Path.cwd()}" in out and "%ec2 restart" in out, (first, out)
+    run_ok(ip, "%ec2 restart")
+    run_ok(ip, "%%ec2 run\nimport os\nprint(os.getcwd())")
+    assert str(other) in capsys.readouterr().out
+
+
+def test_checkpoint_that_saves_nothing_keeps_the_good_one(ip: Any, capsys: pytest.CaptureFixture) -> None:
+    run_ok(ip, "%%ec2 run\nkept = list(range(1000))")
+    run_ok(ip, "%ec2 checkpoint")
+    assert "Checkpointed 1 value(s): kept" in capsys.readouterr().out
+    run_ok(ip, "%ec2 checkpoint --max-bytes 10")
+    out = capsys.readouterr()
+    assert "Nothing checkpointed" in out.out + out.err and "kept the checkpoint" in out.out + out.err
+    run_ok(ip, "%ec2 restart")
+    run_ok(ip, "%ec2 checkpoint --restore")
+    run_ok(ip, "%%ec2 run -o kept\npass")
+    assert ip.user_ns["kept"] == list(range(1000))
+
+
+def test_status_counts_every_running_job(ip: Any, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    run_ok(ip, f"%%ec2 run --bg --session slow\nimport os, time\nwhile not os.path.exists({str(flag)!r}):\n"
+               "    time.sleep(0.02)")
+    for _ in range(21):  # the slow job is no longer among the last 20
+        run_ok(ip, "%%ec2 run\npass")
+    capsys.readouterr()
+    try:
+        run_ok(ip, "%ec2 status")
+        out = capsys.readouterr().out
+        assert "20 recent, 1 queued or running" in out, out
+    finally:
+        flag.write_text("go")

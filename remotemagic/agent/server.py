@@ -117,8 +117,15 @@ class Agent:
         self.uploads: dict[int, Upload] = {}
         self.cancelled: set[int] = set()
         self.children: list[subprocess.Popen] = []
-        for sub in ("objects", "store", "sessions", "jobs"):
-            files.private_dir(os.path.join(self.root, sub))
+        #: why this root must not be used (another user owns or can write it), told to every client
+        self.unsafe: str | None = None
+        try:
+            files.check_ours(self.root, "root folder", follow=True)
+            for sub in ("objects", "store", "sessions", "jobs"):
+                files.private_dir(os.path.join(self.root, sub))
+                files.check_ours(os.path.join(self.root, sub))
+        except PermissionError as exc:
+            self.unsafe = str(exc)
         self.agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.activity_at = -ACTIVITY_EVERY
 
@@ -174,6 +181,8 @@ class Agent:
         try:
             if method is None:
                 raise RequestError(f"unknown request {op!r} (agent protocol {PROTOCOL})")
+            if self.unsafe:
+                raise RequestError(self.unsafe, "UnsafeRoot")
             result = method(rid, req)
             payload = b""
             if isinstance(result, tuple):
@@ -186,7 +195,8 @@ class Agent:
 
     def fail(self, rid: int, exc: BaseException) -> None:
         kind = getattr(exc, "kind", type(exc).__name__)
-        detail = "" if isinstance(exc, (RequestError, ValueError, KeyError, FileNotFoundError)) else traceback.format_exc()
+        # an OSError names its file and says what is wrong (permission, not a folder...): no traceback
+        detail = "" if isinstance(exc, (RequestError, ValueError, KeyError, OSError)) else traceback.format_exc()
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         self.writer.send({"id": rid, "ok": False, "error": {"type": kind, "message": message, "detail": detail}})
 
@@ -335,7 +345,12 @@ class Agent:
 
     # -- sessions and workers -----------------------------------------------------------------
     def session_dir(self, session: str) -> str:
-        return files.private_dir(self.path("sessions", files.check_name("session", session)))
+        sdir = files.private_dir(self.path("sessions", files.check_name("session", session)))
+        try:  # its fifo takes job ids and its checkpoint is unpickled: nobody else may write there
+            files.check_ours(sdir, "session folder")
+        except PermissionError as exc:
+            raise RequestError(str(exc), "UnsafeRoot") from None
+        return sdir
 
     @staticmethod
     def worker_alive(sdir: str) -> bool:
@@ -351,6 +366,9 @@ class Agent:
 
     def start_worker(self, session: str, sdir: str, cwd: str, idle_hours: Any = None) -> str | None:
         """Start the session's worker (caller holds ``start.lock``); return a notice, if any."""
+        if not os.path.isdir(cwd):
+            raise RequestError(f"the working folder {cwd} does not exist on the target (or is not a folder): "
+                               "create it, or choose another with %ec2 use ... --workdir", "WorkdirError")
         notice = None
         died = files.read_json(os.path.join(sdir, "died.json"))
         if died:
@@ -521,7 +539,9 @@ class Agent:
         budget = int(inline or 0)
         for name, meta in (status.get("outputs") or {}).items():
             if meta.get("size", 0) <= budget:
-                with open(os.path.join(jdir, "outputs", name + ".obj"), "rb") as f:
+                path = os.path.join(jdir, "outputs", name + ".obj")
+                with open(path, "rb") as f:
+                    _check_object(f, path)
                     data = f.read()
                 sizes[name] = len(data)
                 parts.append(data)
@@ -556,7 +576,13 @@ class Agent:
                 "submitted": spec.get("submitted"), "state": status.get("state"),
                 "started": status.get("started"), "finished": status.get("finished"),
             })
-        return {"jobs": out}
+        answer: dict[str, Any] = {"jobs": out}
+        if req.get("active"):  # every queued or running job, not only among the last ``limit``
+            answer["active"] = [
+                job_id for job_id in ids
+                if (files.read_json(self.path("jobs", job_id, "status.json"), {}) or {}).get("state") not in files.TERMINAL
+            ]
+        return answer
 
     def op_cancel(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         job_id = req["job"]
@@ -595,11 +621,11 @@ class Agent:
         """Stream a job's ``-o`` value file. With ``follow`` (and its ``size``, from the job's
         ``output`` event), stream it while the worker is still writing it."""
         jdir = self.job_dir(req["job"])
-        name = files.check_name("output", req["name"])
+        name = _identifier(req["name"], "output")
         path = os.path.join(jdir, "outputs", name + ".obj")
         if req.get("follow"):
             return self.follow_output(rid, jdir, path, int(req["size"]), self.packer(req))
-        return self.stream_file(rid, path, 0, self.packer(req))
+        return self.stream_file(rid, path, 0, self.packer(req), pickle=True)
 
     def follow_output(self, rid: int, jdir: str, path: str, size: int, packer: wire.Packer | None) -> dict[str, Any]:
         """Send ``size`` bytes of the output file as the worker writes them: its ``.part`` until
@@ -615,6 +641,7 @@ class Agent:
         else:
             raise RequestError(f"output {os.path.basename(path)} is not being written", "FileNotFoundError")
         with f:
+            _check_object(f, path)
             buf = bytearray(wire.CHUNK)
             view = memoryview(buf)
             sent = 0
@@ -646,12 +673,17 @@ class Agent:
                 nap = min(nap * 2, 0.01)
         return {"size": sent}
 
-    def stream_file(self, rid: int, path: str, offset: int, packer: wire.Packer | None = None) -> dict[str, Any]:
+    def stream_file(self, rid: int, path: str, offset: int, packer: wire.Packer | None = None,
+                    pickle: bool = False) -> dict[str, Any]:
+        """Send a file as data frames. ``pickle``: it is an object file the client will unpickle,
+        so it (and its folder) must be ours and writable by nobody else."""
         try:
             f = open(path, "rb")
         except FileNotFoundError:
             raise RequestError(f"{path} does not exist on the target", "FileNotFoundError") from None
         with f:
+            if pickle:
+                _check_object(f, path)
             st = os.fstat(f.fileno())
             f.seek(offset)
             buf = bytearray(wire.CHUNK)
@@ -682,6 +714,7 @@ class Agent:
             except OSError:
                 busy_at = None
             out.append({"name": name, "alive": alive, "pid": pid,
+                        "cwd": worker.get("cwd") if alive else None,
                         "started": worker.get("started") if alive else None, "current": current if alive else None,
                         "rss": _rss(pid) if pid else None, "idle_since": None if current else busy_at,
                         "idle_hours": worker.get("idle_hours") if alive else None,
@@ -814,7 +847,7 @@ class Agent:
         path = self.path("store", name + ".obj")
         if not os.path.exists(path):
             raise RequestError(f"no stored value named {name!r}", "KeyError")
-        result = self.stream_file(rid, path, 0, self.packer(req))
+        result = self.stream_file(rid, path, 0, self.packer(req), pickle=True)
         result["meta"] = files.read_json(self.path("store", name + ".json"), {})
         return result
 
@@ -843,7 +876,7 @@ class Agent:
 
     def op_stat(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         path = self.user_path(req["path"], req.get("cwd"))
-        out: dict[str, Any] = {"path": path, "exists": os.path.exists(path)}
+        out: dict[str, Any] = {"path": path, "real": os.path.realpath(path), "exists": os.path.exists(path)}
         if out["exists"]:
             st = os.stat(path)
             out.update(size=st.st_size, mode=st.st_mode & 0o777, is_dir=os.path.isdir(path))
@@ -911,10 +944,18 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _identifier(name: str) -> str:
+def _identifier(name: str, what: str = "store") -> str:
     if not isinstance(name, str) or not name.isidentifier():
-        raise RequestError(f"invalid store name {name!r}: must be a Python identifier", "ValueError")
+        raise RequestError(f"invalid {what} name {name!r}: must be a Python identifier", "ValueError")
     return name
+
+
+def _check_object(f: Any, path: str) -> None:
+    """Refuse to serve an object file (a pickle: code) that another user owns or could write."""
+    try:
+        files.check_object_file(f, path)
+    except PermissionError as exc:
+        raise RequestError(str(exc), "UnsafeObject") from None
 
 
 def _tail(path: str, lines: int = 20) -> str:

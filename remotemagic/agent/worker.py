@@ -248,7 +248,8 @@ class Worker:
         # O_RDWR keeps the FIFO open with no writer, so readline never sees EOF.
         fd = os.open(fifo, os.O_RDWR)
         files.write_json(os.path.join(self.sdir, "worker.json"),
-                         {"pid": os.getpid(), "started": time.time(), "idle_hours": self.idle_hours})
+                         {"pid": os.getpid(), "started": time.time(), "idle_hours": self.idle_hours,
+                          "cwd": os.getcwd()})
         spot.start(self.on_spot_notice)  # only with REMOTEMAGIC_SPOT=1
         with os.fdopen(fd, "rb", buffering=0) as pipe:
             buf = b""
@@ -661,8 +662,20 @@ class Worker:
             files.write_object(os.path.join(new, name + ".obj"), enc)
             saved[name] = {"size": enc.size, "type": files.type_name(value)}
         index = {"time": time.time(), "after_job": job_id, "saved": saved, "skipped": skipped}
-        files.write_json(os.path.join(new, "index.json"), index)
         cur, old = os.path.join(self.sdir, "checkpoint"), os.path.join(self.sdir, "checkpoint.old")
+        kept = files.read_json(os.path.join(cur, "index.json")) or {}
+        if not saved and skipped and kept.get("saved"):
+            # saving nothing (every value skipped) must not replace a checkpoint that holds values
+            _rmtree(new)
+            if report:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(kept["time"]))
+                self.router.emit({"type": "stream", "name": "stderr", "text":
+                                  f"Nothing checkpointed ({len(skipped)} value(s) skipped); kept the checkpoint of "
+                                  f"{when} ({len(kept['saved'])} value(s): {', '.join(sorted(kept['saved'])[:8])})\n"})
+                for name, why in sorted(skipped.items()):
+                    self.router.emit({"type": "stream", "name": "stderr", "text": f"  skipped {name}: {why}\n"})
+            return {"checkpoint": kept, "kept": True}
+        files.write_json(os.path.join(new, "index.json"), index)
         if os.path.isdir(old):
             _rmtree(old)
         if os.path.isdir(cur):
