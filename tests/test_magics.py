@@ -28,10 +28,12 @@ def test_run_pushes_and_pulls(ip: Any, capsys: pytest.CaptureFixture) -> None:
 
 def test_remote_error_is_a_local_error_with_remote_traceback(ip: Any, capsys: pytest.CaptureFixture) -> None:
     result = ip.run_cell("%%ec2 run\ndef inner():\n    return 1 / 0\ninner()")
-    assert isinstance(result.error_in_exec, remotemagic.RemoteError)
+    err = result.error_in_exec
+    assert isinstance(err, remotemagic.RemoteError) and isinstance(err, ZeroDivisionError)
+    assert type(err).__name__ == "ZeroDivisionError" and str(err) == "division by zero"
     out = capsys.readouterr()
     text = plain(out.out + out.err)
-    assert "Remote ZeroDivisionError in job" in text
+    assert "ZeroDivisionError: division by zero" in text and "raised on the target, job " in text
     assert "inner()" in text and "magics.py" not in text  # the remote frames, not ours
 
 

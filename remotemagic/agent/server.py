@@ -583,6 +583,22 @@ class Agent:
                 return {"state": status.get("state", "unknown")}
             time.sleep(0.01)
 
+    def op_stdin(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """The user's answer to a job's ``input_request`` (see agent/stdin.py). Without
+        ``answer``: only whether the worker still waits for request ``seq``."""
+        jdir = self.job_dir(req["job"])
+        seq = int(req["seq"])
+        sdir = os.path.join(jdir, "stdin")
+        waiting = os.path.exists(os.path.join(sdir, f"{seq}.wait"))
+        answer = req.get("answer")
+        if answer is None or not waiting:
+            return {"waiting": waiting}
+        reply = {"error": {"ename": str(answer["error"].get("ename", "EOFError")),
+                           "evalue": str(answer["error"].get("evalue", ""))}} if answer.get("error") \
+            else {"value": str(answer.get("value", ""))}
+        files.write_json(os.path.join(sdir, f"{seq}.json"), reply)
+        return {"waiting": True}
+
     def op_read_output(self, rid: int, req: dict[str, Any]) -> Any:
         """Stream a job's ``-o`` value file. With ``follow`` (and its ``size``, from the job's
         ``output`` event), stream it while the worker is still writing it."""
