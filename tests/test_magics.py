@@ -37,6 +37,15 @@ def test_remote_error_is_a_local_error_with_remote_traceback(ip: Any, capsys: py
     assert "inner()" in text and "magics.py" not in text  # the remote frames, not ours
 
 
+def test_remote_value_and_error_behave_as_local(ip: Any) -> None:
+    result = ip.run_cell("%%ec2 run\n6 * 7", store_history=True)  # as a notebook does
+    count = result.execution_count
+    assert repr(ip.user_ns["_"]) == "42" and repr(ip.user_ns["Out"][count]) == "42"  # Out[n] and _ updated here
+    run_ok(ip, "try:\n    get_ipython().run_cell_magic('ec2', 'run', 'int(\"x\")')\n"
+               "except ValueError as exc:\n    caught = (type(exc).__name__, str(exc))")
+    assert ip.user_ns["caught"] == ("ValueError", "invalid literal for int() with base 10: 'x'")
+
+
 def test_usage_errors(ip: Any) -> None:
     for cell, match in [
         ("%%ec2 run -i nope\npass", "no variable named 'nope'"),
@@ -121,7 +130,10 @@ def test_ctrl_c_interrupts_remote_code_and_session_survives(ip: Any, tmp_path: P
     t.join()
     err = result.error_in_exec
     assert isinstance(err, remotemagic.RemoteError) and err.ename == "KeyboardInterrupt", err
-    assert "Interrupting job" in capsys.readouterr().err
+    assert isinstance(err, KeyboardInterrupt)
+    out = capsys.readouterr()
+    assert "Interrupting job" in out.err
+    assert "KeyboardInterrupt" in plain(out.out + out.err) and "on_sigint" not in plain(out.out + out.err)  # no worker frames
     run_ok(ip, "%%ec2 run -o kept2\nkept2 = kept")
     assert ip.user_ns["kept2"] == "yes"
 
