@@ -75,7 +75,7 @@ class RemoteError(RemoteMagicError):
 
 
 _NOT_INHERITED = (SyntaxError,)  # IPython shows these from their attributes, not _render_traceback_
-_typed: dict[tuple[str, str | None], type] = {}
+_typed: dict[tuple[str, str | None, type | None], type] = {}
 
 
 def _local_type(ename: str, module: str | None) -> type[BaseException] | None:
@@ -100,10 +100,10 @@ def remote_error(job_id: str, state: str, ename: str, evalue: str, traceback: li
     """The job's failure as an exception of the remote type: a subclass of both that type
     (when it exists here: ``except ValueError`` works) and :class:`RemoteError`, named like it,
     whose ``str()`` is the remote message."""
-    key = (ename, module)
+    base = _local_type(ename, module)  # (a module imported here since the last error changes it)
+    key = (ename, module, base)
     cls = _typed.get(key)
     if cls is None:
-        base = _local_type(ename, module)
         bases: tuple[type, ...] = (base, RemoteError) if base is not None and base is not RemoteError else (RemoteError,)
 
         def __init__(self: Any, job_id: str, state: str, ename: str, evalue: str, traceback: list[str]) -> None:

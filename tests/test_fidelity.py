@@ -146,9 +146,9 @@ def test_public_notebooks_give_the_same_outputs_remotely(tmp_path: Path) -> None
     assert matched / total >= 0.95, summary
 
 
-def _cells_run(tmp_path: Path, cells: list[str], allow_stdin: bool = False) -> list[Any]:
+def _cells_run(tmp_path: Path, cells: list[str], setup: str = "") -> list[Any]:
     root = tmp_path / "root"
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(SETUP_REMOTE.format(root=root))]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(SETUP_REMOTE.format(root=root) + setup)]
                                   + [nbformat.v4.new_code_cell("%%ec2 run\n" + c) for c in cells])
     try:
         NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
@@ -164,7 +164,7 @@ def test_value_error_order_and_usage_error_as_locally(tmp_path: Path) -> None:
         "6 * 7",
         "%lprun -f f f()",
         "from pathlib import Path\nPath('nope.txt').read_text()",
-    ])
+    ], setup="\n%colors nocolor")  # this notebook's colour theme: the remote traceback follows it
     kinds = [o.output_type for o in figure_then_raise.outputs]
     assert kinds == ["error", "display_data"], kinds  # the traceback first, then the figure, as locally
     err = figure_then_raise.outputs[0]
@@ -172,6 +172,7 @@ def test_value_error_order_and_usage_error_as_locally(tmp_path: Path) -> None:
     tb = "\n".join(err.traceback)
     assert f"In[{figure_then_raise.execution_count}]" in tb  # the notebook's cell number
     assert "raised on the target, job " in tb and "RemoteError" not in err.ename
+    assert "\x1b[" not in tb and "----> 3 1 / 0" in tb  # in the local theme (no colours), with the source line
     [out] = value.outputs
     assert out.output_type == "execute_result" and out.execution_count == value.execution_count
     assert out.data == {"text/plain": "42"}

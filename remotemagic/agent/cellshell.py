@@ -54,7 +54,7 @@ def trim_traceback(tb: TracebackType | None) -> TracebackType | None:
 
 def set_colors(shell: Any, theme: str) -> None:
     """Use the notebook's traceback colour theme (IPython 9 names; IPython 8 accepts them too)."""
-    theme = theme.strip()
+    theme = theme.strip().lower()  # IPython 9 spells them in lower case; IPython 8 ignores case
     if not theme or str(shell.colors).lower() == theme.lower():
         return
     try:
@@ -63,7 +63,7 @@ def set_colors(shell: Any, theme: str) -> None:
         return
     for tb in ("InteractiveTB", "SyntaxTB"):  # IPython 8 does not follow shell.colors itself
         handler = getattr(shell, tb, None)
-        if handler is not None and hasattr(handler, "set_colors"):
+        if handler is not None and hasattr(handler, "set_colors") and not hasattr(handler, "set_theme_name"):
             try:
                 handler.set_colors(theme)
             except Exception:
