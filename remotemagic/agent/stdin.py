@@ -1,12 +1,13 @@
 """stdin of a running cell, forwarded to the notebook: ``input()``, ``getpass()`` and debugger
 prompts (``pdb``, ``%debug``) ask the user through the client.
 
-The worker appends an ``input_request`` event (prompt, password flag, sequence number) to the
-job's log and creates ``stdin/<seq>.wait``; the client that follows the job asks its user
-(Jupyter's input_request) and sends the answer with the agent's ``stdin`` request, which writes
-``stdin/<seq>.json`` atomically; the worker, polling for it, returns the text or raises the
-error the client met (``StdinNotImplementedError`` when the frontend cannot answer, as a local
-kernel would). A job nobody can answer (``--bg``) fails at once instead of waiting.
+The worker creates the FIFO ``stdin/<seq>.fifo`` (0600), appends an ``input_request`` event
+(prompt, password flag, sequence number) to the job's log and waits on the FIFO; the client that
+follows the job asks its user (Jupyter's input_request) and sends the answer with the agent's
+``stdin`` request, which writes it into the FIFO: an answer (a password too) never touches the
+disk. The worker returns the text, or raises the error the client met
+(``StdinNotImplementedError`` when the frontend cannot answer, as a local kernel would). A job
+nobody can answer (``--bg``) fails at once instead of waiting.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import builtins
 import getpass
 import json
 import os
-import time
+import select
 from typing import Any, Callable
 
 from . import files
 
-POLL = 0.02
-NO_FRONTEND = "input was called, but this job runs in the background: nobody can answer (run the cell in the foreground)"
+POLL = 0.5  # select() wakes at once on an answer; this only bounds a wait
+NO_FRONTEND = ("input was called, but nobody can answer it: the job was started without stdin "
+               "(a --bg job, or Remote.run without stdin=True); run the cell in the foreground")
 
 
 def _error(ename: str, evalue: str) -> BaseException:
@@ -69,21 +71,25 @@ class Forwarder:
         self.seq += 1
         seq = self.seq
         files.private_dir(self.dir)
-        wait = os.path.join(self.dir, f"{seq}.wait")
-        answer = os.path.join(self.dir, f"{seq}.json")
-        files.atomic_write(wait, [b""], durable=False)
+        fifo = os.path.join(self.dir, f"{seq}.fifo")
+        os.mkfifo(fifo, 0o600)
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer of our own: never EOF while waiting
         try:
             self.emit({"type": "input_request", "job": self.job_id, "seq": seq, "prompt": prompt, "password": password})
-            while not os.path.exists(answer):  # a Ctrl-C (cancel) raises KeyboardInterrupt here
-                time.sleep(POLL)
-            with open(answer, encoding="utf-8") as f:
-                reply = json.load(f)
+            buf = b""
+            while not buf.endswith(b"\n"):  # a Ctrl-C (cancel) raises KeyboardInterrupt here
+                if select.select([fd], [], [], POLL)[0]:
+                    try:
+                        buf += os.read(fd, 65536)
+                    except BlockingIOError:
+                        pass
+            reply = json.loads(buf)
         finally:
-            for path in (wait, answer):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            os.close(fd)
+            try:
+                os.unlink(fifo)
+            except FileNotFoundError:
+                pass
         if reply.get("error"):
             err = reply["error"]
             raise _error(str(err.get("ename", "EOFError")), str(err.get("evalue", "")))
