@@ -221,3 +221,10 @@ def test_input_and_getpass_ask_the_notebook_user(tmp_path: Path) -> None:
         stop_workers(root)
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_store_magic_works_on_the_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # %store's database: not the user's
+    stored, restored = _cells_run(tmp_path, ["kept = [1, 2]\n%store kept", "del kept\n%store -r kept\nkept"])
+    assert [(o.output_type, o.get("text")) for o in stored.outputs] == [("stream", "Stored 'kept' (list)\n")]
+    assert [o.data["text/plain"] for o in restored.outputs if o.output_type == "execute_result"] == ["[1, 2]"]
