@@ -113,7 +113,7 @@ async def _both(path: Path, plain_dir: Path, remote_dir: Path, root: Path) -> li
                                 _execute(path, remote_dir, SETUP_REMOTE.format(root=root), "%%ec2 run\n"))
 
 
-@pytest.mark.timeout(600)  # 155 s measured on a 2-core box at load ~10
+@pytest.mark.timeout(600)  # 111-155 s measured on a 2-core box at load ~10
 def test_public_notebooks_give_the_same_outputs_remotely(tmp_path: Path) -> None:
     total = matched = 0
     unexplained: list[str] = []
