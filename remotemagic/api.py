@@ -211,6 +211,17 @@ class Job:
         self.remote._notice(ans)
         return ans["state"]
 
+    def answer_input(self, seq: int, value: str | None = None, error: BaseException | None = None) -> bool:
+        """Answer the job's ``input_request`` number ``seq`` with ``value`` (or make the remote
+        ``input()`` raise ``error``'s type and message). False if it no longer waits for it."""
+        answer: dict[str, Any] = ({"error": {"ename": type(error).__name__, "evalue": str(error)}}
+                                  if error is not None else {"value": str(value or "")})
+        return bool(self.remote.request("stdin", job=self.id, seq=int(seq), answer=answer).get("waiting"))
+
+    def input_pending(self, seq: int) -> bool:
+        """Whether the job still waits for the answer to its ``input_request`` number ``seq``."""
+        return bool(self.remote.request("stdin", job=self.id, seq=int(seq)).get("waiting"))
+
     # -- results -------------------------------------------------------------------------------
     def error(self) -> errors.RemoteError | None:
         """The job's failure as an exception (with the remote traceback), or None."""
@@ -218,14 +229,16 @@ class Job:
         stt = st.get("state")
         if stt in (None, "done"):
             return None
-        err = st.get("error") or {}
+        err = dict(st.get("error") or {})
         tb: list[str] = []
         for ev in self.events():
             if ev.get("type") == "error":
                 tb = ev.get("traceback") or []
                 if not err:
                     err = ev
-        return errors.RemoteError(self.id, stt, err.get("ename", stt), err.get("evalue", ""), tb)
+                if ev.get("ename") == err.get("ename") and ev.get("emodule"):
+                    err.setdefault("emodule", ev["emodule"])  # where the type lives: re-raised as that type
+        return errors.remote_error(self.id, stt, err.get("ename", stt), err.get("evalue", ""), tb, err.get("emodule"))
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait, then return the pulled ``-o`` values by name.
@@ -493,6 +506,9 @@ class Remote:
         session: str | None = None,
         timeout: float | None = None,
         on_event: EventHandler | None = None,
+        execution_count: int | None = None,
+        colors: str | None = None,
+        stdin: bool = False,
     ) -> Job:
         """Run ``code`` in a session on the target.
 
@@ -500,6 +516,11 @@ class Remote:
         when the cell ends (``Job.result()`` returns them). In the foreground, events go to
         ``on_event`` as they arrive and the call returns when the job ends; with
         ``background=True`` it returns at once.
+
+        ``execution_count`` runs the cell as ``In[n]`` (tracebacks say ``Cell In[n]``, the value
+        goes to ``Out[n]``); ``colors`` is the traceback colour theme (IPython's ``%colors``).
+        With ``stdin``, ``input()`` in the code emits an ``input_request`` event and waits for
+        :meth:`Job.answer_input`; without, it raises ``StdinNotImplementedError``.
         """
         session = files.check_name("session", session or self.session)
         if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
@@ -514,6 +535,7 @@ class Remote:
                     "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
                     "worker_idle_hours": self.worker_idle_hours}
             spec["modules"] = values.local_module_sources(code)
+            spec.update(execution_count=execution_count, colors=colors, stdin=bool(stdin and not background))
             try:
                 return self._submit(spec, background, on_event)
             except errors.RemoteRequestError as exc:

@@ -455,11 +455,13 @@ class Ec2Magics(Magics):
             raise UsageError("-i: no variable named " + ", ".join(repr(n) for n in missing) + " in this namespace")
         remote = self.get_remote()
         timeout = args.timeout if args.timeout is not None else (self.timeout or None)
-        render = Renderer()
+        render = Renderer(remote=remote)
         remote.last_job = None
         try:
             job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
-                             session=args.session, timeout=timeout, on_event=render)
+                             session=args.session, timeout=timeout, on_event=render,
+                             execution_count=self._cell_number(), colors=str(self.shell.colors),
+                             stdin=not args.bg)
         except errors.UnpicklableValueError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
@@ -474,6 +476,11 @@ class Ec2Magics(Magics):
                   f"  %ec2 output {job.id[-4:]}  show its output so far")
             return
         self._pull_into_namespace(job)
+
+    def _cell_number(self) -> int:
+        """The number of the cell running now (IPython 9 counts it before running, 8 after)."""
+        count = getattr(self.shell.displayhook, "prompt_count", None)
+        return count if isinstance(count, int) else self.shell.execution_count
 
     def _kernel_shutting_down(self) -> bool:
         """Whether Jupyter is shutting this kernel down (ipykernel records the shutdown request)."""
@@ -519,6 +526,10 @@ class Ec2Magics(Magics):
             got = job.result()
         except errors.MissingOutputError as exc:
             self.shell.user_ns.update(exc.values)
+            raise
+        except errors.RemoteError as exc:
+            if exc.ename == "UsageError":  # shown as one "UsageError: ..." line, like a local one
+                raise UsageError(exc.evalue) from None
             raise
         self.shell.user_ns.update(got)
 
@@ -567,7 +578,7 @@ class Ec2Magics(Magics):
 
     def _cmd_wait(self, args: argparse.Namespace) -> None:
         job = self._job(args.job)
-        render = Renderer()
+        render = Renderer(remote=job.remote)
         for event in job.events():
             render(event)
         try:

@@ -29,11 +29,22 @@ def test_run_pushes_and_pulls(ip: Any, capsys: pytest.CaptureFixture) -> None:
 
 def test_remote_error_is_a_local_error_with_remote_traceback(ip: Any, capsys: pytest.CaptureFixture) -> None:
     result = ip.run_cell("%%ec2 run\ndef inner():\n    return 1 / 0\ninner()")
-    assert isinstance(result.error_in_exec, remotemagic.RemoteError)
+    err = result.error_in_exec
+    assert isinstance(err, remotemagic.RemoteError) and isinstance(err, ZeroDivisionError)
+    assert type(err).__name__ == "ZeroDivisionError" and str(err) == "division by zero"
     out = capsys.readouterr()
     text = plain(out.out + out.err)
-    assert "Remote ZeroDivisionError in job" in text
+    assert "ZeroDivisionError: division by zero" in text and "raised on the target, job " in text
     assert "inner()" in text and "magics.py" not in text  # the remote frames, not ours
+
+
+def test_remote_value_and_error_behave_as_local(ip: Any) -> None:
+    result = ip.run_cell("%%ec2 run\n6 * 7", store_history=True)  # as a notebook does
+    count = result.execution_count
+    assert repr(ip.user_ns["_"]) == "42" and repr(ip.user_ns["Out"][count]) == "42"  # Out[n] and _ updated here
+    run_ok(ip, "try:\n    get_ipython().run_cell_magic('ec2', 'run', 'int(\"x\")')\n"
+               "except ValueError as exc:\n    caught = (type(exc).__name__, str(exc))")
+    assert ip.user_ns["caught"] == ("ValueError", "invalid literal for int() with base 10: 'x'")
 
 
 def test_usage_errors(ip: Any) -> None:
@@ -120,7 +131,10 @@ def test_ctrl_c_interrupts_remote_code_and_session_survives(ip: Any, tmp_path: P
     t.join()
     err = result.error_in_exec
     assert isinstance(err, remotemagic.RemoteError) and err.ename == "KeyboardInterrupt", err
-    assert "Interrupting job" in capsys.readouterr().err
+    assert isinstance(err, KeyboardInterrupt)
+    out = capsys.readouterr()
+    assert "Interrupting job" in out.err
+    assert "KeyboardInterrupt" in plain(out.out + out.err) and "on_sigint" not in plain(out.out + out.err)  # no worker frames
     run_ok(ip, "%%ec2 run -o kept2\nkept2 = kept")
     assert ip.user_ns["kept2"] == "yes"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import platform
 import signal
@@ -616,6 +617,32 @@ class Agent:
             if status.get("state") in files.TERMINAL or time.monotonic() > deadline:
                 return {"state": status.get("state", "unknown")}
             time.sleep(0.01)
+
+    def op_stdin(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """The user's answer to a job's ``input_request`` (see agent/stdin.py), written into the
+        worker's FIFO (never to disk). Without ``answer``: only whether the worker still waits."""
+        jdir = self.job_dir(req["job"])
+        fifo = os.path.join(jdir, "stdin", f"{int(req['seq'])}.fifo")
+        answer = req.get("answer")
+        if answer is None:
+            return {"waiting": os.path.exists(fifo)}
+        if answer.get("error"):
+            reply: dict[str, Any] = {"error": {"ename": str(answer["error"].get("ename", "EOFError")),
+                                               "evalue": str(answer["error"].get("evalue", ""))}}
+        else:
+            reply = {"value": str(answer.get("value", ""))}
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails unless the worker waits on it
+        except OSError:
+            return {"waiting": False}
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            data = (json.dumps(reply) + "\n").encode()
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        return {"waiting": True}
 
     def op_read_output(self, rid: int, req: dict[str, Any]) -> Any:
         """Stream a job's ``-o`` value file. With ``follow`` (and its ``size``, from the job's

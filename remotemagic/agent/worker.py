@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from . import files, spot
+from . import cellshell, files, spot
 from .fdcapture import FdCapture
 
 RESERVE_BYTES = 1024 * 1024  # freed when the disk is full, so a final status can still be written
@@ -194,9 +194,18 @@ def make_shell(router: Router) -> Any:
                     "type": "error",
                     "ename": name,
                     "evalue": str(evalue),
+                    "emodule": getattr(etype, "__module__", None),  # the client re-raises the same type
                     "traceback": stb if isinstance(stb, list) else [stb],
                 }
             )
+
+        def _get_exc_info(self, exc_tuple=None):
+            etype, value, tb = super()._get_exc_info(exc_tuple)
+            return etype, value, cellshell.trim_traceback(tb)
+
+        def show_usage_error(self, exc):  # one error event, shown once by the client
+            router.emit({"type": "error", "ename": "UsageError", "evalue": str(exc),
+                         "emodule": "IPython.core.error", "traceback": []})
 
         def enable_gui(self, gui=None):  # no event loop here; 'inline' needs none
             pass
@@ -204,6 +213,7 @@ def make_shell(router: Router) -> Any:
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     shell = Shell.instance(colors="Linux")
     shell.history_manager.enabled = False
+    cellshell.setup(shell, router.emit)
     return shell
 
 
@@ -479,6 +489,7 @@ class Worker:
             self.router.emit({"type": "error", "ename": "KeyboardInterrupt", "evalue": "cancelled before it started",
                               "traceback": []})
             return "interrupted", {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"}, {}
+        restore = cellshell.prepare(self.shell, spec, jdir, self.router.emit)  # cell number, colours, stdin
         self.in_user_code = True
         try:
             result = self.shell.run_cell(spec.get("code", ""), store_history=True)
@@ -487,6 +498,7 @@ class Worker:
         finally:
             self.in_user_code = False
             self._timer_job = None
+            restore()
         err = None if result is None else (result.error_in_exec or result.error_before_exec)
         state = "done"
         error = None
@@ -494,6 +506,8 @@ class Worker:
             ename = type(err).__name__ if err is not None else "KeyboardInterrupt"
             state = "timeout" if self.timed_out else ("interrupted" if ename == "KeyboardInterrupt" else "error")
             error = {"ename": ename, "evalue": str(err) if err is not None else ""}
+            if err is not None:
+                error["emodule"] = type(err).__module__
             if self.timed_out:
                 error["evalue"] = f"job exceeded its timeout of {timeout} s"
         extra = self.save_outputs(jdir, spec.get("outputs") or [])
