@@ -333,7 +333,8 @@ def test_restart_stops_a_busy_worker_and_fails_its_jobs(ip: Any, tmp_path: Path,
     queued = _bg(ip, capsys, "%%ec2 run --bg\nprint('never')")
     run_ok(ip, "%ec2 restart")
     out = capsys.readouterr().out
-    assert "Session 'default': worker stopped (with SIGTERM); 2 job(s) it held or queued failed" in out, out
+    # the job swallows KeyboardInterrupt: SIGTERM ends it, or SIGKILL if a loaded machine lets the grace pass first
+    assert re.search(r"Session 'default': worker stopped \(with SIG(TERM|KILL)\); 2 job\(s\) it held or queued failed", out), out
     assert stubborn in out and queued in out
     for job_id in (stubborn, queued):
         err = ip.run_cell(f"%ec2 wait {job_id}").error_in_exec
