@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from . import PROTOCOL, files, transfer, wire
+from . import PROTOCOL, checkpoint, files, transfer, wire
 from .worker import mark_orphans
 
 DATA = 1024 * 1024
@@ -356,6 +356,7 @@ class Agent:
                 f"the previous worker of session '{session}' stopped ({died.get('cause')}); "
                 "its namespace was lost -- this job starts in a fresh one"
             )
+            checkpoint.recover(sdir)  # a writer killed between its renames
             index = files.read_json(os.path.join(sdir, "checkpoint", "index.json"))
             if index and index.get("saved"):
                 # keep that checkpoint: no automatic checkpoint until it is restored or replaced

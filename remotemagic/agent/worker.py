@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from . import checkpoint as checkpoints
 from . import files, spot
 from .fdcapture import FdCapture
 
@@ -220,6 +221,8 @@ class Worker:
         self.spot_job: str | None = None  # the job that was running when it came
         self.spot_saved = False  # the spot checkpoint is taken (main thread only)
         self.spot_lock = threading.Lock()  # orders the writes of spot_notice.json
+        # the automatic checkpoint after each cell: a forked child writes it (agent/checkpoint.py)
+        self.checkpoints = checkpoints.Background(self.sdir, self.checkpoint_items, self._wake_for_checkpoint)
 
     # -- signals -------------------------------------------------------------------------
     def on_sigint(self, signum: int, frame: Any) -> None:
@@ -243,6 +246,7 @@ class Worker:
         self.make_reserve()
         # O_RDWR keeps the FIFO open with no writer, so readline never sees EOF.
         fd = os.open(fifo, os.O_RDWR)
+        checkpoints.recover(self.sdir)
         files.write_json(os.path.join(self.sdir, "worker.json"), {"pid": os.getpid(), "started": time.time()})
         spot.start(self.on_spot_notice)  # only with REMOTEMAGIC_SPOT=1
         with os.fdopen(fd, "rb", buffering=0) as pipe:
@@ -259,6 +263,9 @@ class Worker:
                         return
                     if job_id == "spot":  # on_spot_notice woke us up
                         self.spot_checkpoint(None)
+                        continue
+                    if job_id == "checkpoint":  # the last checkpoint writer ended; one is pending
+                        self.checkpoints.resume()
                         continue
                     try:
                         files.check_job_id(job_id)
@@ -374,10 +381,7 @@ class Worker:
         if self.spot is not None and not self.spot_saved:
             self.spot_checkpoint(job_id)  # replaces the size-limited one below
         elif spec.get("kind", "cell") == "cell" and limit > 0 and not held and state in ("done", "error", "interrupted", "timeout"):
-            try:
-                self.checkpoint(int(limit), job_id)
-            except Exception as exc:  # a checkpoint is a convenience; never break the session
-                sys.__stderr__.write(f"remotemagic worker: checkpoint after {job_id} failed: {exc}\n")
+            self.checkpoints.request(int(limit), job_id)  # forked: the next job does not wait for it
         self.make_reserve()
 
     def install_modules(self, modules: dict[str, str]) -> None:
@@ -581,46 +585,35 @@ class Worker:
         return {"restored": restored, "missing": missing}
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def checkpoint(self, limit: int, job_id: str, report: bool = False) -> dict[str, Any]:
-        """Pickle every user variable whose pickle is at most ``limit`` bytes (0: no limit)
-        into ``checkpoint.new/``, then swap it in for ``checkpoint/`` (never half a checkpoint)."""
+    def checkpoint_items(self) -> Any:
+        """The (name, value) pairs a checkpoint saves: user variables, not modules or IPython's own."""
         shell = self.shell
         hidden = set(shell.user_ns_hidden)
-        new = os.path.join(self.sdir, "checkpoint.new")
-        if os.path.isdir(new):
-            _rmtree(new)
-        files.private_dir(new)
-        saved: dict[str, Any] = {}
-        skipped: dict[str, str] = {}
         for name, value in list(shell.user_ns.items()):
             if name.startswith("_") or name in hidden or name in SKIP_NAMES or type(value).__name__ == "module":
                 continue
-            approx = getattr(value, "nbytes", None)
-            if limit and isinstance(approx, int) and approx > limit:
-                skipped[name] = f"larger than {limit} bytes"
-                continue
+            yield name, value
+
+    def _wake_for_checkpoint(self) -> None:
+        """The checkpoint reaper's thread: have the main thread start the pending checkpoint
+        once it is between jobs (a line on our own FIFO, like the spot watcher's)."""
+        try:
+            fd = os.open(os.path.join(self.sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
             try:
-                enc = files.encode(value)
-            except Exception as exc:
-                skipped[name] = f"cannot be pickled: {type(exc).__name__}: {exc}"
-                continue
-            if limit and enc.size > limit:
-                skipped[name] = f"larger than {limit} bytes"
-                continue
-            files.write_object(os.path.join(new, name + ".obj"), enc)
-            saved[name] = {"size": enc.size, "type": files.type_name(value)}
-        index = {"time": time.time(), "after_job": job_id, "saved": saved, "skipped": skipped}
-        files.write_json(os.path.join(new, "index.json"), index)
-        cur, old = os.path.join(self.sdir, "checkpoint"), os.path.join(self.sdir, "checkpoint.old")
-        if os.path.isdir(old):
-            _rmtree(old)
-        if os.path.isdir(cur):
-            os.rename(cur, old)
-        os.rename(new, cur)
-        files.fsync_dir(self.sdir)
-        if os.path.isdir(old):
-            _rmtree(old)
-        _unlink(os.path.join(self.sdir, "checkpoint.hold"))
+                os.write(fd, b"checkpoint\n")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            sys.__stderr__.write(f"remotemagic worker: cannot start the pending checkpoint: {exc}\n")
+
+    def checkpoint(self, limit: int, job_id: str, report: bool = False) -> dict[str, Any]:
+        """Now, in this process: pickle every user variable whose pickle is at most ``limit``
+        bytes (0: no limit) into ``checkpoint.new/``, then swap it in for ``checkpoint/``
+        (never half a checkpoint). A background checkpoint still running is dropped first:
+        this one is newer."""
+        self.checkpoints.cancel()
+        index = checkpoints.save(self.sdir, self.checkpoint_items(), limit, job_id)
+        saved, skipped = index["saved"], index["skipped"]
         if report:
             names = ", ".join(sorted(saved)) or "nothing"
             self.router.emit({"type": "stream", "name": "stdout", "text": f"Checkpointed {len(saved)} value(s): {names}\n"})
@@ -629,6 +622,8 @@ class Worker:
         return {"checkpoint": index}
 
     def restore_checkpoint(self) -> dict[str, Any]:
+        self.checkpoints.cancel()
+        checkpoints.recover(self.sdir)
         for folder in ("checkpoint", "checkpoint.old"):
             path = os.path.join(self.sdir, folder)
             index = files.read_json(os.path.join(path, "index.json"))
