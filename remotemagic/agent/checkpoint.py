@@ -10,7 +10,9 @@ After each cell the worker calls :meth:`Background.request`: the worker **forks*
 child -- a copy-on-write snapshot of the namespace as the cell left it, the way Redis' BGSAVE
 works -- pickles and writes the checkpoint while the worker serves the next cell. At most one
 child runs at a time; a request that comes while one runs replaces any older pending request
-(the newest state wins) and is started when the running child ends. The child only pickles,
+(the newest state wins) and is started when the running child ends -- and no sooner than the
+last child took again, so writers keep at most about half of one CPU busy; they run at a
+lower priority (``nice`` 10) than the worker. The child only pickles,
 writes and ``os._exit``\\ s: no thread, finaliser, signal handler or output stream of the
 worker runs in it.
 """
@@ -31,6 +33,8 @@ from . import files
 
 CURRENT, NEW, OLD, HOLD = "checkpoint", "checkpoint.new", "checkpoint.old", "checkpoint.hold"
 ABANDONED = 3  # exit status of a child whose worker is gone: it did not commit
+MAX_PAUSE = 60.0  # seconds: the longest wait between two writers (the last one's duration)
+NICE = 10
 
 
 class Abandoned(Exception):
@@ -58,8 +62,7 @@ def save(sdir: str, items: Iterable[tuple[str, Any]], limit: int, job_id: str,
     saved: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for name, value in items:
-        approx = getattr(value, "nbytes", None)
-        if limit and isinstance(approx, int) and approx > limit:
+        if limit and _size_at_least(value) > limit:
             skipped[name] = f"larger than {limit} bytes"
             continue
         try:
@@ -108,6 +111,7 @@ class Background:
         self.cond = threading.Condition()
         self.pid: int | None = None  # the running child
         self.pending: tuple[int, str] | None = None  # (limit, job id) to start when it ends
+        self.quiet_until = 0.0  # monotonic: no new writer before (the last one's duration after it)
         self.started = 0  # children forked, for the record
         self.last_exit: int | None = None  # wait status of the last child reaped
 
@@ -116,8 +120,8 @@ class Background:
         """Checkpoint the namespace as it is now: fork a writer, or (one is running) replace
         the pending request with this newer one."""
         with self.cond:
-            if self.pid is not None:
-                self.pending = (limit, job_id)
+            if self.pid is not None or time.monotonic() < self.quiet_until:
+                self.pending = (limit, job_id)  # the reaper wakes us when it may start
                 return
             self.pending = None
         self._fork(limit, job_id)
@@ -125,7 +129,7 @@ class Background:
     def resume(self) -> None:
         """Start the pending request, if any and no writer is running (main thread, idle)."""
         with self.cond:
-            if self.pid is not None or self.pending is None:
+            if self.pid is not None or self.pending is None or time.monotonic() < self.quiet_until:
                 return
             limit, job_id = self.pending
             self.pending = None
@@ -136,6 +140,8 @@ class Background:
         swapped in); return once it is reaped. Before a synchronous checkpoint or a restore."""
         with self.cond:
             self.pending = None
+            self.quiet_until = 0.0
+            self.cond.notify_all()  # a reaper pausing before the next writer: nothing is pending now
             if self.pid is not None:
                 try:
                     os.kill(self.pid, signal.SIGKILL)
@@ -169,12 +175,17 @@ class Background:
         with self.cond:
             self.pid = pid
             self.started += 1
-        threading.Thread(target=self._reap, args=(pid,), name="checkpoint-reaper", daemon=True).start()
+        threading.Thread(target=self._reap, args=(pid, time.monotonic()), name="checkpoint-reaper",
+                         daemon=True).start()
 
     def _child(self, parent: int, limit: int, job_id: str) -> int:
         try:
             gc.disable()  # no finaliser of a user object runs in this copy
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the worker's code
+            try:
+                os.nice(NICE)  # the worker's next cell comes first
+            except OSError:
+                pass
             _die_with_parent()
             if os.getppid() != parent:
                 return ABANDONED
@@ -189,7 +200,7 @@ class Background:
             _say(f"remotemagic worker: checkpoint after {job_id} failed: {type(exc).__name__}: {exc}\n")
             return 1
 
-    def _reap(self, pid: int) -> None:
+    def _reap(self, pid: int, started: float) -> None:
         status: int | None = None
         while True:
             try:
@@ -199,16 +210,37 @@ class Background:
                 continue
             except ChildProcessError:  # reaped by someone else (user code calling os.wait)
                 break
+        now = time.monotonic()
         with self.cond:
             self.pid = None
             self.last_exit = status
-            pending = self.pending is not None
+            self.quiet_until = now + min(now - started, MAX_PAUSE)
             self.cond.notify_all()
         if status is not None and os.WIFSIGNALED(status):
             _say(f"remotemagic worker: checkpoint writer {pid} killed by signal {os.WTERMSIG(status)}; "
                  "the previous checkpoint stays\n")
+        with self.cond:  # pause as long as that writer took (cancel() ends the pause), then start the next
+            self.cond.wait_for(lambda: time.monotonic() >= self.quiet_until, max(0.0, self.quiet_until - now))
+            pending = self.pending is not None and self.pid is None
         if pending:
             self.wake()
+
+
+def _size_at_least(value: Any) -> int:
+    """A cheap lower bound of a value's pickle size (0 if unknown): skipping a value over the
+    limit must not cost pickling it first."""
+    try:
+        if isinstance(value, (bytes, bytearray, str)):
+            return len(value)
+        nbytes = getattr(value, "nbytes", None)
+        if isinstance(nbytes, int):
+            return nbytes
+        if type(value).__module__.startswith("pandas") and hasattr(value, "memory_usage"):
+            usage = value.memory_usage(index=True, deep=False)  # no string is visited
+            return int(usage.sum() if hasattr(usage, "sum") else usage)
+    except Exception:
+        pass
+    return 0
 
 
 def _say(text: str) -> None:
