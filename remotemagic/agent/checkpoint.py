@@ -50,20 +50,32 @@ def recover(sdir: str) -> None:
 
 
 def save(sdir: str, items: Iterable[tuple[str, Any]], limit: int, job_id: str,
-         commit: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+         commit: Callable[[], bool] = lambda: True, worker: int | None = None) -> dict[str, Any]:
     """Pickle ``items`` whose pickle is at most ``limit`` bytes (0: no limit) into
     ``checkpoint.new/``, then swap it in for ``checkpoint/`` if ``commit()`` still agrees.
-    Returns the index."""
+    Returns the index.
+
+    ``worker``: the pid of the process whose namespace this is. The index remembers which
+    objects (by ``id`` and type, valid within that process) pickled larger than ``limit``, so
+    the next checkpoint of the same worker skips them without pickling them again."""
     recover(sdir)
+    previous = files.read_json(os.path.join(sdir, CURRENT, "index.json"), {}) or {}
+    large = previous.get("large") or {} if worker and previous.get("worker") == worker else {}
     new = os.path.join(sdir, NEW)
     if os.path.isdir(new):
         shutil.rmtree(new, ignore_errors=True)
     files.private_dir(new)
     saved: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    too_large: dict[str, Any] = {}
     for name, value in items:
         if limit and _size_at_least(value) > limit:
             skipped[name] = f"larger than {limit} bytes"
+            continue
+        key = [id(value), files.type_name(value)]
+        if limit and large.get(name) == key:  # the same object as last time: still too large
+            skipped[name] = f"larger than {limit} bytes"
+            too_large[name] = key
             continue
         try:
             enc = files.encode(value)
@@ -72,11 +84,13 @@ def save(sdir: str, items: Iterable[tuple[str, Any]], limit: int, job_id: str,
             continue
         if limit and enc.size > limit:
             skipped[name] = f"larger than {limit} bytes"
+            too_large[name] = key
             continue
         files.write_object(os.path.join(new, name + ".obj"), enc)
         saved[name] = {"size": enc.size, "type": files.type_name(value)}
         del enc
-    index = {"time": time.time(), "after_job": job_id, "saved": saved, "skipped": skipped}
+    index = {"time": time.time(), "after_job": job_id, "saved": saved, "skipped": skipped,
+             "worker": worker, "large": too_large}
     files.write_json(os.path.join(new, "index.json"), index)
     if not commit():
         raise Abandoned(job_id)
@@ -192,7 +206,7 @@ class Background:
             # the session lock, the FIFO, user files and sockets are the worker's, not ours
             _close_fds()
             sys.stdout = sys.stderr = open(os.devnull, "w")  # the worker's streams take locks
-            save(self.sdir, self.items(), limit, job_id, commit=lambda: os.getppid() == parent)
+            save(self.sdir, self.items(), limit, job_id, commit=lambda: os.getppid() == parent, worker=parent)
             return 0
         except Abandoned:
             return ABANDONED

@@ -286,7 +286,10 @@ class Worker:
     def write_status(self, jdir: str, status: dict[str, Any]) -> None:
         path = os.path.join(jdir, "status.json")
         try:
-            files.write_json(path, status)
+            if status.get("state") == "running":  # means nothing after a machine crash: no fsync
+                files.atomic_write(path, [json.dumps(status, indent=1, sort_keys=True).encode()], durable=False)
+            else:
+                files.write_json(path, status)
             return
         except OSError as exc:
             first = exc
@@ -612,7 +615,7 @@ class Worker:
         (never half a checkpoint). A background checkpoint still running is dropped first:
         this one is newer."""
         self.checkpoints.cancel()
-        index = checkpoints.save(self.sdir, self.checkpoint_items(), limit, job_id)
+        index = checkpoints.save(self.sdir, self.checkpoint_items(), limit, job_id, worker=os.getpid())
         saved, skipped = index["saved"], index["skipped"]
         if report:
             names = ", ".join(sorted(saved)) or "nothing"
