@@ -811,9 +811,9 @@ class Bench:
             self.results.add(Row(link, f"{way} {self.args.magics_mb} MiB file", "OpenSSH scp", scp[way], "MB/s",
                                  statistics.median(times), extra={"times_s": times}))
         array_mb = self.args.size_mb
-        namespaces = [[key, code.format(array_bytes=array_mb * MiB)] for key, _, code in magics_bench.NAMESPACES]
-        labels = {key: label.format(array_label=f"{array_mb} MiB" if array_mb < 1024 else f"{array_mb / 1024:g} GiB")
-                  for key, label, _ in magics_bench.NAMESPACES}
+        namespaces = [[key, code.replace("{array_bytes}", str(array_mb * MiB))] for key, _, code in magics_bench.NAMESPACES]
+        shown = f"{array_mb} MiB" if array_mb < 1024 else f"{array_mb / 1024:g} GiB"
+        labels = {key: label.replace("{array_label}", shown) for key, label, _ in magics_bench.NAMESPACES}
         root = self.root("magics")
         spec = {"runs": self.args.latency_runs, "reps": self.reps(link), "size": size, "src": str(src),
                 "root": str(root), "namespaces": namespaces,
@@ -926,6 +926,9 @@ class Bench:
         for link in self.args.links:
             t0 = time.perf_counter()
             print(f"\n== {LINK_NAMES[link]} ==", flush=True)
+            if self.args.only_magics:
+                self.magics(link)
+                continue
             self.openssh(link)
             self.remotemagic(link)
             if link == "lo" and not self.args.skip_memory:
@@ -1045,6 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wan-repeat", type=int, default=1, help="repeats of each WAN bulk transfer (median)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-magics", action="store_true")
+    p.add_argument("--only-magics", action="store_true", help="only the magics rows (and their scp baseline)")
     p.add_argument("--magics-mb", type=int, default=None,
                    help="array pushed and pulled through the magics, in MiB (default 512; --quick 256)")
     p.add_argument("--python", default=base_python(),
