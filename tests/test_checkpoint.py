@@ -189,3 +189,22 @@ def test_recover_a_writer_killed_between_its_renames(tmp_path: Path) -> None:
     index = checkpoints.save(str(sdir), [("x", 2), ("f", open)], 0, "job-2")
     assert index["saved"].keys() == {"x", "f"} and not (sdir / "checkpoint.old").exists()
     assert files.load_object(str(sdir / "checkpoint" / "x.obj")) == 2
+
+
+def test_a_value_over_the_limit_is_skipped_and_not_pickled_again(root: Path) -> None:
+    r = remotemagic.connect("local", root=str(root), session="s", checkpoint_limit=4000)
+    try:
+        first = run_ok(r, "big = list(range(5000))\nblob = b'x' * 10_000\nsmall = 1")
+        ck = checkpointed(root, first)
+        assert sorted(ck["saved"]) == ["small"]
+        assert ck["skipped"] == {"big": "larger than 4000 bytes", "blob": "larger than 4000 bytes"}
+        assert list(ck["large"]) == ["big"]  # pickled once to learn it; blob's len() was enough
+        key = ck["large"]["big"]
+        again = run_ok(r, "small = 2")
+        ck = checkpointed(root, again)
+        assert ck["large"] == {"big": key} and "big" in ck["skipped"]  # the same object: not pickled again
+        smaller = run_ok(r, "big = list(range(10))")  # a new object: looked at afresh
+        ck = checkpointed(root, smaller)
+        assert saved_value(root, "big") == list(range(10)) and "big" not in ck["large"]
+    finally:
+        r.close()
