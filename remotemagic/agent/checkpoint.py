@@ -171,6 +171,7 @@ class Background:
     # -- the fork -------------------------------------------------------------------------------
     def _fork(self, limit: int, job_id: str) -> None:
         parent = os.getpid()
+        _prepare()  # imports done once here, not in every child
         for stream in (sys.__stdout__, sys.__stderr__):
             try:
                 if stream is not None:
@@ -280,14 +281,27 @@ def _close_fds() -> None:
                 pass
 
 
+_prctl: Any = None
+
+
+def _prepare() -> None:
+    """In the worker, before forking: what every child needs, imported once."""
+    global _prctl
+    import cloudpickle  # noqa: F401  (files.encode imports it; the child inherits it loaded)
+
+    if _prctl is None and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except Exception:
+            _prctl = False
+
+
 def _die_with_parent() -> None:
     """Linux: SIGKILL this child when the worker dies (best effort; the commit re-checks)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+    if _prctl:
+        try:
+            _prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
