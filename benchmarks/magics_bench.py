@@ -62,6 +62,8 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             r.show_progress = shown
 
+    control = f"{r.session}-empty"  # a second session that stays empty: the same moments' baseline
+
     def settle() -> None:
         os.sync()
         time.sleep(0.2)
@@ -79,17 +81,22 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
         res["setup_s"] = time.perf_counter() - t0
         for _ in range(5):
             magic("run", "pass")
+            magic(f"run --session {control}", "pass")
             api("pass")
         cells: list[float] = []
         apis: list[float] = []
-        for _ in range(spec["runs"]):
+        empties: list[float] = []
+        for _ in range(spec["runs"]):  # interleaved: the machine's load hits all three alike
             t0 = time.perf_counter()
             magic("run", "pass")
             cells.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
+            magic(f"run --session {control}", "pass")
+            empties.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
             api("pass")
             apis.append(time.perf_counter() - t0)
-        res["cell_ms"], res["api_ms"] = _median_ms(cells), _median_ms(apis)
+        res["cell_ms"], res["api_ms"], res["empty_ms"] = _median_ms(cells), _median_ms(apis), _median_ms(empties)
         res["cell_p90_ms"] = sorted(cells)[int(len(cells) * 0.9)] * 1000
         if arr is not None and key in spec["transfer"]:
             push_m, push_a, pull_m, pull_a = [], [], [], []
@@ -131,6 +138,7 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
             res.update(push_magics=push_m, push_api=push_a, pull_magics=pull_m, pull_api=pull_a)
         magic("run", "%reset -f")
         out[key] = res
+    r.stop_session(control)
     return out
 
 
