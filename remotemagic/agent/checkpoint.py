@@ -163,11 +163,6 @@ class Background:
                     pass
             self.cond.wait_for(lambda: self.pid is None, timeout)
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until no writer runs and none is pending (for callers that need it on disk)."""
-        with self.cond:
-            return self.cond.wait_for(lambda: self.pid is None and self.pending is None, timeout)
-
     # -- the fork -------------------------------------------------------------------------------
     def _fork(self, limit: int, job_id: str) -> None:
         parent = os.getpid()
