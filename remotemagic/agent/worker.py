@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from . import cellshell, files, spot
+from . import checkpoint as checkpoints
 from .fdcapture import FdCapture
 
 RESERVE_BYTES = 1024 * 1024  # freed when the disk is full, so a final status can still be written
@@ -234,6 +235,8 @@ class Worker:
         self.spot_job: str | None = None  # the job that was running when it came
         self.spot_saved = False  # the spot checkpoint is taken (main thread only)
         self.spot_lock = threading.Lock()  # orders the writes of spot_notice.json
+        # the automatic checkpoint after each cell: a forked child writes it (agent/checkpoint.py)
+        self.checkpoints = checkpoints.Background(self.sdir, self.checkpoint_items, self._wake_for_checkpoint)
 
     # -- signals -------------------------------------------------------------------------
     def on_sigint(self, signum: int, frame: Any) -> None:
@@ -257,6 +260,7 @@ class Worker:
         self.make_reserve()
         # O_RDWR keeps the FIFO open with no writer, so readline never sees EOF.
         fd = os.open(fifo, os.O_RDWR)
+        checkpoints.recover(self.sdir)
         files.write_json(os.path.join(self.sdir, "worker.json"),
                          {"pid": os.getpid(), "started": time.time(), "idle_hours": self.idle_hours,
                           "cwd": os.getcwd()})
@@ -281,6 +285,9 @@ class Worker:
                         return
                     if job_id == "spot":  # on_spot_notice woke us up
                         self.spot_checkpoint(None)
+                        continue
+                    if job_id == "checkpoint":  # the last checkpoint writer ended; one is pending
+                        self.checkpoints.resume()
                         continue
                     try:
                         files.check_job_id(job_id)
@@ -326,7 +333,10 @@ class Worker:
     def write_status(self, jdir: str, status: dict[str, Any]) -> None:
         path = os.path.join(jdir, "status.json")
         try:
-            files.write_json(path, status)
+            if status.get("state") == "running":  # means nothing after a machine crash: no fsync
+                files.atomic_write(path, [json.dumps(status, indent=1, sort_keys=True).encode()], durable=False)
+            else:
+                files.write_json(path, status)
             return
         except OSError as exc:
             first = exc
@@ -436,10 +446,7 @@ class Worker:
         elif stopping:
             pass  # its namespace is being dropped on purpose
         elif spec.get("kind", "cell") == "cell" and limit > 0 and not held and state in ("done", "error", "interrupted", "timeout"):
-            try:
-                self.checkpoint(int(limit), job_id)
-            except Exception as exc:  # a checkpoint is a convenience; never break the session
-                sys.__stderr__.write(f"remotemagic worker: checkpoint after {job_id} failed: {exc}\n")
+            self.checkpoints.request(int(limit), job_id)  # forked: the next job does not wait for it
         self.make_reserve()
 
     def install_modules(self, modules: dict[str, str]) -> None:
@@ -647,58 +654,45 @@ class Worker:
         return {"restored": restored, "missing": missing}
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def checkpoint(self, limit: int, job_id: str, report: bool = False) -> dict[str, Any]:
-        """Pickle every user variable whose pickle is at most ``limit`` bytes (0: no limit)
-        into ``checkpoint.new/``, then swap it in for ``checkpoint/`` (never half a checkpoint)."""
+    def checkpoint_items(self) -> Any:
+        """The (name, value) pairs a checkpoint saves: user variables, not modules or IPython's own."""
         shell = self.shell
         hidden = set(shell.user_ns_hidden)
-        new = os.path.join(self.sdir, "checkpoint.new")
-        if os.path.isdir(new):
-            _rmtree(new)
-        files.private_dir(new)
-        saved: dict[str, Any] = {}
-        skipped: dict[str, str] = {}
         for name, value in list(shell.user_ns.items()):
             if name.startswith("_") or name in hidden or name in SKIP_NAMES or type(value).__name__ == "module":
                 continue
-            approx = getattr(value, "nbytes", None)
-            if limit and isinstance(approx, int) and approx > limit:
-                skipped[name] = f"larger than {limit} bytes"
-                continue
+            yield name, value
+
+    def _wake_for_checkpoint(self) -> None:
+        """The checkpoint reaper's thread: have the main thread start the pending checkpoint
+        once it is between jobs (a line on our own FIFO, like the spot watcher's)."""
+        try:
+            fd = os.open(os.path.join(self.sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
             try:
-                enc = files.encode(value)
-            except Exception as exc:
-                skipped[name] = f"cannot be pickled: {type(exc).__name__}: {exc}"
-                continue
-            if limit and enc.size > limit:
-                skipped[name] = f"larger than {limit} bytes"
-                continue
-            files.write_object(os.path.join(new, name + ".obj"), enc)
-            saved[name] = {"size": enc.size, "type": files.type_name(value)}
-        index = {"time": time.time(), "after_job": job_id, "saved": saved, "skipped": skipped}
-        cur, old = os.path.join(self.sdir, "checkpoint"), os.path.join(self.sdir, "checkpoint.old")
-        kept = files.read_json(os.path.join(cur, "index.json")) or {}
-        if not saved and skipped and kept.get("saved"):
-            # saving nothing (every value skipped) must not replace a checkpoint that holds values
-            _rmtree(new)
+                os.write(fd, b"checkpoint\n")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            sys.__stderr__.write(f"remotemagic worker: cannot start the pending checkpoint: {exc}\n")
+
+    def checkpoint(self, limit: int, job_id: str, report: bool = False) -> dict[str, Any]:
+        """Now, in this process: pickle every user variable whose pickle is at most ``limit``
+        bytes (0: no limit) into ``checkpoint.new/``, then swap it in for ``checkpoint/``
+        (never half a checkpoint). A background checkpoint still running is dropped first:
+        this one is newer."""
+        self.checkpoints.cancel()
+        index = checkpoints.save(self.sdir, self.checkpoint_items(), limit, job_id, worker=os.getpid())
+        if index.get("kept"):  # every value skipped: the previous checkpoint stays
             if report:
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(kept["time"]))
+                skipped = index["skipped_now"]
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(index["time"]))
                 self.router.emit({"type": "stream", "name": "stderr", "text":
                                   f"Nothing checkpointed ({len(skipped)} value(s) skipped); kept the checkpoint of "
-                                  f"{when} ({len(kept['saved'])} value(s): {', '.join(sorted(kept['saved'])[:8])})\n"})
+                                  f"{when} ({len(index['saved'])} value(s): {', '.join(sorted(index['saved'])[:8])})\n"})
                 for name, why in sorted(skipped.items()):
                     self.router.emit({"type": "stream", "name": "stderr", "text": f"  skipped {name}: {why}\n"})
-            return {"checkpoint": kept, "kept": True}
-        files.write_json(os.path.join(new, "index.json"), index)
-        if os.path.isdir(old):
-            _rmtree(old)
-        if os.path.isdir(cur):
-            os.rename(cur, old)
-        os.rename(new, cur)
-        files.fsync_dir(self.sdir)
-        if os.path.isdir(old):
-            _rmtree(old)
-        _unlink(os.path.join(self.sdir, "checkpoint.hold"))
+            return {"checkpoint": {k: v for k, v in index.items() if k != "skipped_now"}, "kept": True}
+        saved, skipped = index["saved"], index["skipped"]
         if report:
             names = ", ".join(sorted(saved)) or "nothing"
             self.router.emit({"type": "stream", "name": "stdout", "text": f"Checkpointed {len(saved)} value(s): {names}\n"})
@@ -707,6 +701,8 @@ class Worker:
         return {"checkpoint": index}
 
     def restore_checkpoint(self) -> dict[str, Any]:
+        self.checkpoints.cancel()
+        checkpoints.recover(self.sdir)
         for folder in ("checkpoint", "checkpoint.old"):
             path = os.path.join(self.sdir, folder)
             index = files.read_json(os.path.join(path, "index.json"))
