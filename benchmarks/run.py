@@ -12,7 +12,15 @@ both links, with every contender going through the same path:
   connection (ControlMaster socket, and paramiko ``exec_command('true')`` with TCP_NODELAY);
 * remotemagic: push/pull of a numpy array, push/pull of a file and of the folder, a re-push of
   the unchanged array, the warm ``r.run("pass")`` latency, a compressible array on the WAN;
-* peak memory of a process pushing the array and of the remote worker loading it.
+* peak memory of a process pushing the array and of the remote worker loading it;
+* through the magics (``benchmarks/magics_bench.py``): ``%%ec2 run pass``, ``-i`` and ``-o`` on an
+  IPython shell and in a real Jupyter kernel, against the API on the same session, with the
+  remote namespace empty or holding 300 000 small dicts, a ~150 MiB DataFrame or a big array.
+
+It runs from a fresh venv (``python3 -m venv v && v/bin/pip install -e '.[test]'``): the remote
+venv is built from the base interpreter and installs cloudpickle, IPython, numpy and pandas
+only from the wheelhouse ``tests/run.sh`` uses (``.cache/wheelhouse``; filled here if needed),
+once, shared by every remote root of the run.
 
 Ratios are against baselines measured in the same run. The table and
 ``benchmarks/results/latest.json`` say PASS/MISS for each target. Everything the run starts
@@ -44,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks import magics_bench  # noqa: E402
 from tests.sshd import SSHServer, require_sshd  # noqa: E402
 
 MB = 1e6
@@ -237,7 +246,11 @@ class Bench:
     # processes
     def start(self) -> None:
         require_sshd()
-        self.server = SSHServer(self.tmp / "sshd").start()
+        wheels = fill_wheelhouse()
+        # the remote venv installs only from the wheelhouse, like the bootstrap tests
+        env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "UV_NO_INDEX": "1",
+               "UV_FIND_LINKS": str(wheels), "UV_PYTHON_DOWNLOADS": "never"}
+        self.server = SSHServer(self.tmp / "sshd", env=env).start()
         if "wan" in self.args.links:
             self.relay = subprocess.Popen(
                 [sys.executable, str(HERE / "wanlink.py"), "--target", str(self.server.port),
@@ -482,12 +495,38 @@ class Bench:
             lk.close()
 
     # -- remotemagic -------------------------------------------------------------------------------
+    def root(self, name: str) -> Path:
+        """A remote root of its own (objects are content-addressed: a shared root would make
+        the second link's first push a free re-push) whose venv is the run's shared one."""
+        root = self.remote_root / name
+        if not root.exists():
+            root.mkdir(mode=0o700, parents=True)
+            (root / "venv").symlink_to(self.shared_venv())
+        return root
+
+    def shared_venv(self) -> Path:
+        """Bootstrap one remote venv over loopback; add numpy and pandas from the wheelhouse."""
+        shared = self.remote_root / "shared"
+        if not (shared / "venv").exists():
+            import remotemagic
+
+            t0 = time.perf_counter()
+            r = remotemagic.connect(f"ssh:{self.host('lo')}", ssh_config=str(self.cfg), root=str(shared),
+                                    state_root=str(self.state), session="setup", python=self.args.python)
+            try:
+                wanted = remote_packages()
+                status, _ = r.transport.run(f'"{shared}/venv/bin/python" -c "import numpy, pandas" 2>&1')
+                if status != 0:
+                    list(r.pip_install(*wanted))
+            finally:
+                r.close()
+            print(f"remote venv: {shared / 'venv'} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        return shared / "venv"
+
     def connect(self, link: str, session: str, compression: str = "auto") -> Any:
         import remotemagic
 
-        # one remote root per link: objects are content-addressed, so a shared root would make
-        # the second link's first push a (free) re-push
-        return remotemagic.connect(f"ssh:{self.host(link)}", ssh_config=str(self.cfg), root=str(self.remote_root / link),
+        return remotemagic.connect(f"ssh:{self.host(link)}", ssh_config=str(self.cfg), root=str(self.root(link)),
                                    state_root=str(self.state), session=session, python=self.args.python,
                                    compression=compression, show_progress=False)
 
@@ -727,7 +766,7 @@ class Bench:
     def memory(self, link: str) -> None:
         """Peak RSS of a fresh process pushing (then pulling) the array, and of its worker."""
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", json.dumps({
-            "cfg": str(self.cfg), "host": self.host(link), "root": str(self.remote_root / "mem"), "state": str(self.state),
+            "cfg": str(self.cfg), "host": self.host(link), "root": str(self.root("mem")), "state": str(self.state),
             "src": str(self.src), "size": self.size, "python": self.args.python})]
         settle()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -748,6 +787,97 @@ class Bench:
                         note=f"before: {d['base'] / MB:.0f} MB ({d['base_what']}); peak - before = {extra_mb:.0f} MB "
                         f"for a {size_mb:.0f} MB array (ratio column: (peak - before) / array)",
                         extra={k: v for k, v in d.items()}))
+
+    # -- through the magics ------------------------------------------------------------------------
+    def magics(self, link: str) -> None:
+        """``%%ec2 run`` on an IPython shell and in a Jupyter kernel vs the API and scp."""
+        size = self.args.magics_mb * MiB
+        src = self.src if size == self.size else self.tmp / "magics.bin"
+        if src != self.src:
+            write_random_file(src, size)
+        scp = {}
+        for way, cmd, dest in (("upload", self.scp(src, f"{self.host(link)}:{self.remote_files / 'm-up.bin'}"),
+                                self.remote_files / "m-up.bin"),
+                               ("download", self.scp(f"{self.host(link)}:{src}", self.local_dl / "m-down.bin"),
+                                self.local_dl / "m-down.bin")):
+            times = []
+            for _ in range(self.reps(link)):
+                remove(dest)
+                settle()
+                times.append(run_cmd(cmd))
+                assert dest.stat().st_size == size
+                remove(dest)
+            scp[way] = size / MB / statistics.median(times)
+            self.results.add(Row(link, f"{way} {self.args.magics_mb} MiB file", "OpenSSH scp", scp[way], "MB/s",
+                                 statistics.median(times), extra={"times_s": times}))
+        array_mb = self.args.size_mb
+        namespaces = [[key, code.replace("{array_bytes}", str(array_mb * MiB))] for key, _, code in magics_bench.NAMESPACES]
+        shown = f"{array_mb} MiB" if array_mb < 1024 else f"{array_mb / 1024:g} GiB"
+        labels = {key: label.replace("{array_label}", shown) for key, label, _ in magics_bench.NAMESPACES}
+        root = self.root("magics")
+        spec = {"runs": self.args.latency_runs, "reps": self.reps(link), "size": size, "src": str(src),
+                "root": str(root), "namespaces": namespaces,
+                "transfer": ["empty", "dicts"] if self.args.quick else [k for k, _ in namespaces]}
+        use = (f"use ssh {self.host(link)} --root {root} --python {self.args.python} --ssh-config {self.cfg} "
+               f"--session {{session}}")
+        os.environ["REMOTEMAGIC_STATE_DIR"] = str(self.state)
+        from IPython.core.interactiveshell import InteractiveShell
+
+        ip = InteractiveShell.instance()
+        ip.run_line_magic("load_ext", "remotemagic")
+        t0 = time.perf_counter()
+        try:
+            ip.run_line_magic("ec2", use.format(session=f"shell-{uuid.uuid4().hex[:6]}"))
+            got = magics_bench.drive(spec)
+            ip.magics_manager.registry["Ec2Magics"].get_remote().stop_session()
+        finally:
+            ip.run_line_magic("unload_ext", "remotemagic")
+        self.magics_rows(link, "IPython shell", got, labels, scp)
+        print(f"  (magics on an IPython shell took {time.perf_counter() - t0:.0f} s)", flush=True)
+        if self.args.quick:
+            spec["transfer"] = ["empty"]
+        t0 = time.perf_counter()
+        got = magics_bench.kernel_drive(dict(os.environ), use.format(session=f"kernel-{uuid.uuid4().hex[:6]}"),
+                                        spec, str(REPO), self.args.latency_runs)
+        trip = got.pop("_round_trip")
+        self.results.add(Row(link, "kernel round trip: execute -> idle", "Jupyter client, %%ec2 run pass (median)",
+                             trip["magics_ms"], "ms", baseline="a local 'pass' cell",
+                             ratio=trip["magics_ms"] / trip["local_ms"],
+                             note=f"a local 'pass' cell: {trip['local_ms']:.1f} ms (the kernel's and the client's own cost)"))
+        self.magics_rows(link, "Jupyter kernel", got, labels, scp)
+        print(f"  (magics in a Jupyter kernel took {time.perf_counter() - t0:.0f} s)", flush=True)
+
+    def magics_rows(self, link: str, where: str, got: dict[str, Any], labels: dict[str, str],
+                    scp: dict[str, float]) -> None:
+        res = self.results
+        mb = self.args.magics_mb
+        for key, r in got.items():
+            cell, api, empty = r["cell_ms"], r["api_ms"], r["empty_ms"]
+            ok = cell <= 10.0 and cell <= 1.2 * empty
+            res.add(Row(link, f"warm cell, namespace: {labels[key]}", f"%%ec2 run pass, {where} (median)", cell, "ms",
+                        baseline="an empty session, interleaved", ratio=cell / empty, target="<= 10 ms and <= 1.2x empty",
+                        status=status_of(ok), note=f"p90 {r['cell_p90_ms']:.1f} ms; an empty session's cell "
+                        f"{empty:.1f} ms and API r.run('pass') on this session {api:.1f} ms, interleaved with it; "
+                        f"namespace set up in {r['setup_s']:.1f} s",
+                        extra={"api_ms": api, "empty_ms": empty, "p90_ms": r["cell_p90_ms"]}))
+            res.add(Row(link, f"warm cell, namespace: {labels[key]}", f"magics vs API, {where}", cell / api, "x",
+                        baseline="API r.run('pass')", ratio=cell / api, target="<= 1.10x API",
+                        status=status_of(cell <= 1.10 * api)))
+            for way, magic_key, api_key, verb in (("upload", "push_magics", "push_api", "push"),
+                                                  ("download", "pull_magics", "pull_api", "pull")):
+                if magic_key not in r:
+                    continue
+                tm, ta = statistics.median(r[magic_key]), statistics.median(r[api_key])
+                rate, api_rate = mb * MiB / MB / tm, mb * MiB / MB / ta
+                flag = "-i x" if verb == "push" else "-o y"
+                res.add(Row(link, f"{verb} {mb} MiB array, namespace: {labels[key]}", f"%%ec2 run {flag}, {where}",
+                            rate, "MB/s", tm, baseline=f"scp {way} {mb} MiB", ratio=rate / scp[way],
+                            target=">= 1.0x scp", status=status_of(rate >= scp[way]),
+                            extra={"times_s": r[magic_key]}))
+                res.add(Row(link, f"{verb} {mb} MiB array, namespace: {labels[key]}", f"API r.run({verb}), {where}",
+                            api_rate, "MB/s", ta, baseline="magics / API", ratio=rate / api_rate,
+                            target="magics >= 0.90x API", status=status_of(rate >= 0.9 * api_rate),
+                            note=f"x{api_rate / scp[way]:.2f} of scp", extra={"times_s": r[api_key]}))
 
     # -- the machine ------------------------------------------------------------------------------
     def calibrate(self, when: str) -> None:
@@ -796,12 +926,57 @@ class Bench:
         for link in self.args.links:
             t0 = time.perf_counter()
             print(f"\n== {LINK_NAMES[link]} ==", flush=True)
+            if self.args.only_magics:
+                self.magics(link)
+                continue
             self.openssh(link)
             self.remotemagic(link)
             if link == "lo" and not self.args.skip_memory:
                 self.memory(link)
+            if link == "lo" and not self.args.skip_magics:
+                self.magics(link)
             print(f"  ({LINK_NAMES[link]} took {time.perf_counter() - t0:.0f} s)", flush=True)
         self.calibrate("end")
+
+
+def base_python() -> str:
+    """This interpreter; inside a venv, the one it was made from (a venv made from a venv's
+    python gets the base's packages, not the venv's: the bootstrap would find none)."""
+    if sys.prefix != sys.base_prefix:
+        return getattr(sys, "_base_executable", sys.executable)
+    return sys.executable
+
+
+def remote_packages() -> list[str]:
+    """What the remote venv needs beyond the bootstrap: the local numpy and pandas versions."""
+    import numpy
+
+    out = [f"numpy=={numpy.__version__}"]
+    try:
+        import pandas
+
+        out.append(f"pandas=={pandas.__version__}")
+    except ImportError:
+        pass
+    return out
+
+
+def fill_wheelhouse() -> Path:
+    """The wheelhouse tests/run.sh fills, with what the remote venv installs (offline if it
+    has everything already)."""
+    import cloudpickle
+
+    from remotemagic.transport.ssh import MIN_IPYTHON
+
+    wheels = Path(os.environ.get("REMOTEMAGIC_TEST_WHEELHOUSE") or REPO / ".cache" / "wheelhouse")
+    wheels.mkdir(parents=True, exist_ok=True)
+    want = [f"cloudpickle=={cloudpickle.__version__}", f"ipython>={MIN_IPYTHON}", "pip", *remote_packages()]
+    base = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--dest", str(wheels)]
+    offline = subprocess.run([*base, "--no-index", "--find-links", str(wheels), *want], capture_output=True)
+    if offline.returncode != 0:
+        print(f"filling the wheelhouse {wheels}: {' '.join(want)}", flush=True)
+        subprocess.run([*base, *want], check=True)
+    return wheels
 
 
 def _git(*args: str) -> str:
@@ -872,7 +1047,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="repeats of each loopback bulk transfer (median)")
     p.add_argument("--wan-repeat", type=int, default=1, help="repeats of each WAN bulk transfer (median)")
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--python", default=sys.executable, help="interpreter for the remote venv (default: this one)")
+    p.add_argument("--skip-magics", action="store_true")
+    p.add_argument("--only-magics", action="store_true", help="only the magics rows (and their scp baseline)")
+    p.add_argument("--magics-mb", type=int, default=None,
+                   help="array pushed and pulled through the magics, in MiB (default 512; --quick 256)")
+    p.add_argument("--python", default=base_python(),
+                   help="interpreter for the remote venv (default: this one, or the base of the venv it runs in)")
     p.add_argument("--tmp", default=None, help="folder for the temporary files (default: the system's)")
     p.add_argument("--keep-tmp", action="store_true")
     p.add_argument("--max-minutes", type=float, default=60, help="the relay stops by itself after this long")
@@ -884,6 +1064,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.size_mb = args.size_mb or (256 if args.quick else 1024)
     args.files = args.files or (2000 if args.quick else 10000)
+    args.magics_mb = args.magics_mb or (256 if args.quick else 512)
     args.links = [x.strip() for x in args.links.split(",") if x.strip()]
     for x in args.links:
         if x not in LINK_NAMES:

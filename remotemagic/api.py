@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -210,6 +211,17 @@ class Job:
         self.remote._notice(ans)
         return ans["state"]
 
+    def answer_input(self, seq: int, value: str | None = None, error: BaseException | None = None) -> bool:
+        """Answer the job's ``input_request`` number ``seq`` with ``value`` (or make the remote
+        ``input()`` raise ``error``'s type and message). False if it no longer waits for it."""
+        answer: dict[str, Any] = ({"error": {"ename": type(error).__name__, "evalue": str(error)}}
+                                  if error is not None else {"value": str(value or "")})
+        return bool(self.remote.request("stdin", job=self.id, seq=int(seq), answer=answer).get("waiting"))
+
+    def input_pending(self, seq: int) -> bool:
+        """Whether the job still waits for the answer to its ``input_request`` number ``seq``."""
+        return bool(self.remote.request("stdin", job=self.id, seq=int(seq)).get("waiting"))
+
     # -- results -------------------------------------------------------------------------------
     def error(self) -> errors.RemoteError | None:
         """The job's failure as an exception (with the remote traceback), or None."""
@@ -217,14 +229,16 @@ class Job:
         stt = st.get("state")
         if stt in (None, "done"):
             return None
-        err = st.get("error") or {}
+        err = dict(st.get("error") or {})
         tb: list[str] = []
         for ev in self.events():
             if ev.get("type") == "error":
                 tb = ev.get("traceback") or []
                 if not err:
                     err = ev
-        return errors.RemoteError(self.id, stt, err.get("ename", stt), err.get("evalue", ""), tb)
+                if ev.get("ename") == err.get("ename") and ev.get("emodule"):
+                    err.setdefault("emodule", ev["emodule"])  # where the type lives: re-raised as that type
+        return errors.remote_error(self.id, stt, err.get("ename", stt), err.get("evalue", ""), tb, err.get("emodule"))
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait, then return the pulled ``-o`` values by name.
@@ -330,11 +344,26 @@ class Remote:
         self.provider: Any = None
         #: The user notices raised while connecting (also shown: see :mod:`remotemagic.notices`).
         self.notices: list[dict[str, Any]] = []
+        #: the working folder as the target resolves it (None: the target's home folder)
+        self.workdir: str | None = None
         with notices.collect(propagate=True) as got:
             try:
                 self._connect_first()
             finally:
                 self.notices.extend(got)
+        if cwd is not None:
+            self._check_cwd()
+
+    def _check_cwd(self) -> None:
+        """A working folder that does not exist on the target is an error now, not a job that
+        silently runs somewhere else later."""
+        st = self.request("stat", path=self.cwd)
+        if not st.get("exists") or not st.get("is_dir"):
+            self.close()
+            what = "is not a folder" if st.get("exists") else "does not exist"
+            raise ValueError(f"the working folder {self.cwd} {what} on {self.target}: create it there, or "
+                             "choose another (--workdir, or cwd=)")
+        self.workdir = st.get("real") or st["path"]
 
     def __repr__(self) -> str:
         return f"<Remote {self.target} session={self.session}>"
@@ -481,6 +510,9 @@ class Remote:
         session: str | None = None,
         timeout: float | None = None,
         on_event: EventHandler | None = None,
+        execution_count: int | None = None,
+        colors: str | None = None,
+        stdin: bool = False,
         retries: int = 0,
     ) -> Job:
         """Run ``code`` in a session on the target.
@@ -490,6 +522,11 @@ class Remote:
         ``on_event`` as they arrive and the call returns when the job ends; with
         ``background=True`` it returns at once.
 
+        ``execution_count`` runs the cell as ``In[n]`` (tracebacks say ``Cell In[n]``, the value
+        goes to ``Out[n]``); ``colors`` is the traceback colour theme (IPython's ``%colors``).
+        With ``stdin``, ``input()`` in the code emits an ``input_request`` event and waits for
+        :meth:`Job.answer_input`; without, it raises ``StdinNotImplementedError``.
+
         ``retries``: if the job ends because its worker died (a signal such as the
         out-of-memory killer's SIGKILL, or its machine went away), run it again -- up to
         ``retries`` more times -- in a fresh worker that first restores the session's last
@@ -497,6 +534,8 @@ class Remote:
         attempt's. Not for background jobs; never when the cell itself raises.
         """
         session = files.check_name("session", session or self.session)
+        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         retries = retry.check_retries(retries)
         if retries and background:
             raise ValueError("retries apply to foreground jobs only (background=False)")
@@ -504,27 +543,28 @@ class Remote:
         for name in pull:
             if not name.isidentifier():
                 raise ValueError(f"cannot pull {name!r}: not a Python identifier")
-        job = self._run_once(code, push, pull, background, session, timeout, on_event, None)
+        extra = {"timeout": timeout, "execution_count": execution_count, "colors": colors,
+                 "stdin": bool(stdin and not background)}
+        job = self._run_once(code, push, pull, background, session, on_event, extra)
         if not background:
             retry.tell_memory(job, self)
         for n in range(2, retries + 2):
             why = retry.why_retry(job._status or {})
             if why is None:
                 break
-            job = self._run_once(code, push, pull, background, session, timeout, on_event,
-                                 {"n": n, "of": retries + 1, "why": why})
+            job = self._run_once(code, push, pull, background, session, on_event,
+                                 {**extra, "attempt": {"n": n, "of": retries + 1, "why": why}})
             retry.tell_memory(job, self)
         return job
 
     def _run_once(self, code: str, push: dict[str, Any] | None, pull: list[str], background: bool, session: str,
-                  timeout: float | None, on_event: EventHandler | None, attempt: dict[str, Any] | None) -> Job:
+                  on_event: EventHandler | None, extra: dict[str, Any]) -> Job:
+        """Submit one attempt of a cell; ``extra`` goes into its spec (``timeout``, ``attempt``...)."""
         for attempt_push in (1, 2):
             inputs = self._push(dict(push or {}))
             spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
-                    "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
-                    "worker_idle_hours": self.worker_idle_hours}
-            if attempt:
-                spec["attempt"] = attempt
+                    "outputs": pull, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
+                    "worker_idle_hours": self.worker_idle_hours, **extra}
             if self.auto_restore:
                 spec["auto_restore"] = True
             spec["modules"] = values.local_module_sources(code)
@@ -659,6 +699,8 @@ class Remote:
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
         """Jobs on the target (all sessions), newest last; the local index if it is unreachable."""
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive number of jobs, not {limit!r}")
         try:
             return self.request("jobs", limit=limit)["jobs"]
         except errors.ConnectionLostError:
@@ -685,7 +727,9 @@ class Remote:
     def status(self) -> dict[str, Any]:
         """The target, its sessions and recent jobs; for EC2 also every instance of ours in the
         region with its hourly price and cost so far."""
-        out = {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": self.jobs(20)}
+        recent = self.request("jobs", limit=20, active=True)
+        out = {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": recent["jobs"],
+               "active": recent["active"]}
         if self.provider is not None:
             out["instances"] = self.provider.status()
         return out

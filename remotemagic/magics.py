@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import logging
+import math
 import os
 import shlex
 import sys
 import time
+import unicodedata
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -34,7 +37,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _names(text: str | None) -> list[str]:
-    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    # NFKC: what Python itself does to identifiers (``ℌ = 1`` binds ``H``)
+    names = [unicodedata.normalize("NFKC", n.strip()) for n in (text or "").split(",") if n.strip()]
     for n in names:
         if not n.isidentifier():
             raise UsageError(f"{n!r} is not a variable name")
@@ -53,13 +57,48 @@ def _showing_notices(method: Any) -> Any:
     return wrapper
 
 
+def _split(line: str, magic: str) -> list[str]:
+    """The words of a magic line, or a UsageError saying what is wrong with its quoting."""
+    try:
+        return shlex.split(line)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise UsageError(f"{magic}: cannot read the line ({exc}): close the quote, or escape it with \\") from None
+
+
+def _session_name(text: str) -> str:
+    try:
+        return files.check_name("session", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number")
+    return value
+
+
 def _parsers() -> dict[str, _Parser]:
     p: dict[str, _Parser] = {}
     use = p["use"] = _Parser(prog="%ec2 use", add_help=False)
     use.add_argument("kind", choices=["local", "ssh", "ec2"], help="where cells run")
     use.add_argument("host", nargs="?", help="ssh: an ~/.ssh/config alias or user@host[:port]; ec2: the instance name")
     use.add_argument("--root", help="the agent's folder on the target")
-    use.add_argument("--session", help="session (remote namespace) to use")
+    use.add_argument("--session", type=_session_name, help="session (remote namespace) to use")
     use.add_argument("--python", help="ssh: the remote interpreter to build the environment from")
     use.add_argument("--workdir", help="folder on the target that cells run in and relative paths start from "
                      "(default: the home folder; for local, this kernel's folder)")
@@ -92,15 +131,15 @@ def _parsers() -> dict[str, _Parser]:
     run.add_argument("-i", "--push", default="", help="comma-separated local variables to send")
     run.add_argument("-o", "--pull", default="", help="comma-separated variables to bring back")
     run.add_argument("--bg", action="store_true", help="return at once; the job runs on")
-    run.add_argument("--session", help="session (remote namespace) to run in")
-    run.add_argument("--timeout", type=float, help="interrupt the job after this many seconds")
+    run.add_argument("--session", type=_session_name, help="session (remote namespace) to run in")
+    run.add_argument("--timeout", type=_seconds, help="interrupt the job after this many seconds")
     run.add_argument("--retry", type=int, metavar="N", help="if the worker dies under the job, run it again up to N "
                      "times on a fresh worker restored from the last checkpoint (default: Ec2Magics.retries)")
     for name in ("output", "wait", "cancel"):
         q = p[name] = _Parser(prog=f"%ec2 {name}", add_help=False)
         q.add_argument("job", nargs="?" if name != "cancel" else None, help="job id or its unique end")
         if name == "wait":
-            q.add_argument("--timeout", type=float)
+            q.add_argument("--timeout", type=_seconds)
         if name == "cancel":
             q.add_argument("--kill", action="store_true", help="kill the job's worker at once (the namespace is lost)")
     push = p["push"] = _Parser(prog="%ec2 push", add_help=False)
@@ -110,14 +149,14 @@ def _parsers() -> dict[str, _Parser]:
     pull.add_argument("path", help="file or folder on the target")
     pull.add_argument("local", nargs="?", help="where here (default: same name, in the current folder)")
     jobs = p["jobs"] = _Parser(prog="%ec2 jobs", add_help=False)
-    jobs.add_argument("-n", type=int, default=20, help="how many (newest last)")
+    jobs.add_argument("-n", type=_count, default=20, help="how many (newest last)")
     p["status"] = _Parser(prog="%ec2 status", add_help=False)
     ck = p["checkpoint"] = _Parser(prog="%ec2 checkpoint", add_help=False)
     ck.add_argument("--restore", action="store_true", help="load the last checkpoint into the session")
-    ck.add_argument("--session")
+    ck.add_argument("--session", type=_session_name)
     ck.add_argument("--max-bytes", type=int, default=0, help="skip values whose pickle is larger (0: none)")
     restart = p["restart"] = _Parser(prog="%ec2 restart", add_help=False)
-    restart.add_argument("--session")
+    restart.add_argument("--session", type=_session_name)
     restart.add_argument("--all", action="store_true", help="stop the workers of every session on the target")
     p["sessions"] = _Parser(prog="%ec2 sessions", add_help=False)
     store = p["store"] = _Parser(prog="%ec2_store", add_help=False)
@@ -127,7 +166,7 @@ def _parsers() -> dict[str, _Parser]:
     store.add_argument("-z", action="store_true", help="delete every stored value")
     store.add_argument("--remote", action="store_true",
                        help="act on the remote session's namespace instead of this kernel's")
-    store.add_argument("--session", help="with --remote: which session")
+    store.add_argument("--session", type=_session_name, help="with --remote: which session")
     return p
 
 
@@ -165,6 +204,19 @@ def _transfer_summary(verb: str, done: dict[str, Any]) -> str:
     if done.get("resumed_from"):
         text += f", resumed after {_size(done['resumed_from'])}"
     return text + f" -> {done.get('path')}"
+
+
+@contextlib.contextmanager
+def _transfer_errors(verb: str, path: str) -> Any:
+    """A push or pull that fails on a path (missing, not allowed, a file in the way) is a
+    one-line error naming it; a lost connection stays what it is."""
+    try:
+        yield
+    except errors.ConnectionLostError:
+        raise
+    except (OSError, ValueError, errors.RemoteRequestError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"%ec2 {verb} {path}: {text}") from None
 
 
 @magics_class
@@ -373,7 +425,7 @@ class Ec2Magics(Magics):
         target and in a local mirror: close the browser, restart the kernel, and
         ``%ec2 output JOB`` still shows all of it.
         """
-        words = shlex.split(line)
+        words = _split(line, "%ec2")
         if not words:
             raise UsageError(self.ec2.__doc__ or "")
         cmd, rest = words[0], words[1:]
@@ -398,6 +450,17 @@ class Ec2Magics(Magics):
         assert self.remote is not None
         print(f"Using {self.remote.target} (session '{self.remote.session}', "
               f"Python {self.remote.info.get('python')} on the target)")
+        if args.workdir:
+            self._workdir_notice(self.remote)
+
+    @staticmethod
+    def _workdir_notice(remote: api.Remote) -> None:
+        """--workdir takes effect when a session's worker starts: say so if it already runs elsewhere."""
+        want = remote.workdir
+        for s in remote.sessions():
+            if s["name"] == remote.session and s.get("alive") and s.get("cwd") and want and s["cwd"] != want:
+                print(f"Note: session '{remote.session}' is already running in {s['cwd']}; --workdir {want} "
+                      f"applies when it starts again (%ec2 restart), or use another --session")
 
     def _run(self, args: argparse.Namespace, cell: str) -> None:
         ns = self.shell.user_ns
@@ -412,11 +475,13 @@ class Ec2Magics(Magics):
             raise UsageError(f"--retry: a number of retries >= 0, not {retries}")
         if args.bg and args.retry:
             raise UsageError("--retry applies to jobs in the foreground, not with --bg")
-        render = Renderer()
+        render = Renderer(remote=remote)
         remote.last_job = None
         try:
             job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
                              session=args.session, timeout=timeout, on_event=render,
+                             execution_count=self._cell_number(), colors=str(self.shell.colors),
+                             stdin=not args.bg,
                              retries=0 if args.bg else retries)
         except errors.UnpicklableValueError as exc:
             raise UsageError(str(exc)) from None
@@ -432,6 +497,11 @@ class Ec2Magics(Magics):
                   f"  %ec2 output {job.id[-4:]}  show its output so far")
             return
         self._pull_into_namespace(job)
+
+    def _cell_number(self) -> int:
+        """The number of the cell running now (IPython 9 counts it before running, 8 after)."""
+        count = getattr(self.shell.displayhook, "prompt_count", None)
+        return count if isinstance(count, int) else self.shell.execution_count
 
     def _kernel_shutting_down(self) -> bool:
         """Whether Jupyter is shutting this kernel down (ipykernel records the shutdown request)."""
@@ -477,6 +547,10 @@ class Ec2Magics(Magics):
             got = job.result()
         except errors.MissingOutputError as exc:
             self.shell.user_ns.update(exc.values)
+            raise
+        except errors.RemoteError as exc:
+            if exc.ename == "UsageError":  # shown as one "UsageError: ..." line, like a local one
+                raise UsageError(exc.evalue) from None
             raise
         self.shell.user_ns.update(got)
 
@@ -525,7 +599,7 @@ class Ec2Magics(Magics):
 
     def _cmd_wait(self, args: argparse.Namespace) -> None:
         job = self._job(args.job)
-        render = Renderer()
+        render = Renderer(remote=job.remote)
         for event in job.events():
             render(event)
         try:
@@ -591,8 +665,7 @@ class Ec2Magics(Magics):
                          "again, %ec2 checkpoint --restore" if ck else "checkpoint not taken yet"))
         if "instances" in st:
             self._print_instances(st["instances"])
-        running = [j for j in st["jobs"] if j.get("state") not in files.TERMINAL]
-        print(f"Jobs:     {len(st['jobs'])} recent, {len(running)} queued or running (%ec2 jobs lists them)")
+        print(f"Jobs:     {len(st['jobs'])} recent, {len(st['active'])} queued or running (%ec2 jobs lists them)")
 
     # -- EC2 ------------------------------------------------------------------------------------
     def _cmd_start(self, args: argparse.Namespace) -> None:
@@ -717,17 +790,20 @@ class Ec2Magics(Magics):
             raise UsageError(str(exc)) from None
 
     def _cmd_push(self, args: argparse.Namespace) -> None:
-        try:
-            done = self.get_remote().push(args.local, args.dest)
-        except FileNotFoundError as exc:
-            raise UsageError(str(exc)) from None
+        if not args.local.strip():
+            raise UsageError("%ec2 push: name the file or folder to send (an empty name is refused: "
+                             "it would send the whole current folder; use . for that)")
+        remote = self.get_remote()
+        with _transfer_errors("push", args.local):
+            done = remote.push(args.local, args.dest)
         print(_transfer_summary("Pushed", done))
 
     def _cmd_pull(self, args: argparse.Namespace) -> None:
-        try:
-            done = self.get_remote().pull(args.path, args.local)
-        except FileNotFoundError as exc:
-            raise UsageError(str(exc)) from None
+        if not args.path.strip():
+            raise UsageError("%ec2 pull: name the file or folder on the target (use . for the whole session folder)")
+        remote = self.get_remote()
+        with _transfer_errors("pull", args.path):
+            done = remote.pull(args.path, args.local)
         print(_transfer_summary("Pulled", done))
 
     def _cmd_checkpoint(self, args: argparse.Namespace) -> None:
@@ -804,7 +880,7 @@ class Ec2Magics(Magics):
         %ec2_store --remote a   store 'a' from the remote session's namespace (it never travels here)
         %ec2_store -r --remote a   restore 'a' straight into the remote session's namespace
         """
-        args = PARSERS["store"].parse_args(shlex.split(line))
+        args = PARSERS["store"].parse_args(_split(line, "%ec2_store"))
         remote = self.get_remote()
         ns = self.shell.user_ns
         if args.z:

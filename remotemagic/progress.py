@@ -14,4 +14,23 @@ def bar(total: int, desc: str, enabled: bool = True) -> tuple[Callable[[int], No
     from tqdm.auto import tqdm
 
     t: Any = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
-    return t.update, t.close
+    # tqdm.update per 256 KiB frame was ~20 ms of CPU per 256 MiB (~7 % of a loopback push's
+    # client CPU): hand it the bytes in steps of 1/200 of the total (at least 1 MiB)
+    step = max(total // 200, 1 << 20)
+    pending = 0
+
+    def update(n: int) -> None:
+        nonlocal pending
+        pending += n
+        if pending >= step:
+            t.update(pending)
+            pending = 0
+
+    def close() -> None:
+        nonlocal pending
+        if pending:
+            t.update(pending)
+            pending = 0
+        t.close()
+
+    return update, close

@@ -50,7 +50,7 @@ class JobRecord:
 
     def create(self, **meta: Any) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        files.write_json(str(self.dir / "meta.json"), {"id": self.id, **meta})
+        self._write_meta({"id": self.id, **meta})
         self.events_path.touch(mode=0o600, exist_ok=True)
 
     @property
@@ -61,7 +61,14 @@ class JobRecord:
         with self._lock():
             meta = self.meta
             meta.update(changes)
-            files.write_json(str(self.dir / "meta.json"), meta)
+            self._write_meta(meta)
+
+    def _write_meta(self, meta: dict[str, Any]) -> None:
+        """Atomic (a reader sees the whole old or new record) but not fsynced: two fsyncs per
+        write were most of a warm cell's local cost, and this index is a cache -- the target
+        keeps every job's spec, status and log durably, and ``sync`` fills the mirror again."""
+        files.atomic_write(str(self.dir / "meta.json"), [json.dumps(meta, indent=1, sort_keys=True).encode()],
+                           durable=False)
 
     @property
     def offset(self) -> int:

@@ -52,6 +52,8 @@ def _file_chunks(path: Path, offset: int) -> Any:
 def push(remote: Remote, local: str | os.PathLike[str], dest: str | None = None) -> dict[str, Any]:
     """Copy a local file or folder to the target (``dest`` relative to the session's folder
     there; default: the same base name). Returns what was sent."""
+    if not str(local).strip():
+        raise ValueError("push: name the file or folder to send (an empty name would mean the whole current folder)")
     src = Path(local).expanduser().resolve()
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
@@ -113,11 +115,16 @@ def push(remote: Remote, local: str | os.PathLike[str], dest: str | None = None)
 
 def pull(remote: Remote, path: str, local: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Copy a file or folder from the target to ``local`` (default: its base name here)."""
+    if not str(path).strip():
+        raise ValueError("pull: name the file or folder on the target")
     conn = remote.connection()
     common = {"cwd": remote.cwd}
     there = conn.request("list_tree", path=path, **common)
     dest = Path(local if local is not None else Path(there["root"]).name).expanduser().resolve()
     if there["dir"]:
+        if dest.exists() and not dest.is_dir():
+            raise FileExistsError(f"{there['root']} is a folder on the target but {dest} is a file here: "
+                                  "give another destination (%ec2 pull PATH LOCAL_FOLDER) or move that file")
         dest.mkdir(parents=True, exist_ok=True)
         mine = tarring.tree(str(dest))["files"]
         todo = tarring.differing(there["files"], mine)
@@ -155,6 +162,10 @@ def pull(remote: Remote, path: str, local: str | os.PathLike[str] | None = None)
                 update(len(payload))
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        if not offset and part.exists() and part.stat().st_size == 0:
+            part.unlink()  # nothing arrived (the target refused it): nothing to resume
+        raise
     finally:
         close()
     if part.stat().st_size != size:

@@ -393,3 +393,14 @@ def test_large_buffers_are_mapped_aligned_and_private(tmp_path: Path) -> None:
         f.truncate(enc.size - 1)
     with pytest.raises(ValueError, match="truncated"):
         files.load_object(path)
+
+
+def test_input_without_a_frontend_fails_at_once(remote: remotemagic.Remote) -> None:
+    from IPython.core.error import StdinNotImplementedError
+
+    job = remote.run("answer = input('Your name? ')", background=True)
+    job.wait(timeout=60)
+    with pytest.raises(StdinNotImplementedError, match="nobody can answer it") as info:
+        job.result()
+    assert isinstance(info.value, remotemagic.RemoteError)
+    assert not [e for e in job.events() if e["type"] == "input_request"]

@@ -255,8 +255,8 @@ def load_object(path: str) -> Any:
     rename, never rewritten in place, so a mapping never sees them change."""
     import mmap
 
-    check_private(os.path.dirname(path))
     with open(path, "rb", buffering=0) as f:
+        check_object_file(f, path)
         aligned, lengths, header = _read_head(f)
         size = os.fstat(f.fileno()).st_size
         if not aligned or max(lengths, default=0) < MAP_AT_LEAST:
@@ -274,12 +274,73 @@ def load_object(path: str) -> Any:
 
 def check_private(folder: str) -> None:
     """Refuse a folder that others could have written pickles (which are code) into."""
-    st = os.stat(folder)
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise PermissionError(
-            f"refusing to load pickles from {folder}: it must belong to uid {os.getuid()} and not be "
-            f"writable by group or others (mode {oct(st.st_mode & 0o777)}, owner uid {st.st_uid})"
-        )
+    why = unsafe_reason(folder, os.stat(folder), "folder")
+    if why:
+        raise PermissionError(f"refusing to load pickles from {why}")
+
+
+def _user(uid: int, bare: bool = False) -> str:
+    try:
+        import pwd
+
+        name = pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+    return f"{name}, uid {uid}" if bare else f"{name} (uid {uid})"
+
+
+def unsafe_reason(path: str, st: os.stat_result, what: str = "") -> str | None:
+    """Why ``path`` (with ``st`` from lstat/fstat) is not safe to trust, or None: it must belong
+    to us and not be writable by group or others (a symlink's own mode means nothing). The
+    reason starts with "the <what> <path>" and says what to fix."""
+    import stat as stat_mod
+
+    me = os.getuid()
+    what = what or ("folder" if stat_mod.S_ISDIR(st.st_mode) else "file")
+    if st.st_uid != me:
+        return (f"the {what} {path}: it belongs to {_user(st.st_uid)}, not to you ({_user(me, True)}), so code or "
+                "pickles another user put there would run as you. Use a root folder that you own and only you "
+                "can write (a new one, or leave --root / local_root / remote_root unset for the default)")
+    if not stat_mod.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
+        who = " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if st.st_mode & bit)
+        return (f"the {what} {path}: it is writable by {who} (mode {st.st_mode & 0o7777:04o}), so another user "
+                f"could put code there that would run as you. Fix it with: chmod go-w {path} (or chmod 700), "
+                "or use a folder only you can write")
+    return None
+
+
+def check_ours(path: str, what: str = "", follow: bool = False) -> None:
+    """Raise PermissionError (saying what to fix) unless ``path`` is ours and not writable by
+    group or others. A symlink is judged itself unless ``follow``."""
+    st = os.stat(path) if follow else os.lstat(path)
+    why = unsafe_reason(path, st, what)
+    if why:
+        raise PermissionError(f"refusing to use {why}")
+
+
+def check_tree(top: str, depth: int | None = None, what: str = "") -> None:
+    """``check_ours`` for ``top`` (followed if a symlink) and everything under it, ``depth``
+    levels down (None: all). Symlinks inside are judged themselves, never followed."""
+    check_ours(top, what, follow=True)
+    if depth == 0 or not os.path.isdir(top):
+        return
+    try:
+        entries = list(os.scandir(top))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        check_ours(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            check_tree(entry.path, None if depth is None else depth - 1)
+
+
+def check_object_file(f: BinaryIO, path: str) -> None:
+    """Before unpickling or serving an object file: its folder and the open file itself must be
+    ours and writable by nobody else (pickles are code)."""
+    check_private(os.path.dirname(path))
+    why = unsafe_reason(path, os.fstat(f.fileno()), "object file")
+    if why:
+        raise PermissionError(f"refusing to load {why}")
 
 
 def _read(f: BinaryIO, n: int) -> bytearray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import platform
 import signal
@@ -20,7 +21,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from . import PROTOCOL, files, transfer, wire
+from . import PROTOCOL, checkpoint, files, transfer, wire
 from .worker import STOPPING, mark_orphans, note_job
 
 DATA = 1024 * 1024
@@ -117,8 +118,15 @@ class Agent:
         self.uploads: dict[int, Upload] = {}
         self.cancelled: set[int] = set()
         self.children: list[subprocess.Popen] = []
-        for sub in ("objects", "store", "sessions", "jobs"):
-            files.private_dir(os.path.join(self.root, sub))
+        #: why this root must not be used (another user owns or can write it), told to every client
+        self.unsafe: str | None = None
+        try:
+            files.check_ours(self.root, "root folder", follow=True)
+            for sub in ("objects", "store", "sessions", "jobs"):
+                files.private_dir(os.path.join(self.root, sub))
+                files.check_ours(os.path.join(self.root, sub))
+        except PermissionError as exc:
+            self.unsafe = str(exc)
         self.agent_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.activity_at = -ACTIVITY_EVERY
 
@@ -174,6 +182,8 @@ class Agent:
         try:
             if method is None:
                 raise RequestError(f"unknown request {op!r} (agent protocol {PROTOCOL})")
+            if self.unsafe:
+                raise RequestError(self.unsafe, "UnsafeRoot")
             result = method(rid, req)
             payload = b""
             if isinstance(result, tuple):
@@ -186,7 +196,8 @@ class Agent:
 
     def fail(self, rid: int, exc: BaseException) -> None:
         kind = getattr(exc, "kind", type(exc).__name__)
-        detail = "" if isinstance(exc, (RequestError, ValueError, KeyError, FileNotFoundError)) else traceback.format_exc()
+        # an OSError names its file and says what is wrong (permission, not a folder...): no traceback
+        detail = "" if isinstance(exc, (RequestError, ValueError, KeyError, OSError)) else traceback.format_exc()
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         self.writer.send({"id": rid, "ok": False, "error": {"type": kind, "message": message, "detail": detail}})
 
@@ -335,7 +346,12 @@ class Agent:
 
     # -- sessions and workers -----------------------------------------------------------------
     def session_dir(self, session: str) -> str:
-        return files.private_dir(self.path("sessions", files.check_name("session", session)))
+        sdir = files.private_dir(self.path("sessions", files.check_name("session", session)))
+        try:  # its fifo takes job ids and its checkpoint is unpickled: nobody else may write there
+            files.check_ours(sdir, "session folder")
+        except PermissionError as exc:
+            raise RequestError(str(exc), "UnsafeRoot") from None
+        return sdir
 
     @staticmethod
     def worker_alive(sdir: str) -> bool:
@@ -355,6 +371,9 @@ class Agent:
 
         ``restoring``: the job that starts it restores the checkpoint itself (``--retry``,
         ``auto_restore``) and says so; no notice here then, unless there is nothing to restore."""
+        if not os.path.isdir(cwd):
+            raise RequestError(f"the working folder {cwd} does not exist on the target (or is not a folder): "
+                               "create it, or choose another with %ec2 use ... --workdir", "WorkdirError")
         notice = None
         died = files.read_json(os.path.join(sdir, "died.json"))
         if not died and os.path.exists(os.path.join(sdir, "worker.json")):
@@ -368,6 +387,7 @@ class Agent:
                 f"the previous worker of session '{session}' stopped ({died.get('cause')}); "
                 "its namespace was lost -- this job starts in a fresh one"
             )
+            checkpoint.recover(sdir)  # a writer killed between its renames
             index = files.read_json(os.path.join(sdir, "checkpoint", "index.json"))
             if index and index.get("saved"):
                 # keep that checkpoint: no automatic checkpoint until it is restored or replaced
@@ -460,8 +480,11 @@ class Agent:
         jdir = self.path("jobs", job_id)
         os.makedirs(jdir, mode=0o700)
         spec["submitted"] = time.time()
-        files.write_json(os.path.join(jdir, "spec.json"), spec)
-        files.write_json(os.path.join(jdir, "status.json"), {"state": "queued"})
+        # not fsynced (4 fsyncs were a third of a warm cell's disk waits): until the job ends these
+        # mean nothing after a machine crash, and the worker's final status write fsyncs the folder
+        files.atomic_write(os.path.join(jdir, "spec.json"), [json.dumps(spec, indent=1, sort_keys=True).encode()],
+                           durable=False)
+        files.atomic_write(os.path.join(jdir, "status.json"), [b'{"state": "queued"}'], durable=False)
         open(os.path.join(jdir, "events.jsonl"), "ab").close()
         files.atomic_write(os.path.join(jdir, "queued"), [b""], durable=False)
         cwd = os.path.expanduser(spec.get("cwd") or "~")
@@ -483,7 +506,7 @@ class Agent:
         log_path = os.path.join(jdir, "events.jsonl")
         packer = self.packer(req)
         nap = 0.001
-        checked = time.monotonic()
+        checked = active = time.monotonic()
         with open(log_path, "rb") as f:
             while rid not in self.cancelled:
                 f.seek(offset)
@@ -496,6 +519,7 @@ class Agent:
                     self.more(rid, {"offset": offset}, data, packer)
                     offset += len(data)
                     nap = 0.001
+                    active = time.monotonic()
                     continue
                 status = files.read_json(os.path.join(jdir, "status.json"), {})
                 if status.get("state") in files.TERMINAL:
@@ -511,7 +535,8 @@ class Agent:
                     checked = time.monotonic()
                     self.check_orphan(jdir, status)
                 time.sleep(nap)
-                nap = min(nap * 2, 0.05)
+                # a short cell's end is seen within 2 ms; after a quiet second, polls slow to 50 ms
+                nap = min(nap * 2, 0.05 if time.monotonic() - active > 1.0 else 0.002)
         return {"job": job_id, "detached": True, "offset": offset}
 
     def resubmit(self, jdir: str) -> None:
@@ -534,7 +559,9 @@ class Agent:
         budget = int(inline or 0)
         for name, meta in (status.get("outputs") or {}).items():
             if meta.get("size", 0) <= budget:
-                with open(os.path.join(jdir, "outputs", name + ".obj"), "rb") as f:
+                path = os.path.join(jdir, "outputs", name + ".obj")
+                with open(path, "rb") as f:
+                    _check_object(f, path)
                     data = f.read()
                 sizes[name] = len(data)
                 parts.append(data)
@@ -569,7 +596,13 @@ class Agent:
                 "submitted": spec.get("submitted"), "state": status.get("state"),
                 "started": status.get("started"), "finished": status.get("finished"),
             })
-        return {"jobs": out}
+        answer: dict[str, Any] = {"jobs": out}
+        if req.get("active"):  # every queued or running job, not only among the last ``limit``
+            answer["active"] = [
+                job_id for job_id in ids
+                if (files.read_json(self.path("jobs", job_id, "status.json"), {}) or {}).get("state") not in files.TERMINAL
+            ]
+        return answer
 
     def op_cancel(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         job_id = req["job"]
@@ -604,15 +637,41 @@ class Agent:
                 return {"state": status.get("state", "unknown")}
             time.sleep(0.01)
 
+    def op_stdin(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        """The user's answer to a job's ``input_request`` (see agent/stdin.py), written into the
+        worker's FIFO (never to disk). Without ``answer``: only whether the worker still waits."""
+        jdir = self.job_dir(req["job"])
+        fifo = os.path.join(jdir, "stdin", f"{int(req['seq'])}.fifo")
+        answer = req.get("answer")
+        if answer is None:
+            return {"waiting": os.path.exists(fifo)}
+        if answer.get("error"):
+            reply: dict[str, Any] = {"error": {"ename": str(answer["error"].get("ename", "EOFError")),
+                                               "evalue": str(answer["error"].get("evalue", ""))}}
+        else:
+            reply = {"value": str(answer.get("value", ""))}
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails unless the worker waits on it
+        except OSError:
+            return {"waiting": False}
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            data = (json.dumps(reply) + "\n").encode()
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        return {"waiting": True}
+
     def op_read_output(self, rid: int, req: dict[str, Any]) -> Any:
         """Stream a job's ``-o`` value file. With ``follow`` (and its ``size``, from the job's
         ``output`` event), stream it while the worker is still writing it."""
         jdir = self.job_dir(req["job"])
-        name = files.check_name("output", req["name"])
+        name = _identifier(req["name"], "output")
         path = os.path.join(jdir, "outputs", name + ".obj")
         if req.get("follow"):
             return self.follow_output(rid, jdir, path, int(req["size"]), self.packer(req))
-        return self.stream_file(rid, path, 0, self.packer(req))
+        return self.stream_file(rid, path, 0, self.packer(req), pickle=True)
 
     def follow_output(self, rid: int, jdir: str, path: str, size: int, packer: wire.Packer | None) -> dict[str, Any]:
         """Send ``size`` bytes of the output file as the worker writes them: its ``.part`` until
@@ -628,6 +687,7 @@ class Agent:
         else:
             raise RequestError(f"output {os.path.basename(path)} is not being written", "FileNotFoundError")
         with f:
+            _check_object(f, path)
             buf = bytearray(wire.CHUNK)
             view = memoryview(buf)
             sent = 0
@@ -659,12 +719,17 @@ class Agent:
                 nap = min(nap * 2, 0.01)
         return {"size": sent}
 
-    def stream_file(self, rid: int, path: str, offset: int, packer: wire.Packer | None = None) -> dict[str, Any]:
+    def stream_file(self, rid: int, path: str, offset: int, packer: wire.Packer | None = None,
+                    pickle: bool = False) -> dict[str, Any]:
+        """Send a file as data frames. ``pickle``: it is an object file the client will unpickle,
+        so it (and its folder) must be ours and writable by nobody else."""
         try:
             f = open(path, "rb")
         except FileNotFoundError:
             raise RequestError(f"{path} does not exist on the target", "FileNotFoundError") from None
         with f:
+            if pickle:
+                _check_object(f, path)
             st = os.fstat(f.fileno())
             f.seek(offset)
             buf = bytearray(wire.CHUNK)
@@ -695,6 +760,7 @@ class Agent:
             except OSError:
                 busy_at = None
             out.append({"name": name, "alive": alive, "pid": pid,
+                        "cwd": worker.get("cwd") if alive else None,
                         "started": worker.get("started") if alive else None, "current": current if alive else None,
                         "rss": _rss(pid) if pid else None, "idle_since": None if current else busy_at,
                         "idle_hours": worker.get("idle_hours") if alive else None,
@@ -827,7 +893,7 @@ class Agent:
         path = self.path("store", name + ".obj")
         if not os.path.exists(path):
             raise RequestError(f"no stored value named {name!r}", "KeyError")
-        result = self.stream_file(rid, path, 0, self.packer(req))
+        result = self.stream_file(rid, path, 0, self.packer(req), pickle=True)
         result["meta"] = files.read_json(self.path("store", name + ".json"), {})
         return result
 
@@ -856,7 +922,7 @@ class Agent:
 
     def op_stat(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         path = self.user_path(req["path"], req.get("cwd"))
-        out: dict[str, Any] = {"path": path, "exists": os.path.exists(path)}
+        out: dict[str, Any] = {"path": path, "real": os.path.realpath(path), "exists": os.path.exists(path)}
         if out["exists"]:
             st = os.stat(path)
             out.update(size=st.st_size, mode=st.st_mode & 0o777, is_dir=os.path.isdir(path))
@@ -924,10 +990,18 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _identifier(name: str) -> str:
+def _identifier(name: str, what: str = "store") -> str:
     if not isinstance(name, str) or not name.isidentifier():
-        raise RequestError(f"invalid store name {name!r}: must be a Python identifier", "ValueError")
+        raise RequestError(f"invalid {what} name {name!r}: must be a Python identifier", "ValueError")
     return name
+
+
+def _check_object(f: Any, path: str) -> None:
+    """Refuse to serve an object file (a pickle: code) that another user owns or could write."""
+    try:
+        files.check_object_file(f, path)
+    except PermissionError as exc:
+        raise RequestError(str(exc), "UnsafeObject") from None
 
 
 def _tail(path: str, lines: int = 20) -> str:

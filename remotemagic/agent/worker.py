@@ -27,7 +27,8 @@ import threading
 import time
 from typing import Any
 
-from . import files, recover, spot
+from . import cellshell, files, recover, spot
+from . import checkpoint as checkpoints
 from .fdcapture import FdCapture
 
 RESERVE_BYTES = 1024 * 1024  # freed when the disk is full, so a final status can still be written
@@ -194,9 +195,18 @@ def make_shell(router: Router) -> Any:
                     "type": "error",
                     "ename": name,
                     "evalue": str(evalue),
+                    "emodule": getattr(etype, "__module__", None),  # the client re-raises the same type
                     "traceback": stb if isinstance(stb, list) else [stb],
                 }
             )
+
+        def _get_exc_info(self, exc_tuple=None):
+            etype, value, tb = super()._get_exc_info(exc_tuple)
+            return etype, value, cellshell.trim_traceback(tb)
+
+        def show_usage_error(self, exc):  # one error event, shown once by the client
+            router.emit({"type": "error", "ename": "UsageError", "evalue": str(exc),
+                         "emodule": "IPython.core.error", "traceback": []})
 
         def enable_gui(self, gui=None):  # no event loop here; 'inline' needs none
             pass
@@ -204,6 +214,7 @@ def make_shell(router: Router) -> Any:
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     shell = Shell.instance(colors="Linux")
     shell.history_manager.enabled = False
+    cellshell.setup(shell, router.emit)
     return shell
 
 
@@ -225,6 +236,8 @@ class Worker:
         self.spot_saved = False  # the spot checkpoint is taken (main thread only)
         self.spot_lock = threading.Lock()  # orders the writes of spot_notice.json
         self.fresh = True  # no job has run here yet (recover.restore_before_cell restores only then)
+        # the automatic checkpoint after each cell: a forked child writes it (agent/checkpoint.py)
+        self.checkpoints = checkpoints.Background(self.sdir, self.checkpoint_items, self._wake_for_checkpoint)
 
     # -- signals -------------------------------------------------------------------------
     def on_sigint(self, signum: int, frame: Any) -> None:
@@ -248,8 +261,10 @@ class Worker:
         self.make_reserve()
         # O_RDWR keeps the FIFO open with no writer, so readline never sees EOF.
         fd = os.open(fifo, os.O_RDWR)
+        checkpoints.recover(self.sdir)
         files.write_json(os.path.join(self.sdir, "worker.json"),
-                         {"pid": os.getpid(), "started": time.time(), "idle_hours": self.idle_hours})
+                         {"pid": os.getpid(), "started": time.time(), "idle_hours": self.idle_hours,
+                          "cwd": os.getcwd()})
         spot.start(self.on_spot_notice)  # only with REMOTEMAGIC_SPOT=1
         with os.fdopen(fd, "rb", buffering=0) as pipe:
             buf = b""
@@ -271,6 +286,9 @@ class Worker:
                         return
                     if job_id == "spot":  # on_spot_notice woke us up
                         self.spot_checkpoint(None)
+                        continue
+                    if job_id == "checkpoint":  # the last checkpoint writer ended; one is pending
+                        self.checkpoints.resume()
                         continue
                     try:
                         files.check_job_id(job_id)
@@ -316,7 +334,10 @@ class Worker:
     def write_status(self, jdir: str, status: dict[str, Any]) -> None:
         path = os.path.join(jdir, "status.json")
         try:
-            files.write_json(path, status)
+            if status.get("state") == "running":  # means nothing after a machine crash: no fsync
+                files.atomic_write(path, [json.dumps(status, indent=1, sort_keys=True).encode()], durable=False)
+            else:
+                files.write_json(path, status)
             return
         except OSError as exc:
             first = exc
@@ -428,10 +449,7 @@ class Worker:
         elif stopping:
             pass  # its namespace is being dropped on purpose
         elif spec.get("kind", "cell") == "cell" and limit > 0 and not held and state in ("done", "error", "interrupted", "timeout"):
-            try:
-                self.checkpoint(int(limit), job_id)
-            except Exception as exc:  # a checkpoint is a convenience; never break the session
-                sys.__stderr__.write(f"remotemagic worker: checkpoint after {job_id} failed: {exc}\n")
+            self.checkpoints.request(int(limit), job_id)  # forked: the next job does not wait for it
         self.make_reserve()
 
     def install_modules(self, modules: dict[str, str]) -> None:
@@ -481,6 +499,7 @@ class Worker:
             self.router.emit({"type": "error", "ename": "KeyboardInterrupt", "evalue": "cancelled before it started",
                               "traceback": []})
             return "interrupted", {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"}, {}
+        restore = cellshell.prepare(self.shell, spec, jdir, self.router.emit)  # cell number, colours, stdin
         self.in_user_code = True
         try:
             result = self.shell.run_cell(spec.get("code", ""), store_history=True)
@@ -489,6 +508,7 @@ class Worker:
         finally:
             self.in_user_code = False
             self._timer_job = None
+            restore()
         err = None if result is None else (result.error_in_exec or result.error_before_exec)
         state = "done"
         error = None
@@ -496,6 +516,8 @@ class Worker:
             ename = type(err).__name__ if err is not None else "KeyboardInterrupt"
             state = "timeout" if self.timed_out else ("interrupted" if ename == "KeyboardInterrupt" else "error")
             error = {"ename": ename, "evalue": str(err) if err is not None else ""}
+            if err is not None:
+                error["emodule"] = type(err).__module__
             if self.timed_out:
                 error["evalue"] = f"job exceeded its timeout of {timeout} s"
         extra = self.save_outputs(jdir, spec.get("outputs") or [])
@@ -635,46 +657,45 @@ class Worker:
         return {"restored": restored, "missing": missing}
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def checkpoint(self, limit: int, job_id: str, report: bool = False) -> dict[str, Any]:
-        """Pickle every user variable whose pickle is at most ``limit`` bytes (0: no limit)
-        into ``checkpoint.new/``, then swap it in for ``checkpoint/`` (never half a checkpoint)."""
+    def checkpoint_items(self) -> Any:
+        """The (name, value) pairs a checkpoint saves: user variables, not modules or IPython's own."""
         shell = self.shell
         hidden = set(shell.user_ns_hidden)
-        new = os.path.join(self.sdir, "checkpoint.new")
-        if os.path.isdir(new):
-            _rmtree(new)
-        files.private_dir(new)
-        saved: dict[str, Any] = {}
-        skipped: dict[str, str] = {}
         for name, value in list(shell.user_ns.items()):
             if name.startswith("_") or name in hidden or name in SKIP_NAMES or type(value).__name__ == "module":
                 continue
-            approx = getattr(value, "nbytes", None)
-            if limit and isinstance(approx, int) and approx > limit:
-                skipped[name] = f"larger than {limit} bytes"
-                continue
+            yield name, value
+
+    def _wake_for_checkpoint(self) -> None:
+        """The checkpoint reaper's thread: have the main thread start the pending checkpoint
+        once it is between jobs (a line on our own FIFO, like the spot watcher's)."""
+        try:
+            fd = os.open(os.path.join(self.sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
             try:
-                enc = files.encode(value)
-            except Exception as exc:
-                skipped[name] = f"cannot be pickled: {type(exc).__name__}: {exc}"
-                continue
-            if limit and enc.size > limit:
-                skipped[name] = f"larger than {limit} bytes"
-                continue
-            files.write_object(os.path.join(new, name + ".obj"), enc)
-            saved[name] = {"size": enc.size, "type": files.type_name(value)}
-        index = {"time": time.time(), "after_job": job_id, "saved": saved, "skipped": skipped}
-        files.write_json(os.path.join(new, "index.json"), index)
-        cur, old = os.path.join(self.sdir, "checkpoint"), os.path.join(self.sdir, "checkpoint.old")
-        if os.path.isdir(old):
-            _rmtree(old)
-        if os.path.isdir(cur):
-            os.rename(cur, old)
-        os.rename(new, cur)
-        files.fsync_dir(self.sdir)
-        if os.path.isdir(old):
-            _rmtree(old)
-        _unlink(os.path.join(self.sdir, "checkpoint.hold"))
+                os.write(fd, b"checkpoint\n")
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            sys.__stderr__.write(f"remotemagic worker: cannot start the pending checkpoint: {exc}\n")
+
+    def checkpoint(self, limit: int, job_id: str, report: bool = False) -> dict[str, Any]:
+        """Now, in this process: pickle every user variable whose pickle is at most ``limit``
+        bytes (0: no limit) into ``checkpoint.new/``, then swap it in for ``checkpoint/``
+        (never half a checkpoint). A background checkpoint still running is dropped first:
+        this one is newer."""
+        self.checkpoints.cancel()
+        index = checkpoints.save(self.sdir, self.checkpoint_items(), limit, job_id, worker=os.getpid())
+        if index.get("kept"):  # every value skipped: the previous checkpoint stays
+            if report:
+                skipped = index["skipped_now"]
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(index["time"]))
+                self.router.emit({"type": "stream", "name": "stderr", "text":
+                                  f"Nothing checkpointed ({len(skipped)} value(s) skipped); kept the checkpoint of "
+                                  f"{when} ({len(index['saved'])} value(s): {', '.join(sorted(index['saved'])[:8])})\n"})
+                for name, why in sorted(skipped.items()):
+                    self.router.emit({"type": "stream", "name": "stderr", "text": f"  skipped {name}: {why}\n"})
+            return {"checkpoint": {k: v for k, v in index.items() if k != "skipped_now"}, "kept": True}
+        saved, skipped = index["saved"], index["skipped"]
         if report:
             names = ", ".join(sorted(saved)) or "nothing"
             self.router.emit({"type": "stream", "name": "stdout", "text": f"Checkpointed {len(saved)} value(s): {names}\n"})
@@ -683,6 +704,8 @@ class Worker:
         return {"checkpoint": index}
 
     def restore_checkpoint(self, report: bool = True) -> dict[str, Any]:
+        self.checkpoints.cancel()
+        checkpoints.recover(self.sdir)
         for folder in ("checkpoint", "checkpoint.old"):
             path = os.path.join(self.sdir, folder)
             index = files.read_json(os.path.join(path, "index.json"))

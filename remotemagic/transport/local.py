@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import errors
 from ..agent import files
 from .base import AGENT_PACKAGE, Transport, agent_sources, agent_version
 
@@ -64,12 +65,35 @@ class LocalTransport(Transport):
         self.name = f"local:{self.root}"
         self.python = sys.executable
 
+    def check_root(self) -> None:
+        """Refuse a root, or an agent version under it, that another user owns or could have
+        written into: the agent runs from there as us (and unpickles what it finds)."""
+        try:
+            if os.path.lexists(self.root):
+                files.check_tree(self.root, depth=1, what="root folder")
+            agent = os.path.join(self.root, "agent")
+            if os.path.lexists(agent):
+                files.check_tree(agent, depth=1, what="agent folder")
+            vdir = os.path.join(agent, agent_version())
+            if os.path.lexists(vdir):
+                files.check_tree(vdir, what="agent version folder")
+        except PermissionError as exc:
+            raise errors.UnsafeRootError(f"{self.name}: {exc}") from None
+
     def ship_agent(self) -> str:
-        """Copy the agent source into its versioned folder (once per version); return it."""
-        files.private_dir(self.root)
+        """Copy the agent source into its versioned folder (once per version); return it.
+        Nothing from the root is used before :meth:`check_root` accepted it."""
+        self.check_root()
         vdir = os.path.join(self.root, "agent", agent_version())
         pkg = os.path.join(vdir, AGENT_PACKAGE)
         marker = os.path.join(pkg, ".complete")
+        try:
+            files.private_dir(self.root)
+        except OSError as exc:
+            raise errors.RootFolderError(
+                f"cannot create the local target's root folder {self.root}: {exc.strerror or exc}. "
+                "Choose a folder you can write (--root, Ec2Magics.local_root or REMOTEMAGIC_LOCAL_ROOT)"
+            ) from None
         if not os.path.exists(marker):
             files.private_dir(pkg)
             for name, data in agent_sources().items():
@@ -93,6 +117,7 @@ class LocalTransport(Transport):
             stderr=log,
             bufsize=0,
             close_fds=True,
+            umask=0o077,  # from the start: what Python writes there (__pycache__) is ours alone
         )
         log.close()
         return PipeStream(proc)

@@ -58,6 +58,7 @@ PREFERRED_CIPHER = "aes128-gcm@openssh.com"  # ~1.25x paramiko's default aes128-
 CHUNK = 256 * 1024  # Channel.sendall is quadratic on big buffers (MEASUREMENTS 2)
 MARK = "remotemagic-agent-v1"
 EXIT_MISSING = 97
+EXIT_UNSAFE = 96
 MIN_IPYTHON = 8
 _KEY_ALGOS = {
     "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"),
@@ -649,6 +650,31 @@ print("probe=" + json.dumps(info))
 """
 
 
+# Before anything under the root runs: the root and what is directly in it, the agent folder,
+# this agent version (all of it) and the venv (down to its site-packages' entries) must belong
+# to us and not be writable by group or others (symlinks are judged themselves; -H follows a
+# root or venv that is a symlink). Otherwise print the first offender (``ls -ldn``) and stop.
+UNSAFE_SH = r"""U=$(id -u)
+rm_unsafe() {
+  [ -e "$1" ] || [ -h "$1" ] || return 0
+  o=$(find -H "$@" \( ! -user "$U" -o \( ! -type l \( -perm -020 -o -perm -002 \) \) \) -print 2>/dev/null) || {
+    echo "!$1"; return 0; }
+  printf '%s\n' "$o" | head -n 1
+}
+B=$(rm_unsafe "$R" -maxdepth 1)
+[ -n "$B" ] || B=$(rm_unsafe "$R/agent" -maxdepth 1)
+[ -n "$B" ] || B=$(rm_unsafe "$V")
+[ -n "$B" ] || B=$(rm_unsafe "$R/venv" -maxdepth 4)
+if [ -n "$B" ]; then
+  case "$B" in
+    "!"*) B=${B#!}; I="nocheck:-" ;;
+    *) I=$(ls -ldn -- "$B" | awk '{print $1 ":" $3}') ;;
+  esac
+  echo "MARK unsafe $U $I $B"
+  exit EXIT_UNSAFE
+fi""".replace("MARK", MARK).replace("EXIT_UNSAFE", str(EXIT_UNSAFE))
+
+
 def _local_cloudpickle() -> str:
     import cloudpickle
 
@@ -779,6 +805,7 @@ class SSHTransport(Transport):
         return f"""umask 077
 R={self._root_sh()}
 V="$R/agent/{agent_version()}"
+{UNSAFE_SH}
 M=
 [ -f "$V/{AGENT_PACKAGE}/.complete" ] || M=agent
 {{ [ -f "$R/venv/{venv_marker()}" ] && [ -x "$R/venv/bin/python" ]; }} || M="$M,venv"
@@ -810,12 +837,17 @@ exit {EXIT_MISSING}
                     line, buf = buf.split(b"\n", 1)
                     if line.startswith(mark):
                         _, status, what, root = line.decode("utf-8", "replace").split(" ", 3)
+                        if status == "unsafe":
+                            chan.close()
+                            raise self._unsafe(what, root)
                         self.root = root
                         chan.settimeout(None)
                         return status, {w for w in what.split(",") if w and w != "-"}, buf
                     log.debug("login shell on %s said: %r", self.name, line[:200])
                 if len(buf) > 1024 * 1024:
                     break
+        except errors.UnsafeRootError:
+            raise
         except TimeoutError:
             chan.close()
             raise errors.ConnectionLostError(f"{self.name} did not start the agent within {max(self.timeout, 30.0):g} s") from None
@@ -834,6 +866,24 @@ exit {EXIT_MISSING}
             f"could not start the agent on {self.name} (exit status {status}): "
             f"{err.decode('utf-8', 'replace').strip()[-2000:] or 'no output'}"
         )
+
+    def _unsafe(self, uid: str, found: str) -> errors.UnsafeRootError:
+        """The agent script's report of a path under the root that is not safely ours."""
+        info, _, path = found.partition(" ")
+        mode, _, owner = info.partition(":")
+        if mode == "nocheck":
+            why = ("it could not be checked: `find` failed on it there (is it readable, and does the host's find "
+                   "support -H and -maxdepth?), and nothing is run from a folder that was not checked")
+        elif owner != uid:
+            why = (f"it belongs to uid {owner} there, not to you (uid {uid}), so code or pickles another user put "
+                   "there would run as you. Use a root folder that you own and only you can write (a new one, "
+                   "or leave --root / remote_root unset for the default ~/.remotemagic)")
+        else:
+            why = (f"it is writable by group or others ({mode}), so another user could put code there that "
+                   f"would run as you. Fix it on the host with: chmod go-w {shlex.quote(path)} (or chmod 700), "
+                   "or use a folder only you can write")
+        return errors.UnsafeRootError(f"{self.name}: refusing to use the root folder {self.root}: {path} is not "
+                                      f"safe: {why}. Nothing from it was run.")
 
     def start_agent(self) -> ChannelStream:
         """Start the agent over a new channel (bootstrapping the host first if needed)."""
@@ -860,11 +910,28 @@ exit {EXIT_MISSING}
         missing = set(missing)
         t0 = time.monotonic()
         self.bootstraps += 1
+        self._make_root()
         if "venv" in missing:
             self._bootstrap_venv()
         if "agent" in missing:
             self.upload_agent()
         log.info("%s: bootstrap done in %.1f s", self.name, time.monotonic() - t0)
+
+    def _make_root(self) -> None:
+        """Create the root (0700) or say why it cannot be: before any install is attempted, so a
+        root we cannot write is reported as that, not as a missing venv module."""
+        status, out = self.run(f"""umask 077
+R={self._root_sh()}
+mkdir -p "$R" 2>&1 && chmod 700 "$R" 2>&1 && test -w "$R" && exit 0
+echo "$R is not writable"
+exit 1
+""")
+        if status != 0:
+            detail = " ".join(out.strip().splitlines()[-2:])[-500:]
+            raise errors.RootFolderError(
+                f"{self.name}: cannot create or write the root folder {self.root} on the host ({detail}). "
+                "Choose a folder you can write there: --root, or Ec2Magics.remote_root (default ~/.remotemagic)"
+            )
 
     def _probe(self) -> dict[str, Any]:
         py = shlex.quote(self.python)
