@@ -311,6 +311,9 @@ class Remote:
         #: For EC2 targets: the instance (a ``providers.ec2.InstanceInfo``) and its provider.
         self.instance: Any = None
         self.provider: Any = None
+        #: How another process (the Jupyter server extension) can reach this target again:
+        #: the arguments of :func:`connect`, kept in each job's local record. None: it can't.
+        self.connect_args: dict[str, Any] | None = None
         self._connect_first()
 
     def __repr__(self) -> str:
@@ -458,13 +461,16 @@ class Remote:
         session: str | None = None,
         timeout: float | None = None,
         on_event: EventHandler | None = None,
+        origin: dict[str, Any] | None = None,
     ) -> Job:
         """Run ``code`` in a session on the target.
 
         ``push`` values are bound in the session namespace first; ``pull`` names are pickled
         when the cell ends (``Job.result()`` returns them). In the foreground, events go to
         ``on_event`` as they arrive and the call returns when the job ends; with
-        ``background=True`` it returns at once.
+        ``background=True`` it returns at once. ``origin`` says where the code comes from
+        (notebook path, cell id, the page and kernel: :func:`remotemagic.notebook.current_origin`);
+        it is kept with the job on both ends.
         """
         session = files.check_name("session", session or self.session)
         pull = list(pull or [])
@@ -476,6 +482,8 @@ class Remote:
             spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
                     "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit}
             spec["modules"] = values.local_module_sources(code)
+            if origin:
+                spec["origin"] = dict(origin)
             try:
                 return self._submit(spec, background, on_event)
             except errors.RemoteRequestError as exc:
@@ -489,7 +497,8 @@ class Remote:
         self.last_job = job
         job.record.create(target=self.target, session=spec["session"], kind=spec["kind"],
                           code=spec.get("code", ""), outputs=spec.get("outputs", []),
-                          submitted=time.time(), state="queued")
+                          submitted=time.time(), state="queued", origin=spec.get("origin") or {},
+                          reconnect=self.connect_args)
         if background:
             ans = self.request("run", spec=spec, follow=False)
             self._notice(ans)
@@ -505,11 +514,15 @@ class Remote:
                 timeout: float | None) -> str:
         """Submit (if ``spec``) and/or stream the job's log into the mirror until it ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        job.record.update(follower=os.getpid())  # someone mirrors it: the Jupyter extension need not
         try:
             return self._follow_until_done(job, spec, on_event, deadline)
         except BaseException:  # Ctrl-C, a wait timeout: nobody takes streamed outputs now
             job._cancel_prefetch()
             raise
+        finally:
+            if job.record.meta.get("follower") == os.getpid():
+                job.record.update(follower=None)
 
     def _follow_until_done(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
                            deadline: float | None) -> str:
@@ -599,7 +612,7 @@ class Remote:
         state.JobRecord(self.state_root, job_id).create(
             target=self.target, session=spec.get("session"), kind=spec.get("kind", "cell"),
             code=spec.get("code", ""), outputs=spec.get("outputs", []), submitted=spec.get("submitted"),
-            state=status.get("state"),
+            state=status.get("state"), origin=spec.get("origin") or {}, reconnect=self.connect_args,
         )
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
@@ -807,7 +820,9 @@ def connect(target: str = "local", *, session: str | None = None, root: str | No
     session = session or default_session()
     if target == "local" or target.startswith("local:"):
         path = root or (target[6:] if target.startswith("local:") else None) or default_local_root()
-        return Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
+        remote = Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
+        remote.connect_args = {"target": "local", "root": str(Path(path).resolve()), "cwd": remote.cwd}
+        return remote
     if target == "ssh" or target.startswith(("ssh:", "ssh ")):
         # "ssh://user@host:port", "ssh:alias" (from ~/.ssh/config), "ssh HOST", or "ssh" + host=...
         from .transport.ssh import SSHTransport
@@ -823,10 +838,14 @@ def connect(target: str = "local", *, session: str | None = None, root: str | No
         ssh_options = {k: options.pop(k) for k in ssh_keys if k in options}
         transport = SSHTransport(spec, root=root, **ssh_options)
         try:
-            return Remote(transport, session=session, cwd=options.pop("cwd", None), **options)
+            remote = Remote(transport, session=session, cwd=options.pop("cwd", None), **options)
         except BaseException:
             transport.close()
             raise
+        remote.connect_args = {"target": "ssh", "host": spec, "root": root, "cwd": remote.cwd,
+                               **{k: v for k, v in ssh_options.items()
+                                  if k != "trust_on_first_use" and isinstance(v, (str, int, float))}}
+        return remote
     if target == "ec2" or target.startswith("ec2:"):
         return connect_ec2(target[4:] or options.pop("name", None) or "remotemagic", session=session, root=root,
                            **options)

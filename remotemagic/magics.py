@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Bool, Float, Int, List, Unicode, observe
 
-from . import api, errors, state
+from . import api, errors, notebook, state
 from .agent import files
 from .render import Renderer
 
@@ -311,6 +311,17 @@ class Ec2Magics(Magics):
                                     args.ssh_config, args.workdir)
         print(f"Using {self.remote.target} (session '{self.remote.session}', "
               f"Python {self.remote.info.get('python')} on the target)")
+        self.tell_unwatched()
+
+    def tell_unwatched(self) -> None:
+        """Say in one line when this notebook has jobs that ran while nobody watched."""
+        try:
+            line = notebook.unwatched_notice(self._state_root())
+        except Exception as exc:  # the index is a convenience here: never fail the load over it
+            log.debug("could not read the job index: %s", exc)
+            return
+        if line:
+            print(line)
 
     def _run(self, args: argparse.Namespace, cell: str) -> None:
         ns = self.shell.user_ns
@@ -322,22 +333,26 @@ class Ec2Magics(Magics):
         timeout = args.timeout if args.timeout is not None else (self.timeout or None)
         render = Renderer()
         remote.last_job = None
+        origin = notebook.current_origin(self.shell)
+        watch = notebook.FrontendWatch(origin, root=remote.state_root)
         try:
-            job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
-                             session=args.session, timeout=timeout, on_event=render)
+            with watch:
+                job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
+                                 session=args.session, timeout=timeout, on_event=render, origin=origin)
         except errors.UnpicklableValueError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             job = remote.last_job
             if job is None:
                 raise
-            if not self._interrupt(job, render):
+            if not self._interrupt(job, render, origin, watch.fired):
                 return
         if args.bg:
             print(f"Job {job.id} runs in the background (session '{remote.session if not args.session else args.session}').\n"
                   f"  %ec2 wait {job.id[-4:]}    stream its output, then pull -o values\n"
                   f"  %ec2 output {job.id[-4:]}  show its output so far")
             return
+        job.record.update(watched=True)
         self._pull_into_namespace(job)
 
     def _kernel_shutting_down(self) -> bool:
@@ -345,11 +360,20 @@ class Ec2Magics(Magics):
         kernel = getattr(self.shell, "kernel", None)
         return getattr(kernel, "_shutdown_message", None) is not None
 
-    def _interrupt(self, job: api.Job, render: Renderer) -> bool:
+    def _interrupt(self, job: api.Job, render: Renderer, origin: dict[str, Any] | None = None,
+                   page_gone: bool = False) -> bool:
         """First Ctrl-C: interrupt the remote code. Second: detach. True if the job ended.
 
         Jupyter interrupts a kernel before it restarts or shuts it down; a restart must not
-        kill the remote job, so the interrupt waits ``interrupt_grace`` seconds first."""
+        kill the remote job, so the interrupt waits ``interrupt_grace`` seconds first.
+        When the page that started the cell is gone (``page_gone``: it was closed or reloaded),
+        or another page is connected too, the interrupt may come from someone who only came
+        back to look: the cell detaches and the job runs on."""
+        origin = origin or {}
+        if page_gone or notebook.starter_gone(origin, job.remote.state_root):
+            return self._detach(job, "the page that ran this cell was closed or reloaded")
+        if notebook.others_connected(origin, job.remote.state_root):
+            return self._detach(job, "interrupted from a page that did not start it")
         deadline = time.monotonic() + self.interrupt_grace
         try:
             while time.monotonic() < deadline:
@@ -374,8 +398,8 @@ class Ec2Magics(Magics):
         except KeyboardInterrupt:
             return self._detach(job)
 
-    def _detach(self, job: api.Job) -> bool:
-        sys.stderr.write(f"\nDetached from job {job.id}; it keeps running on the target.\n"
+    def _detach(self, job: api.Job, why: str = "") -> bool:
+        sys.stderr.write(f"\nDetached from job {job.id}{f' ({why})' if why else ''}; it keeps running on the target.\n"
                          f"  %ec2 wait {job.id[-4:]} to reattach, %ec2 cancel {job.id[-4:]} to stop it.\n")
         return False
 
@@ -390,9 +414,13 @@ class Ec2Magics(Magics):
     def _job(self, ref: str | None) -> api.Job:
         remote = self.get_remote()
         if not ref:
-            if remote.last_job is None:
-                raise UsageError("no job started from this kernel yet: give a job id (see %ec2 jobs)")
-            return remote.last_job
+            if remote.last_job is not None:
+                return remote.last_job
+            mine = notebook.notebook_jobs(remote.state_root, target=remote.target)
+            if not mine:
+                where = f"this notebook ({notebook.notebook_path()})" if notebook.notebook_path() else "this kernel"
+                raise UsageError(f"no job started from {where} on {remote.target} yet: give a job id (see %ec2 jobs)")
+            return api.Job(remote, mine[-1]["id"])
         try:
             return remote.job(ref)
         except errors.UnknownJobError as exc:
@@ -409,11 +437,16 @@ class Ec2Magics(Magics):
         render = Renderer(replay=True)
         for event in job.events():
             render(event)
-        if job.record.meta.get("state") not in files.TERMINAL:
+        if job.record.meta.get("state") in files.TERMINAL:
+            job.record.update(watched=True)
+        else:
             print(f"[job {job.id} is still {job.record.meta.get('state', 'running')}: %ec2 wait {job.id[-4:]} follows it]")
 
     def _offline_job(self, ref: str | None) -> api.Job:
         """Resolve a job from the local index first, so output works with the target gone."""
+        if not ref and (self.remote is None or self.remote.last_job is None):
+            mine = notebook.notebook_jobs(self._state_root())
+            ref = mine[-1]["id"] if mine else None
         if ref:
             local = [j["id"] for j in state.list_jobs(self._state_root())
                      if j["id"] == ref or j["id"].endswith(ref) or j["id"].startswith(ref)]
@@ -442,6 +475,7 @@ class Ec2Magics(Magics):
         except KeyboardInterrupt:
             sys.stderr.write(f"\nStopped waiting; job {job.id} keeps running. %ec2 wait {job.id[-4:]} to reattach.\n")
             return
+        job.record.update(watched=True)
         self._pull_into_namespace(job)
 
     def _cmd_cancel(self, args: argparse.Namespace) -> None:
@@ -454,12 +488,15 @@ class Ec2Magics(Magics):
         if not rows:
             print(f"No jobs on {remote.target} yet.")
             return
-        print(f"{'job':27} {'session':12} {'state':11} {'started':8} {'took':>7}  code")
+        width = max(7, *(len(str(j.get("session"))) for j in rows))
+        print(f"{'job':27} {'session':{width}} {'state':11} {'started':8} {'took':>7}  {'notebook / cell':30} code")
         for j in rows:
             code = (j.get("code") or f"[{j.get('kind')}]").strip().splitlines()
-            print(f"{j['id']:27} {str(j.get('session'))[:12]:12} {str(j.get('state')):11} "
+            origin = j.get("origin") or {}
+            where = "/".join(filter(None, (origin.get("notebook"), (origin.get("cell_id") or "")[:8]))) or "-"
+            print(f"{j['id']:27} {str(j.get('session')):{width}} {str(j.get('state')):11} "
                   f"{_ago(j.get('started')):8} {_duration(j.get('started'), j.get('finished')):>7}  "
-                  f"{(code[0] if code else '')[:40]}")
+                  f"{where:30} {(code[0] if code else '')[:40]}")
 
     def _cmd_status(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -772,6 +809,7 @@ def load(ip: Any) -> None:
     ip.register_magics(magics)
     ip.configurables.append(magics)
     _loaded[id(ip)] = magics
+    magics.tell_unwatched()
 
 
 def unload(ip: Any) -> None:

@@ -549,6 +549,7 @@ class Agent:
                 "code": spec.get("code", "")[:200], "outputs": spec.get("outputs") or [],
                 "submitted": spec.get("submitted"), "state": status.get("state"),
                 "started": status.get("started"), "finished": status.get("finished"),
+                "origin": spec.get("origin") or {},
             })
         return {"jobs": out}
 
