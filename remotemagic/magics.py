@@ -191,6 +191,7 @@ class Ec2Magics(Magics):
     def __init__(self, shell: Any = None, **kwargs: Any):
         super().__init__(shell=shell, **kwargs)
         self.remote = None
+        self._told: set[str] = set()  # jobs already named in the "ran while nobody watched" line
 
     @observe("target", "local_root")
     def _target_changed(self, change: Any) -> None:
@@ -316,7 +317,7 @@ class Ec2Magics(Magics):
     def tell_unwatched(self) -> None:
         """Say in one line when this notebook has jobs that ran while nobody watched."""
         try:
-            line = notebook.unwatched_notice(self._state_root())
+            line = notebook.unwatched_notice(self._state_root(), self._told)
         except Exception as exc:  # the index is a convenience here: never fail the load over it
             log.debug("could not read the job index: %s", exc)
             return

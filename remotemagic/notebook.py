@@ -114,16 +114,20 @@ def unwatched(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [j for j in jobs if not j.get("watched")]
 
 
-def unwatched_notice(root: Path) -> str:
-    """One line about this notebook's jobs that ran or run while nobody watched, or ''."""
+def unwatched_notice(root: Path, told: set[str] | None = None) -> str:
+    """One line about this notebook's jobs that ran or run while nobody watched, or ''.
+
+    Jobs in ``told`` are not news: the line is said again only when there is a new one."""
     jobs = unwatched(notebook_jobs(root))
-    if not jobs:
+    if not jobs or (told is not None and {j["id"] for j in jobs} <= told):
         return ""
+    if told is not None:
+        told.update(j["id"] for j in jobs)
     last = jobs[-1]["id"][-4:]
     running = [j for j in jobs if j.get("state") not in files.TERMINAL]
     what = f"{len(jobs)} job(s) that ran while nobody watched" + (f" ({len(running)} not finished when last seen)"
                                                                   if running else "")
-    return (f"remotemagic: {notebook_path()} has {what}: %ec2 output shows the last ({last}), "
+    return (f"remotemagic: {os.path.basename(notebook_path())} has {what}: %ec2 output shows the last ({last}), "
             f"%ec2 wait {last} follows it, %ec2 jobs lists them.")
 
 
