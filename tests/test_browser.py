@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import nbformat
 import pytest
 
-from remotemagic import state
+from remotemagic import notebook, state
 
 from .conftest import wait_for
 from .workers import stop_workers
@@ -191,9 +191,22 @@ def kernel_idle(page: Any) -> bool:
 
 
 def run_cell(page: Any, index: int) -> None:
+    """Shift+Enter in the cell. A page that has just loaded may drop the first one (its kernel
+    connection not quite ready): pressed again only if the cell's prompt shows it never ran."""
     cell = page.locator(".jp-NotebookPanel .jp-Cell").nth(index)
-    cell.locator(".jp-InputArea-editor").click()
-    page.keyboard.press("Shift+Enter")
+    prompt = cell.locator(".jp-InputArea-prompt")
+    for _ in range(3):
+        select = page.locator(".jp-Dialog button.jp-mod-accept")  # "Select Kernel": the notebook's own
+        if select.count():
+            select.first.click()
+        cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
+        try:
+            wait_for("the cell to start", lambda: prompt.inner_text().strip() not in ("[ ]:", ""), timeout=10)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError(f"cell {index} never started")
 
 
 def output_text(page: Any, index: int) -> str:
@@ -280,3 +293,65 @@ def test_reopen_while_running_then_live_and_saved(lab: Lab, browser: Any, pages:
     save(page)
     wait_for("the output in the saved .ipynb",
              lambda: saved_lines(lab.dir / "running.ipynb") == expected(ALL), timeout=30)
+
+
+def test_reopen_after_the_job_finished(lab: Lab, browser: Any, pages: list[Any]) -> None:
+    page, job = start_job(lab, browser, pages, "finished.ipynb")
+    page.close()
+    go(lab, 8)
+    go(lab, 12)
+    wait_for("the job to finish with nobody watching", lambda: target_state(lab, job["id"]) == "done", timeout=60)
+
+    page = open_notebook(lab, browser, pages, "finished.ipynb")
+    wait_for("every line, once, in the original cell", lambda: lines(output_text(page, 1)) == expected(ALL), timeout=30)
+    assert_kernel_answers(page)
+    save(page)
+    wait_for("the output in the saved .ipynb",
+             lambda: saved_lines(lab.dir / "finished.ipynb") == expected(ALL), timeout=30)
+
+
+def test_reopen_after_a_kernel_restart(lab: Lab, browser: Any, pages: list[Any]) -> None:
+    page, job = start_job(lab, browser, pages, "restarted.ipynb")
+    page.close()
+    lab.api("POST", f"/api/kernels/{job['origin']['kernel']}/restart")  # the old kernel is gone
+    go(lab, 8)
+
+    page = open_notebook(lab, browser, pages, "restarted.ipynb")
+    wait_for("lines 0-11 in the original cell, with the job still running",
+             lambda: lines(output_text(page, 1)) == expected(12), timeout=30)
+    assert target_state(lab, job["id"]) == "running"
+    go(lab, 12)
+    wait_for("every line, once, in the original cell", lambda: lines(output_text(page, 1)) == expected(ALL), timeout=30)
+    # the new kernel: %load_ext says in one line what ran while nobody watched
+    run_cell(page, 0)
+    wait_for("the unwatched-jobs line", lambda: "nobody watched" in output_text(page, 0), timeout=60)
+    assert output_text(page, 0).count("nobody watched") == 1
+    assert job["id"][-4:] in output_text(page, 0)
+    assert lines(output_text(page, 1)) == expected(ALL)
+    save(page)
+    wait_for("the output in the saved .ipynb",
+             lambda: saved_lines(lab.dir / "restarted.ipynb") == expected(ALL), timeout=30)
+
+
+def test_one_interrupt_from_a_second_page_does_not_cancel(lab: Lab, browser: Any, pages: list[Any]) -> None:
+    first, job = start_job(lab, browser, pages, "interrupt.ipynb")
+    second = open_notebook(lab, browser, pages, "interrupt.ipynb")  # the first page is still open
+    wait_for("the running job's lines in the second page too",
+             lambda: lines(output_text(second, 1)) == expected(FIRST), timeout=30)
+    assert not kernel_idle(first)  # the first page's cell still follows the job
+    kid = job["origin"]["kernel"]
+    wait_for("the second page's kernel connection",
+             lambda: len(notebook.connected_clients(kid, lab.state_dir) or []) == 2, timeout=30)
+    second.locator(".jp-NotebookPanel .jp-Cell").nth(0).locator(".jp-InputArea-prompt").click()
+    second.keyboard.press("i")
+    second.keyboard.press("i")  # JupyterLab's "interrupt the kernel", once
+    wait_for("the first page to say it detached and how to cancel",
+             lambda: f"%ec2 cancel {job['id'][-4:]}" in output_text(first, 1), timeout=30)
+    assert "did not start it" in output_text(first, 1)
+    assert_kernel_answers(second)
+    assert target_state(lab, job["id"]) == "running"  # not cancelled
+    go(lab, 8)
+    go(lab, 12)
+    wait_for("every line, once, in the second page's cell",
+             lambda: lines(output_text(second, 1)) == expected(ALL), timeout=60)
+    assert target_state(lab, job["id"]) == "done"
