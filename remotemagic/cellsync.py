@@ -94,7 +94,8 @@ def cell_view(root: Path, meta: dict[str, Any], have_offset: int | None = None) 
     offset = rec.offset
     view: dict[str, Any] = {"job": meta["id"], "state": meta.get("state"), "offset": offset,
                             "finished": meta.get("state") in files.TERMINAL, "code": meta.get("code", ""),
-                            "client": (meta.get("origin") or {}).get("client", "")}
+                            "client": (meta.get("origin") or {}).get("client", ""),
+                            "detached": bool(meta.get("detached"))}
     if have_offset != offset:
         view["outputs"] = outputs_from_events(rec.events())
     return view

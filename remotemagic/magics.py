@@ -285,7 +285,7 @@ class Ec2Magics(Magics):
         %ec2 checkpoint --restore    after a worker died: load its last checkpoint
 
         JOB is a job id or a unique end of one (its last 4 characters usually do); without
-        JOB, the last job this kernel started. Output streams live and is also kept on the
+        JOB, the last job this kernel started, else this notebook's newest job. Output streams live and is also kept on the
         target and in a local mirror: close the browser, restart the kernel, and
         ``%ec2 output JOB`` still shows all of it.
         """
@@ -400,6 +400,7 @@ class Ec2Magics(Magics):
             return self._detach(job)
 
     def _detach(self, job: api.Job, why: str = "") -> bool:
+        job.record.update(detached=True)  # the Jupyter extension may fill the cell from now on
         sys.stderr.write(f"\nDetached from job {job.id}{f' ({why})' if why else ''}; it keeps running on the target.\n"
                          f"  %ec2 wait {job.id[-4:]} to reattach, %ec2 cancel {job.id[-4:]} to stop it.\n")
         return False

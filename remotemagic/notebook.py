@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,13 +141,12 @@ class FrontendWatch:
     Only acts when the server extension publishes the connected pages; the main thread tells
     the interrupt apart by :attr:`fired`."""
 
-    def __init__(self, origin: dict[str, Any], every: float = 0.2,
+    def __init__(self, origin: dict[str, Any], every: float = 0.2, grace: float = 1.0,
                  root: Path | None = None):
-        import threading
-
         self.origin = origin
         self.root = root
         self.every = every
+        self.grace = grace  # a websocket that drops and comes back at once is not a page gone
         self.fired = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -161,10 +163,13 @@ class FrontendWatch:
             self._stop.set()
 
     def _run(self) -> None:
-        import signal
-
+        gone_since = None
         while not self._stop.wait(self.every):
-            if starter_gone(self.origin, self.root):
+            if not starter_gone(self.origin, self.root):
+                gone_since = None
+                continue
+            gone_since = gone_since or time.monotonic()
+            if time.monotonic() - gone_since >= self.grace:
                 with self._lock:
                     if self._stop.is_set():
                         return

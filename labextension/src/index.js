@@ -3,7 +3,7 @@
 // job's event log (the local mirror) into nbformat outputs per cell id; this plugin only asks
 // for them and replaces the outputs of the matching cell. It never touches a cell's source,
 // leaves alone a cell that no longer starts with `%%ec2 run` or that this page is running, and
-// leaves a cell to the kernel while the page that started the job is the one showing it.
+// leaves a cell to the kernel while the page that started the job shows it (until it detaches).
 import { INotebookTracker } from '@jupyterlab/notebook';
 import { ServerConnection } from '@jupyterlab/services';
 import { URLExt } from '@jupyterlab/coreutils';
@@ -56,7 +56,7 @@ function watch(panel) {
           if (!view.finished) {
             running = true;
           }
-          if (view.client && view.client === myClient) {
+          if (view.client && view.client === myClient && !view.detached) {
             continue; // this very page started it: the kernel shows it live
           }
           const prev = applied.get(cellId);
