@@ -355,3 +355,6 @@ def test_one_interrupt_from_a_second_page_does_not_cancel(lab: Lab, browser: Any
     wait_for("every line, once, in the second page's cell",
              lambda: lines(output_text(second, 1)) == expected(ALL), timeout=60)
     assert target_state(lab, job["id"]) == "done"
+    # the first page's cell let go of the job: it is filled like any other, every line once
+    wait_for("every line, once, in the first page's cell too",
+             lambda: lines(output_text(first, 1)) == expected(ALL), timeout=30)
