@@ -285,9 +285,9 @@ class Ec2Magics(Magics):
         %ec2 checkpoint --restore    after a worker died: load its last checkpoint
 
         JOB is a job id or a unique end of one (its last 4 characters usually do); without
-        JOB, the last job this kernel started, else this notebook's newest job. Output streams live and is also kept on the
-        target and in a local mirror: close the browser, restart the kernel, and
-        ``%ec2 output JOB`` still shows all of it.
+        JOB, the last job this kernel started, else this notebook's newest job. Output streams
+        live and is also kept on the target and in a local mirror: close the browser, restart
+        the kernel, and ``%ec2 output`` still shows all of it.
         """
         words = shlex.split(line)
         if not words:
@@ -346,7 +346,9 @@ class Ec2Magics(Magics):
             job = remote.last_job
             if job is None:
                 raise
-            if not self._interrupt(job, render, origin, watch.fired):
+            if watch.fired and job.meta.get("state") in files.TERMINAL:
+                pass  # the page went away just as the job ended: nothing to let go of
+            elif not self._interrupt(job, render, origin, watch.fired):
                 return
         if args.bg:
             print(f"Job {job.id} runs in the background (session '{remote.session if not args.session else args.session}').\n"
