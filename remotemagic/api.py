@@ -342,6 +342,9 @@ class Remote:
         self.notices: list[dict[str, Any]] = []
         #: the working folder as the target resolves it (None: the target's home folder)
         self.workdir: str | None = None
+        #: How another process (the Jupyter server extension) can reach this target again:
+        #: the arguments of :func:`connect`, kept in each job's local record. None: it can't.
+        self.connect_args: dict[str, Any] | None = None
         with notices.collect(propagate=True) as got:
             try:
                 self._connect_first()
@@ -509,6 +512,7 @@ class Remote:
         execution_count: int | None = None,
         colors: str | None = None,
         stdin: bool = False,
+        origin: dict[str, Any] | None = None,
     ) -> Job:
         """Run ``code`` in a session on the target.
 
@@ -521,6 +525,8 @@ class Remote:
         goes to ``Out[n]``); ``colors`` is the traceback colour theme (IPython's ``%colors``).
         With ``stdin``, ``input()`` in the code emits an ``input_request`` event and waits for
         :meth:`Job.answer_input`; without, it raises ``StdinNotImplementedError``.
+        ``origin`` says where the code comes from (notebook path, cell id, the page and kernel:
+        :func:`remotemagic.notebook.current_origin`); it is kept with the job on both ends.
         """
         session = files.check_name("session", session or self.session)
         if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
@@ -536,6 +542,8 @@ class Remote:
                     "worker_idle_hours": self.worker_idle_hours}
             spec["modules"] = values.local_module_sources(code)
             spec.update(execution_count=execution_count, colors=colors, stdin=bool(stdin and not background))
+            if origin:
+                spec["origin"] = dict(origin)
             try:
                 return self._submit(spec, background, on_event)
             except errors.RemoteRequestError as exc:
@@ -549,7 +557,8 @@ class Remote:
         self.last_job = job
         job.record.create(target=self.target, session=spec["session"], kind=spec["kind"],
                           code=spec.get("code", ""), outputs=spec.get("outputs", []),
-                          submitted=time.time(), state="queued")
+                          submitted=time.time(), state="queued", origin=spec.get("origin") or {},
+                          reconnect=self.connect_args)
         if background:
             ans = self.request("run", spec=spec, follow=False)
             self._notice(ans)
@@ -566,11 +575,15 @@ class Remote:
                 timeout: float | None) -> str:
         """Submit (if ``spec``) and/or stream the job's log into the mirror until it ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        job.record.update(follower=os.getpid())  # someone mirrors it: the Jupyter extension need not
         try:
             return self._follow_until_done(job, spec, on_event, deadline)
         except BaseException:  # Ctrl-C, a wait timeout: nobody takes streamed outputs now
             job._cancel_prefetch()
             raise
+        finally:
+            if job.record.meta.get("follower") == os.getpid():
+                job.record.update(follower=None)
 
     def _follow_until_done(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
                            deadline: float | None) -> str:
@@ -662,7 +675,7 @@ class Remote:
         state.JobRecord(self.state_root, job_id).create(
             target=self.target, session=spec.get("session"), kind=spec.get("kind", "cell"),
             code=spec.get("code", ""), outputs=spec.get("outputs", []), submitted=spec.get("submitted"),
-            state=status.get("state"),
+            state=status.get("state"), origin=spec.get("origin") or {}, reconnect=self.connect_args,
         )
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
@@ -886,7 +899,9 @@ def connect(target: str = "local", *, session: str | None = None, root: str | No
     session = session or default_session()
     if target == "local" or target.startswith("local:"):
         path = root or (target[6:] if target.startswith("local:") else None) or default_local_root()
-        return Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
+        remote = Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
+        remote.connect_args = {"target": "local", "root": str(Path(path).resolve()), "cwd": remote.cwd}
+        return remote
     if target == "ssh" or target.startswith(("ssh:", "ssh ")):
         # "ssh://user@host:port", "ssh:alias" (from ~/.ssh/config), "ssh HOST", or "ssh" + host=...
         from .transport.ssh import SSHTransport
@@ -902,10 +917,14 @@ def connect(target: str = "local", *, session: str | None = None, root: str | No
         ssh_options = {k: options.pop(k) for k in ssh_keys if k in options}
         transport = SSHTransport(spec, root=root, **ssh_options)
         try:
-            return Remote(transport, session=session, cwd=options.pop("cwd", None), **options)
+            remote = Remote(transport, session=session, cwd=options.pop("cwd", None), **options)
         except BaseException:
             transport.close()
             raise
+        remote.connect_args = {"target": "ssh", "host": spec, "root": root, "cwd": remote.cwd,
+                               **{k: v for k, v in ssh_options.items()
+                                  if k != "trust_on_first_use" and isinstance(v, (str, int, float))}}
+        return remote
     if target == "ec2" or target.startswith("ec2:"):
         return connect_ec2(target[4:] or options.pop("name", None) or "remotemagic", session=session, root=root,
                            **options)

@@ -17,6 +17,18 @@ if ! [ -x /usr/sbin/sshd ]; then
   fi
 fi
 
+# The browser tests (tests/test_browser.py) drive Debian's Chromium through Playwright; never
+# `playwright install`: the system browser is launched by its path.
+if ! [ -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (needed by the browser tests)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+  else
+    echo "The browser tests need Chromium at /usr/bin/chromium: install it (e.g. 'sudo apt-get install chromium') and run again." >&2
+    exit 2
+  fi
+fi
+
 # The bootstrap tests build fresh venvs over SSH; they install from this folder, never from
 # the network (tests talk to 127.0.0.1 only), so it is filled here, with the other installs.
 WHEELS="${REMOTEMAGIC_TEST_WHEELHOUSE:-.cache/wheelhouse}"
