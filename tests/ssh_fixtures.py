@@ -34,10 +34,11 @@ TEST_PYTHON = _test_python()
 
 
 @pytest.fixture(scope="session")
-def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    """A real sshd on 127.0.0.1 with its own host key; ``.ssh_config`` has ``Host rmtest``."""
+def sshd_server(tmp_path_factory: pytest.TempPathFactory, wheel_sources: str) -> Iterator[SSHServer]:
+    """A real sshd on 127.0.0.1 with its own host key; ``.ssh_config`` has ``Host rmtest``.
+    Its sessions install Python packages from the test wheelhouse only (no index)."""
     require_sshd()
-    yield from _running(SSHServer(tmp_path_factory.mktemp("sshd")))
+    yield from _running(SSHServer(tmp_path_factory.mktemp("sshd"), env=wheelhouse_env()))
 
 
 def _running(server: SSHServer) -> Iterator[SSHServer]:
@@ -54,16 +55,40 @@ WHEELHOUSE = os.environ.get("REMOTEMAGIC_TEST_WHEELHOUSE") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "wheelhouse")
 
 
-@pytest.fixture(scope="session")
-def offline_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    """An sshd whose sessions install Python packages only from the local wheelhouse that
-    ``tests/run.sh`` fills (pip and uv get no index), so bootstrap tests stay on 127.0.0.1."""
+def wheelhouse_env() -> dict[str, str]:
+    """Session environment of a target that installs only from the test wheelhouse."""
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "UV_NO_INDEX": "1", "UV_FIND_LINKS": WHEELHOUSE,
+            "UV_PYTHON_DOWNLOADS": "never"}
+
+
+def require_wheelhouse() -> None:
     if not any(name.startswith("cloudpickle-") for name in (os.listdir(WHEELHOUSE) if os.path.isdir(WHEELHOUSE) else [])):
         pytest.skip(f"no wheelhouse at {WHEELHOUSE}: bash tests/run.sh fills it (the tests themselves stay offline)")
+
+
+@pytest.fixture(scope="session")
+def wheel_sources(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The client fetches wheels for targets from the test wheelhouse only, into a session cache."""
+    require_wheelhouse()
+    saved = {k: os.environ.get(k) for k in ("REMOTEMAGIC_WHEELHOUSE", "REMOTEMAGIC_CACHE_DIR")}
+    os.environ["REMOTEMAGIC_WHEELHOUSE"] = WHEELHOUSE
+    os.environ["REMOTEMAGIC_CACHE_DIR"] = str(tmp_path_factory.mktemp("wheel-cache"))
+    try:
+        yield WHEELHOUSE
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def offline_sshd(tmp_path_factory: pytest.TempPathFactory, wheel_sources: str) -> Iterator[SSHServer]:
+    """An sshd whose sessions install Python packages only from the local wheelhouse that
+    ``tests/run.sh`` fills (pip and uv get no index), so bootstrap tests stay on 127.0.0.1."""
     require_sshd()
-    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "UV_NO_INDEX": "1", "UV_FIND_LINKS": WHEELHOUSE,
-           "UV_PYTHON_DOWNLOADS": "never"}
-    yield from _running(SSHServer(tmp_path_factory.mktemp("offline-sshd"), env=env))
+    yield from _running(SSHServer(tmp_path_factory.mktemp("offline-sshd"), env=wheelhouse_env()))
 
 
 @pytest.fixture(scope="session")
@@ -104,4 +129,5 @@ def ssh_remote_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_workers(root)
 
 
-__all__ = ["TEST_PYTHON", "jump_sshd", "ssh_remote_root", "sshd_server", "stop_workers", "tcp_proxy"]
+__all__ = ["TEST_PYTHON", "jump_sshd", "offline_sshd", "ssh_remote_root", "sshd_server", "stop_workers", "tcp_proxy",
+           "wheel_sources", "wheelhouse_env"]
