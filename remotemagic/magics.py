@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from traitlets import Bool, Float, Int, List, Unicode, observe
 
-from . import api, errors, state
+from . import api, envsync, errors, state
 from .agent import files
 from .render import Renderer
 
@@ -93,6 +93,10 @@ def _parsers() -> dict[str, _Parser]:
     jobs = p["jobs"] = _Parser(prog="%ec2 jobs", add_help=False)
     jobs.add_argument("-n", type=int, default=20, help="how many (newest last)")
     p["status"] = _Parser(prog="%ec2 status", add_help=False)
+    sync = p["sync"] = _Parser(prog="%ec2 sync", add_help=False)
+    sync.add_argument("packages", nargs="*", help="local distributions to sync (default: what the notebook imports)")
+    sync.add_argument("--all", action="store_true", help="every distribution of this kernel's environment")
+    sync.add_argument("--dry-run", action="store_true", help="show what would be installed; install nothing")
     ck = p["checkpoint"] = _Parser(prog="%ec2 checkpoint", add_help=False)
     ck.add_argument("--restore", action="store_true", help="load the last checkpoint into the session")
     ck.add_argument("--session")
@@ -185,6 +189,11 @@ class Ec2Magics(Magics):
     ec2_user = Unicode("", help="EC2: login user (default: from the AMI, ubuntu or ec2-user).").tag(config=True)
     compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
                           "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
+    package_sync = Unicode("auto", help="Before a cell runs on an SSH/EC2 target, install there the packages it "
+                           "imports and its -i values need, at this kernel's versions: auto (keeps a different version "
+                           "already there, with a warning), exact (replaces it) or off.").tag(config=True)
+    offline_install = Bool(False, help="Ship wheels from here instead of letting the target use a package index "
+                           "(hosts without internet are detected by themselves).").tag(config=True)
 
     remote: api.Remote | None = None
 
@@ -195,6 +204,13 @@ class Ec2Magics(Magics):
     @observe("target", "local_root")
     def _target_changed(self, change: Any) -> None:
         self.close()
+
+    @observe("package_sync", "offline_install")
+    def _sync_changed(self, change: Any) -> None:
+        if change["name"] == "package_sync" and change["new"] not in envsync.MODES:
+            raise UsageError(f"Ec2Magics.package_sync must be one of {', '.join(envsync.MODES)}, not {change['new']!r}")
+        if self.remote is not None:
+            setattr(self.remote, change["name"], change["new"])
 
     def close(self) -> None:
         if self.remote is not None:
@@ -214,7 +230,8 @@ class Ec2Magics(Magics):
         opts: dict[str, Any] = dict(
             reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
             object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
-            checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression)
+            checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression,
+            package_sync=self.package_sync, offline_install=self.offline_install)
         session = session or self.session or None
         if workdir:
             opts["cwd"] = workdir
@@ -277,6 +294,8 @@ class Ec2Magics(Magics):
         %ec2 status          target, sessions and recent jobs
         %ec2 tunnel [REMOTE_PORT [LOCAL_PORT]] [--close LOCAL_PORT]   forward a port (127.0.0.1 only)
         %ec2 pip install PKG ...     install into the target's Python environment
+        %ec2 sync [PKG ...] [--all] [--dry-run]   put this kernel's packages (what the notebook
+                             imports, the ones named, or --all) on the target at the local versions
         %ec2 push LOCAL [DEST]   copy a file or folder to the target (resumes; skips unchanged files)
         %ec2 pull PATH [LOCAL]   copy a file or folder from the target
         %ec2 restart [--session S]   stop a session's worker: the next cell starts fresh
@@ -325,7 +344,7 @@ class Ec2Magics(Magics):
         try:
             job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
                              session=args.session, timeout=timeout, on_event=render)
-        except errors.UnpicklableValueError as exc:
+        except (errors.UnpicklableValueError, envsync.PackageSyncError) as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             job = remote.last_job
@@ -485,6 +504,11 @@ class Ec2Magics(Magics):
             self._print_instances(st["instances"])
         running = [j for j in st["jobs"] if j.get("state") not in files.TERMINAL]
         print(f"Jobs:     {len(st['jobs'])} recent, {len(running)} queued or running (%ec2 jobs lists them)")
+        if envsync.supported(remote.transport):
+            record = envsync.installed_record(remote)
+            print(f"Packages: {len(record)} installed by remotemagic in the target's venv"
+                  + (": " + ", ".join(f"{n} {v.get('version')} ({v.get('via')}, {v.get('source')})"
+                                      for n, v in sorted(record.items())) if record else ""))
 
     # -- EC2 ------------------------------------------------------------------------------------
     def _cmd_start(self, args: argparse.Namespace) -> None:
@@ -595,6 +619,28 @@ class Ec2Magics(Magics):
                 print(line, flush=True)
         except Exception as exc:  # pip's own failure text is the useful part
             raise UsageError(str(exc)) from None
+
+    def _cmd_sync(self, args: argparse.Namespace) -> None:
+        remote = self.get_remote()
+        code = ""
+        if not args.all and not args.packages:
+            from IPython.core.inputtransformer2 import TransformerManager
+
+            tm = TransformerManager()
+            cells = []
+            for cell in self.shell.user_ns.get("In", []) or []:
+                try:
+                    cells.append(tm.transform_cell(cell))
+                except Exception:
+                    continue
+            code = "\n".join(c for c in cells if "import" in c and envsync.needs.code_modules(c))
+        try:
+            rows = remote.sync_packages(args.packages, all=args.all, code=code, dry_run=args.dry_run)
+        except (ValueError, envsync.PackageSyncError) as exc:
+            raise UsageError(str(exc)) from None
+        if args.dry_run:
+            print(f"Dry run on {remote.target}: nothing installed")
+        print(envsync.format_rows(rows))
 
     def _cmd_push(self, args: argparse.Namespace) -> None:
         try:

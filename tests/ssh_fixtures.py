@@ -129,5 +129,57 @@ def ssh_remote_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_workers(root)
 
 
-__all__ = ["TEST_PYTHON", "jump_sshd", "offline_sshd", "ssh_remote_root", "sshd_server", "stop_workers", "tcp_proxy",
+__all__ = ["TEST_PYTHON", "bare_sshd", "jump_sshd", "make_bare_python", "offline_sshd", "ssh_remote_root", "sshd_server", "stop_workers", "tcp_proxy",
            "wheel_sources", "wheelhouse_env"]
+
+
+def make_bare_python(folder: str | os.PathLike[str]) -> str:
+    """A real CPython of this version with only its standard library: no ensurepip, venv, pip,
+    site-packages, virtualenv or uv (like Ubuntu's cloud-image python3). Returns its bin folder."""
+    import shutil
+    import sysconfig
+
+    base = sys.base_prefix
+    ver = "python{}.{}".format(*sys.version_info[:2])
+    stdlib = sysconfig.get_paths(vars={"installed_base": base, "base": base})["stdlib"]
+    root = os.path.abspath(folder)
+    bindir = os.path.join(root, "bin")
+    os.makedirs(bindir, exist_ok=True)
+    exe = getattr(sys, "_base_executable", sys.executable)
+    shutil.copy2(os.path.realpath(exe), os.path.join(bindir, "python3"))
+    skip = {"ensurepip", "venv", "site-packages", "test", "idlelib", "lib2to3", "tkinter", "turtledemo", "__pycache__"}
+    dest = os.path.join(root, "lib", ver)
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        rel = os.path.relpath(dirpath, stdlib)
+        os.makedirs(os.path.join(dest, rel), exist_ok=True)
+        for f in filenames:
+            os.symlink(os.path.join(dirpath, f), os.path.join(dest, rel, f))
+    os.makedirs(os.path.join(dest, "site-packages"))  # empty, as on a minimal image
+    # the host's tools, minus every Python, pip, virtualenv and uv
+    tools = os.path.join(root, "tools")
+    os.makedirs(tools, exist_ok=True)
+    for d in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if name.startswith(("python", "pip", "uv", "virtualenv", "pydoc", "2to3", "idle")):
+                continue
+            link = os.path.join(tools, name)
+            if not os.path.lexists(link):
+                os.symlink(os.path.join(d, name), link)
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def bare_sshd(tmp_path_factory: pytest.TempPathFactory, wheel_sources: str) -> Iterator[SSHServer]:
+    """An sshd whose sessions find only a bare python3 (no ensurepip/venv/pip/virtualenv/uv) on
+    their PATH and no package index or wheel folder: everything must come from the client."""
+    require_sshd()
+    folder = tmp_path_factory.mktemp("bare-host")
+    bindir = make_bare_python(folder / "python")
+    home = folder / "home"  # an empty home: no shell profile puts another Python on PATH, no caches
+    home.mkdir(mode=0o700)
+    env = {"HOME": str(home), "PATH": f"{bindir}:{folder / 'python' / 'tools'}", "PIP_NO_INDEX": "1",
+           "PIP_CONFIG_FILE": "/dev/null", "UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "PYTHONNOUSERSITE": "1"}
+    server = SSHServer(folder / "sshd", env=env)
+    server.bare_python = os.path.join(bindir, "python3")  # type: ignore[attr-defined]
+    yield from _running(server)

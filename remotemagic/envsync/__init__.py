@@ -9,7 +9,19 @@
 """
 
 from . import needs
-from .sync import MODES, PackageSyncError, Row, before_upload, invalidate, notify, supported, sync_rows, syncer
+from .sync import (
+                   MODES,
+                   PackageSyncError,
+                   Row,
+                   before_upload,
+                   format_rows,
+                   installed_record,
+                   invalidate,
+                   notify,
+                   supported,
+                   sync_rows,
+                   syncer,
+)
 
-__all__ = ["MODES", "PackageSyncError", "Row", "before_upload", "invalidate", "needs", "notify", "supported", "sync_rows",
-           "syncer"]
+__all__ = ["MODES", "PackageSyncError", "Row", "before_upload", "format_rows", "installed_record", "invalidate", "needs",
+           "notify", "supported", "sync_rows", "syncer"]

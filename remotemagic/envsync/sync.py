@@ -72,7 +72,7 @@ class Syncer:
         self.target = TargetEnv(transport)
         self.lock = threading.RLock()
         self.warned: set[tuple] = set()
-        self._checked: dict[frozenset[str], bool] = {}  # roots already known to be satisfied
+        self._checked: dict[tuple[str, frozenset[str]], bool] = {}  # (mode, roots) known to be satisfied
         self.uv_failed = False
 
     def invalidate(self) -> None:
@@ -127,7 +127,10 @@ class Syncer:
         if done:
             notify(f"Installed {len(done)} package(s) on {self.transport.name} with {tool} "
                    f"in {time.monotonic() - t0:.1f} s")
-        self._checked.clear()
+        replaced = [r for r in done if r.target is not None]
+        if replaced:
+            notify("Replaced " + ", ".join(f"{r.name} {r.target} -> {r.local}" for r in replaced)
+                   + ": a session that already imported it keeps the old one until %ec2 restart", warning=True)
         return rows
 
     def _ensure_uv(self) -> None:
@@ -145,25 +148,26 @@ class Syncer:
         plat = self.target.platform()
         paths: dict[str, Any] = {}
         for r in rows:
+            if r.dist is not None and r.dist.local_path:
+                try:
+                    paths[f"{r.name}=={r.local}"] = wheels.build_local(r.dist.local_path)
+                except wheels.NoWheelError as exc:
+                    r.action, r.why = "skip", str(exc)
+        pins = [f"{r.name}=={r.local}" for r in rows if r.action == "install" and not (r.dist and r.dist.local_path)]
+        try:
+            got, failed = wheels.fetch(pins, plat) if pins else ({}, {})
+        except wheels.NoWheelError as exc:
+            got, failed = {}, {pin: str(exc) for pin in pins}
+        paths.update(got)
+        for r in rows:
             pin = f"{r.name}=={r.local}"
-            try:
-                if r.dist is not None and r.dist.local_path:
-                    paths[pin] = wheels.build_local(r.dist.local_path)
-                    continue
-                got, failed = wheels.fetch([pin], plat)
-            except wheels.NoWheelError as exc:
-                r.action, r.why = "skip", str(exc)
+            if r.action != "install" or pin in paths:
                 continue
-            if pin in got:
-                paths[pin] = got[pin]
-            else:
-                why = failed.get(pin, "no wheel")
-                if r.dist is not None and r.dist.installer == "conda":
-                    why = (f"conda-only here and no wheel of {pin} for {plat.describe()}: install it on the "
-                           f"target with conda (conda install {r.name}={r.local}) or %ec2 pip install a build of it")
-                else:
-                    why = f"no wheel of {pin} for {plat.describe()} ({why})"
-                r.action, r.why = "skip", why
+            why = failed.get(pin, f"no wheel of {pin} for {plat.describe()}")
+            if r.dist is not None and r.dist.installer == "conda":
+                why = (f"conda-only here and no wheel of {pin} for {plat.describe()}: install it on the "
+                       f"target with conda (conda install {r.name}={r.local}) or %ec2 pip install a build of it")
+            r.action, r.why = "skip", why
         ok = [r for r in rows if r.action == "install"]
         if not ok:
             return "-"
@@ -190,7 +194,7 @@ class Syncer:
         roots = env.dists_for_modules(code_mods | pickle_mods)
         if not roots:
             return
-        key = frozenset(roots)
+        key = (mode, frozenset(roots))
         with self.lock:
             if self._checked.get(key) and self.target.facts is not None:
                 return  # warm: nothing changed since this set was found complete
@@ -289,3 +293,29 @@ def sync_rows(remote: Any, names: Iterable[str] | None = None, *, all: bool = Fa
             except TargetError as exc:
                 raise PackageSyncError(str(exc)) from None
     return rows
+
+
+LABELS = {"install": "would install", "installed": "installed", "there": "already there",
+          "skew": "kept (skew)", "skip": "skipped"}
+
+
+def format_rows(rows: list[Row]) -> str:
+    """``%ec2 sync``'s table: one line per distribution, then a count per result."""
+    if not rows:
+        return "Nothing to sync."
+    w = max(len(r.name) for r in rows)
+    lines = [f"{'package':{w}}  {'here':12} {'target':12} {'result':14} note"]
+    for r in sorted(rows, key=lambda r: (r.action, r.name)):
+        lines.append(f"{r.name:{w}}  {r.local:12} {r.target or '-':12} {LABELS.get(r.action, r.action):14} {r.why}".rstrip())
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[LABELS.get(r.action, r.action)] = counts.get(LABELS.get(r.action, r.action), 0) + 1
+    lines.append(", ".join(f"{n} {label}" for label, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def installed_record(remote: Any) -> dict[str, Any]:
+    """What package sync installed into the target's venv (its JSON record), by name."""
+    if not supported(remote.transport):
+        return {}
+    return syncer(remote.transport).target.query().get("record") or {}

@@ -217,7 +217,11 @@ exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
                 chan.close()
             if status == 0:
                 self._record(pins, tool, "shipped wheels" if shipped else "index")
-                self.invalidate()
+                if self.facts is not None:  # what is there now, without asking again
+                    self.facts["dists"].update(pins)
+                    for name, version in pins.items():
+                        self.facts.setdefault("record", {})[name] = {"version": version, "via": tool,
+                                                                     "source": "shipped wheels" if shipped else "index"}
                 return tool
             errors.append(f"{tool} (exit {status}): " + "\n".join(tail[-8:]))
         self.invalidate()
@@ -260,9 +264,11 @@ exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
             _mkdir(sftp, folder)
             for w in todo:
                 sent += _put_file(sftp, w, posixpath.join(folder, w.name), update)
+                have[w.name] = w.stat().st_size
         finally:
             sftp.close()
-        self.invalidate()
+        if self.facts is not None:
+            self.facts["wheels"] = have
         return sent
 
     def ship_uv(self, exe: Path) -> str:

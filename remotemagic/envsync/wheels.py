@@ -169,7 +169,8 @@ def fetch(pins: list[str], plat: Platform) -> tuple[dict[str, Path], dict[str, s
                 if one.returncode != 0:
                     lines = [ln for ln in (one.stderr or one.stdout).splitlines()
                              if ln.startswith("ERROR") and "is ignored" not in ln]
-                    failed[pin] = lines[0][7:] if lines else f"pip download failed (exit {one.returncode})"
+                    why = lines[0][7:] if lines else f"pip download failed (exit {one.returncode})"
+                    failed[pin] = f"no wheel of {pin} for {plat.describe()} ({why})"
         for f in sorted(Path(tmp).glob("*.whl")):
             dest = cache_dir() / f.name
             if not dest.exists():
@@ -199,8 +200,10 @@ def _copy(src: Path, dest: Path) -> None:
 def build_local(path: str) -> Path:
     """Build a wheel of a local project folder (an editable or local-path install) into the cache."""
     with tempfile.TemporaryDirectory(prefix="remotemagic-build-") as tmp:
+        house = os.environ.get("REMOTEMAGIC_WHEELHOUSE")
+        source = ["--no-index", "--find-links", house] if house else []
         proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--disable-pip-version-check", "--no-deps",
-                               "--no-build-isolation", "--wheel-dir", tmp, path], capture_output=True, text=True)
+                               *source, "--wheel-dir", tmp, path], capture_output=True, text=True)
         built = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not built:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
