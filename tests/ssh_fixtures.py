@@ -21,7 +21,8 @@ except ImportError:  # imported as a top-level module (rootdir-relative)
 
 
 def _test_python() -> str:
-    """An interpreter that has cloudpickle and IPython, so the remote venv needs no pip install."""
+    """The base interpreter of this venv: the remote venvs are built from it (isolated from its
+    site-packages; package sync fills them from the test wheelhouse at this venv's versions)."""
     env = os.environ.get("REMOTEMAGIC_TEST_PYTHON")
     if env:
         return env

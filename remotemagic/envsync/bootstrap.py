@@ -20,6 +20,8 @@ from .target import TargetError
 log = logging.getLogger(__name__)
 
 AGENT_DISTS = frozenset({"cloudpickle", "ipython"})
+#: Installed with them when this kernel has them: the agent uses them if present (zstd on the wire).
+AGENT_OPTIONAL = frozenset({"zstandard"})
 
 
 def probe_platform(info: dict[str, Any], python: tuple[int, int]) -> wheels.Platform:
@@ -60,12 +62,12 @@ def install_agent_packages(transport: Any, offline: bool = False) -> None:
     with s.lock:
         s.invalidate()
         try:
-            rows = s.plan(env.closure(AGENT_DISTS), "exact")
+            rows = s.plan(env.closure(AGENT_DISTS | (AGENT_OPTIONAL & set(env.dists))), "exact")
             s.apply(rows, offline=offline)
         except TargetError as exc:
             raise BootstrapError(f"{transport.name}: installing the agent's packages into {transport.root}/venv "
                                  f"failed: {exc}") from None
-    skipped = [r for r in rows if r.action == "skip"]
+    skipped = [r for r in rows if r.action == "skip" and r.name not in AGENT_OPTIONAL]
     if skipped:
         raise BootstrapError(f"{transport.name}: cannot install the agent's packages into {transport.root}/venv: "
                              + "; ".join(f"{r.name}=={r.local}: {r.why}" for r in skipped))

@@ -190,6 +190,8 @@ class Syncer:
         streams = list(streams)
         code_mods = needs.needed_modules(code, (), extra)
         pickle_mods = needs.needed_modules("", streams)
+        if not code_mods and not pickle_mods:
+            return  # stdlib and local modules only: nothing to look up
         env = localenv.current()
         roots = env.dists_for_modules(code_mods | pickle_mods)
         if not roots:
