@@ -19,18 +19,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import errors, progress
-from . import localenv, needs, wheels
+from .. import progress
+from . import MODES, PackageSyncError, localenv, needs, wheels
 from .localenv import Dist
 from .target import TargetEnv, TargetError
 
 log = logging.getLogger(__name__)
-
-MODES = ("auto", "exact", "off")
-
-
-class PackageSyncError(errors.RemoteMagicError):
-    """A package a job needs cannot be installed on the target."""
 
 
 def notify(text: str, warning: bool = False) -> None:
