@@ -13,7 +13,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from traitlets import Bool, Float, Int, List, Unicode, observe
+from traitlets import Bool, Enum, Float, Int, List, Unicode, observe
 
 from . import api, envsync, errors, state
 from .agent import files
@@ -189,7 +189,7 @@ class Ec2Magics(Magics):
     ec2_user = Unicode("", help="EC2: login user (default: from the AMI, ubuntu or ec2-user).").tag(config=True)
     compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
                           "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
-    package_sync = Unicode("auto", help="Before a cell runs on an SSH/EC2 target, install there the packages it "
+    package_sync = Enum(list(envsync.MODES), default_value="auto", help="Before a cell runs on an SSH/EC2 target, install there the packages it "
                            "imports and its -i values need, at this kernel's versions: auto (keeps a different version "
                            "already there, with a warning), exact (replaces it) or off.").tag(config=True)
     offline_install = Bool(False, help="Ship wheels from here instead of letting the target use a package index "
@@ -207,8 +207,6 @@ class Ec2Magics(Magics):
 
     @observe("package_sync", "offline_install")
     def _sync_changed(self, change: Any) -> None:
-        if change["name"] == "package_sync" and change["new"] not in envsync.MODES:
-            raise UsageError(f"Ec2Magics.package_sync must be one of {', '.join(envsync.MODES)}, not {change['new']!r}")
         if self.remote is not None:
             setattr(self.remote, change["name"], change["new"])
 
@@ -505,7 +503,11 @@ class Ec2Magics(Magics):
         running = [j for j in st["jobs"] if j.get("state") not in files.TERMINAL]
         print(f"Jobs:     {len(st['jobs'])} recent, {len(running)} queued or running (%ec2 jobs lists them)")
         if envsync.supported(remote.transport):
-            record = envsync.installed_record(remote)
+            try:
+                record = envsync.installed_record(remote)
+            except Exception as exc:  # the venv cannot be asked: say so, the rest of the status stands
+                print(f"Packages: cannot list the target's venv ({exc})")
+                return
             print(f"Packages: {len(record)} installed by remotemagic in the target's venv"
                   + (": " + ", ".join(f"{n} {v.get('version')} ({v.get('via')}, {v.get('source')})"
                                       for n, v in sorted(record.items())) if record else ""))
