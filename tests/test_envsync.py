@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 
 import remotemagic
+import remotemagic.envsync
 from remotemagic.envsync import localenv, needs, wheels
 from remotemagic.envsync.sync import syncer
 
@@ -318,6 +319,26 @@ def test_editable_local_package_is_built_and_shipped(shell: Any, tmp_path: Path,
         assert (status, text.strip()) == (0, "from a local folder")
     finally:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "rmlocalpkg"], capture_output=True)
+
+
+def test_restore_into_remote_session_installs_what_the_value_needs(shell: Any,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``%ec2_store -r --remote`` loads a stored value on the target: its packages come first."""
+    remote = shell.magics_manager.registry["Ec2Magics"].get_remote()
+    shell.user_ns["df"] = pd.DataFrame({"a": [1.0, 2.0, 3.0]})
+    run_ok(shell, "%ec2_store df")
+    # the target loses pandas (its venv rebuilt, someone uninstalled it) while the value stays stored
+    uv = syncer(remote.transport).target.query()["uv"]
+    status, out = remote.transport.run(f'{uv} pip uninstall --python "{remote.transport.root}/venv/bin/python" pandas')
+    assert status == 0, out
+    remotemagic.envsync.invalidate(remote.transport)
+    run_ok(shell, "%ec2 restart")
+    capsys.readouterr()
+    run_ok(shell, "%ec2_store -r --remote df")
+    out = plain(capsys.readouterr().out)
+    assert f"pandas=={pd.__version__}" in out and "Restored 'df' into the remote session" in out
+    run_ok(shell, "%%ec2 run -o n\nn = float(df['a'].sum())")
+    assert shell.user_ns["n"] == 6.0
 
 
 def test_package_sync_off(sshd_server: SSHServer, tmp_path: Path) -> None:
