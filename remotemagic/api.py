@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from . import errors, notices, progress, state, values
+from . import envsync, errors, notices, progress, state, values
 from .agent import files
 from .connection import AgentConnection, Call
 from .transport.base import Transport
@@ -307,6 +307,8 @@ class Remote:
         compression: str = "auto",
         show_progress: bool = True,
         prefetch_outputs: bool = True,
+        package_sync: str = "auto",
+        offline_install: bool = False,
     ):
         self.transport = transport
         self.target = transport.name
@@ -327,6 +329,13 @@ class Remote:
         self.codec: str | None = None
         self.show_progress = show_progress
         self.prefetch_outputs = prefetch_outputs
+        #: "auto" | "exact" | "off": install what a job needs on the target first (see envsync).
+        self.package_sync = package_sync
+        #: Ship wheels from here even if the target could reach a package index.
+        self.offline_install = offline_install
+        self._pushed_modules: dict[str, list[str]] = {}
+        if hasattr(transport, "offline_install"):
+            transport.offline_install = offline_install  # bootstrap ships wheels too
         self.info: dict[str, Any] = {}
         self._conn: AgentConnection | None = None
         self._lock = threading.RLock()
@@ -462,11 +471,15 @@ class Remote:
             self.transport.close()
 
     # -- values --------------------------------------------------------------------------------
-    def _push(self, items: dict[str, Any]) -> dict[str, str]:
-        """Pickle and upload the values the target does not have yet; return name -> hash."""
+    def _push(self, items: dict[str, Any], code: str = "") -> dict[str, str]:
+        """Pickle and upload the values the target does not have yet; return name -> hash.
+        First the target gets the packages that ``code`` and these pickles need (package sync)."""
         if items:
             values.register_local_modules()  # once per push: it scans sys.modules
         encoded = {name: values.encode(name, value) for name, value in items.items()}
+        if code or encoded:
+            envsync.before_upload(self, code, [enc.pickle for enc in encoded.values()])
+        self._pushed_modules = {name: sorted(envsync.needs.pickle_modules(enc.pickle)) for name, enc in encoded.items()}
         digests = {name: enc.digest for name, enc in encoded.items()}
         unknown = sorted({d for d in digests.values() if d not in self._known})
         missing = set(self.request("has_objects", hashes=unknown)["missing"]) if unknown else set()
@@ -536,7 +549,7 @@ class Remote:
             if not name.isidentifier():
                 raise ValueError(f"cannot pull {name!r}: not a Python identifier")
         for attempt in (1, 2):
-            inputs = self._push(dict(push or {}))
+            inputs = self._push(dict(push or {}), code)
             spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
                     "outputs": pull, "timeout": timeout, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
                     "worker_idle_hours": self.worker_idle_hours}
@@ -773,8 +786,18 @@ class Remote:
         """``pip install`` into the target's Python environment; yields pip's output lines."""
         if not packages:
             raise ValueError("name at least one package")
-        yield from self.transport.pip_install([p for p in packages if not p.startswith("-")],
-                                              *[p for p in packages if p.startswith("-")])
+        try:
+            yield from self.transport.pip_install([p for p in packages if not p.startswith("-")],
+                                                  *[p for p in packages if p.startswith("-")])
+        finally:
+            envsync.invalidate(self.transport)
+
+    def sync_packages(self, dists: Iterable[str] | None = None, *, all: bool = False, code: str = "",
+                      dry_run: bool = False) -> list[Any]:
+        """Install local distributions on the target at their local versions (with their
+        requirements): the ones ``code`` imports, the named ``dists``, or ``all=True`` every one.
+        Returns the plan's rows (``.action``: installed, there, skew, skip, or install if dry_run)."""
+        return envsync.sync_rows(self, dists, all=all, code=code, dry_run=dry_run)
 
     # -- files ---------------------------------------------------------------------------------
     def push(self, local: str | os.PathLike[str], dest: str | None = None) -> dict[str, Any]:
@@ -797,7 +820,7 @@ class Remote:
             raise ValueError(f"cannot store {name!r}: not a Python identifier")
         digest = self._push({name: value})[name]
         meta = {"type": files.type_name(value), "preview": files.preview(value),
-                "by": f"{os.uname().nodename} pid {os.getpid()}"}
+                "by": f"{os.uname().nodename} pid {os.getpid()}", "modules": self._pushed_modules.get(name, [])}
         try:
             return self.request("store_put", name=name, hash=digest, meta=meta)
         except errors.RemoteRequestError as exc:
@@ -837,6 +860,11 @@ class Remote:
 
     def restore_to_session(self, names: Iterable[str], session: str | None = None) -> dict[str, Any]:
         """Load stored values straight into a remote session's namespace."""
+        names = list(names)
+        wanted = set(names)
+        modules = {m for v in self.store_list() if v.get("name") in wanted for m in v.get("modules") or ()}
+        if modules:
+            envsync.before_upload(self, extra=modules)
         job = self._internal_job("restore", list(names), session, None)
         return job._status or {}
 

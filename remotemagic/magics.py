@@ -17,9 +17,9 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from traitlets import Bool, Float, Int, List, Unicode, observe
+from traitlets import Bool, Enum, Float, Int, List, Unicode, observe
 
-from . import api, errors, notebook, notices, state
+from . import api, envsync, errors, notebook, notices, state
 from .agent import files
 from .render import Renderer
 
@@ -147,6 +147,10 @@ def _parsers() -> dict[str, _Parser]:
     jobs = p["jobs"] = _Parser(prog="%ec2 jobs", add_help=False)
     jobs.add_argument("-n", type=_count, default=20, help="how many (newest last)")
     p["status"] = _Parser(prog="%ec2 status", add_help=False)
+    sync = p["sync"] = _Parser(prog="%ec2 sync", add_help=False)
+    sync.add_argument("packages", nargs="*", help="local distributions to sync (default: what the notebook imports)")
+    sync.add_argument("--all", action="store_true", help="every distribution of this kernel's environment")
+    sync.add_argument("--dry-run", action="store_true", help="show what would be installed; install nothing")
     ck = p["checkpoint"] = _Parser(prog="%ec2 checkpoint", add_help=False)
     ck.add_argument("--restore", action="store_true", help="load the last checkpoint into the session")
     ck.add_argument("--session", type=_session_name)
@@ -259,6 +263,11 @@ class Ec2Magics(Magics):
     ec2_user = Unicode("", help="EC2: login user (default: from the AMI, ubuntu or ec2-user).").tag(config=True)
     compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
                           "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
+    package_sync = Enum(list(envsync.MODES), default_value="auto", help="Before a cell runs on an SSH/EC2 target, install there the packages it "
+                           "imports and its -i values need, at this kernel's versions: auto (keeps a different version "
+                           "already there, with a warning), exact (replaces it) or off.").tag(config=True)
+    offline_install = Bool(False, help="Ship wheels from here instead of letting the target use a package index "
+                           "(hosts without internet are detected by themselves).").tag(config=True)
 
     remote: api.Remote | None = None
 
@@ -285,6 +294,11 @@ class Ec2Magics(Magics):
     def _idle_changed(self, change: Any) -> None:
         if self.remote is not None:  # sent with every job: the session's worker takes it from the next one
             self.remote.worker_idle_hours = change["new"]
+
+    @observe("package_sync", "offline_install")
+    def _sync_changed(self, change: Any) -> None:
+        if self.remote is not None:
+            setattr(self.remote, change["name"], change["new"])
 
     def close(self) -> None:
         if self.remote is not None:
@@ -333,7 +347,8 @@ class Ec2Magics(Magics):
             reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
             object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
             checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression,
-            worker_idle_hours=self.worker_idle_hours)
+            worker_idle_hours=self.worker_idle_hours, package_sync=self.package_sync,
+            offline_install=self.offline_install)
         session = session or self.session or None
         if workdir:
             opts["cwd"] = workdir
@@ -398,6 +413,8 @@ class Ec2Magics(Magics):
         %ec2 status          target, sessions and recent jobs
         %ec2 tunnel [REMOTE_PORT [LOCAL_PORT]] [--close LOCAL_PORT]   forward a port (127.0.0.1 only)
         %ec2 pip install PKG ...     install into the target's Python environment
+        %ec2 sync [PKG ...] [--all] [--dry-run]   put this kernel's packages (what the notebook
+                             imports, the ones named, or --all) on the target at the local versions
         %ec2 push LOCAL [DEST]   copy a file or folder to the target (resumes; skips unchanged files)
         %ec2 pull PATH [LOCAL]   copy a file or folder from the target
         %ec2 restart [--session S | --all]   stop a session's worker (interrupt, SIGTERM, SIGKILL;
@@ -477,7 +494,7 @@ class Ec2Magics(Magics):
                                  session=args.session, timeout=timeout, on_event=render, origin=origin,
                                  execution_count=self._cell_number(), colors=str(self.shell.colors),
                                  stdin=not args.bg)
-        except errors.UnpicklableValueError as exc:
+        except (errors.UnpicklableValueError, envsync.PackageSyncError) as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             job = remote.last_job
@@ -686,6 +703,15 @@ class Ec2Magics(Magics):
         if "instances" in st:
             self._print_instances(st["instances"])
         print(f"Jobs:     {len(st['jobs'])} recent, {len(st['active'])} queued or running (%ec2 jobs lists them)")
+        if envsync.supported(remote.transport):
+            try:
+                record = envsync.installed_record(remote)
+            except Exception as exc:  # the venv cannot be asked: say so, the rest of the status stands
+                print(f"Packages: cannot list the target's venv ({exc})")
+                return
+            print(f"Packages: {len(record)} installed by remotemagic in the target's venv"
+                  + (": " + ", ".join(f"{n} {v.get('version')} ({v.get('via')}, {v.get('source')})"
+                                      for n, v in sorted(record.items())) if record else ""))
 
     # -- EC2 ------------------------------------------------------------------------------------
     def _cmd_start(self, args: argparse.Namespace) -> None:
@@ -804,6 +830,28 @@ class Ec2Magics(Magics):
                 print(line, flush=True)
         except Exception as exc:  # pip's own failure text is the useful part
             raise UsageError(str(exc)) from None
+
+    def _cmd_sync(self, args: argparse.Namespace) -> None:
+        remote = self.get_remote()
+        code = ""
+        if not args.all and not args.packages:
+            from IPython.core.inputtransformer2 import TransformerManager
+
+            tm = TransformerManager()
+            cells = []
+            for cell in self.shell.user_ns.get("In", []) or []:
+                try:
+                    cells.append(tm.transform_cell(cell))
+                except Exception:
+                    continue
+            code = "\n".join(c for c in cells if "import" in c and envsync.needs.code_modules(c))
+        try:
+            rows = remote.sync_packages(args.packages, all=args.all, code=code, dry_run=args.dry_run)
+        except (ValueError, envsync.PackageSyncError) as exc:
+            raise UsageError(str(exc)) from None
+        if args.dry_run:
+            print(f"Dry run on {remote.target}: nothing installed")
+        print(envsync.format_rows(rows))
 
     def _cmd_push(self, args: argparse.Namespace) -> None:
         if not args.local.strip():

@@ -29,12 +29,16 @@ if ! [ -x /usr/bin/chromium ]; then
   fi
 fi
 
-# The bootstrap tests build fresh venvs over SSH; they install from this folder, never from
-# the network (tests talk to 127.0.0.1 only), so it is filled here, with the other installs.
+# The SSH tests build fresh venvs and sync packages into them; the targets (and the client's
+# wheel fetches) take wheels from this folder, never from the network (tests talk to 127.0.0.1
+# only), so it is filled here, with the other installs: the local versions of what the remote
+# venvs need (cloudpickle, IPython, zstandard, numpy, pandas, matplotlib and their requirements), pip, uv,
+# and setuptools + wheel (to build a local package in an isolated build).
 WHEELS="${REMOTEMAGIC_TEST_WHEELHOUSE:-.cache/wheelhouse}"
-read -r CLOUDPICKLE MIN_IPYTHON < <(python3 -c 'import cloudpickle; from remotemagic.transport.ssh import MIN_IPYTHON; print(cloudpickle.__version__, MIN_IPYTHON)')
-python3 -m pip download --quiet --disable-pip-version-check --dest "$WHEELS" \
-  "cloudpickle==$CLOUDPICKLE" "ipython>=$MIN_IPYTHON" pip uv
+mapfile -t PINS < <(python3 -m remotemagic.envsync pins cloudpickle ipython zstandard numpy pandas matplotlib)
+[ "${#PINS[@]}" -gt 0 ] || { echo "could not list the local versions of the test packages" >&2; exit 2; }
+python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest "$WHEELS" \
+  "${PINS[@]}" pip uv setuptools wheel
 
 python3 -m ruff check .
 python3 -m pytest "$@"
