@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from . import errors, notices, progress, retry, state, values
+from . import envsync, errors, notices, progress, retry, state, values
 from .agent import files
 from .connection import AgentConnection, Call
 from .transport.base import Transport
@@ -307,6 +307,8 @@ class Remote:
         compression: str = "auto",
         show_progress: bool = True,
         prefetch_outputs: bool = True,
+        package_sync: str = "auto",
+        offline_install: bool = False,
         auto_restore: bool = False,
     ):
         self.transport = transport
@@ -331,6 +333,13 @@ class Remote:
         self.codec: str | None = None
         self.show_progress = show_progress
         self.prefetch_outputs = prefetch_outputs
+        #: "auto" | "exact" | "off": install what a job needs on the target first (see envsync).
+        self.package_sync = package_sync
+        #: Ship wheels from here even if the target could reach a package index.
+        self.offline_install = offline_install
+        self._pushed_modules: dict[str, list[str]] = {}
+        if hasattr(transport, "offline_install"):
+            transport.offline_install = offline_install  # bootstrap ships wheels too
         self.info: dict[str, Any] = {}
         self._conn: AgentConnection | None = None
         self._lock = threading.RLock()
@@ -346,6 +355,9 @@ class Remote:
         self.notices: list[dict[str, Any]] = []
         #: the working folder as the target resolves it (None: the target's home folder)
         self.workdir: str | None = None
+        #: How another process (the Jupyter server extension) can reach this target again:
+        #: the arguments of :func:`connect`, kept in each job's local record. None: it can't.
+        self.connect_args: dict[str, Any] | None = None
         with notices.collect(propagate=True) as got:
             try:
                 self._connect_first()
@@ -463,11 +475,15 @@ class Remote:
             self.transport.close()
 
     # -- values --------------------------------------------------------------------------------
-    def _push(self, items: dict[str, Any]) -> dict[str, str]:
-        """Pickle and upload the values the target does not have yet; return name -> hash."""
+    def _push(self, items: dict[str, Any], code: str = "") -> dict[str, str]:
+        """Pickle and upload the values the target does not have yet; return name -> hash.
+        First the target gets the packages that ``code`` and these pickles need (package sync)."""
         if items:
             values.register_local_modules()  # once per push: it scans sys.modules
         encoded = {name: values.encode(name, value) for name, value in items.items()}
+        if code or encoded:
+            envsync.before_upload(self, code, [enc.pickle for enc in encoded.values()])
+        self._pushed_modules = {name: sorted(envsync.needs.pickle_modules(enc.pickle)) for name, enc in encoded.items()}
         digests = {name: enc.digest for name, enc in encoded.items()}
         unknown = sorted({d for d in digests.values() if d not in self._known})
         missing = set(self.request("has_objects", hashes=unknown)["missing"]) if unknown else set()
@@ -513,6 +529,7 @@ class Remote:
         execution_count: int | None = None,
         colors: str | None = None,
         stdin: bool = False,
+        origin: dict[str, Any] | None = None,
         retries: int = 0,
     ) -> Job:
         """Run ``code`` in a session on the target.
@@ -526,6 +543,8 @@ class Remote:
         goes to ``Out[n]``); ``colors`` is the traceback colour theme (IPython's ``%colors``).
         With ``stdin``, ``input()`` in the code emits an ``input_request`` event and waits for
         :meth:`Job.answer_input`; without, it raises ``StdinNotImplementedError``.
+        ``origin`` says where the code comes from (notebook path, cell id, the page and kernel:
+        :func:`remotemagic.notebook.current_origin`); it is kept with the job on both ends.
 
         ``retries``: if the job ends because its worker died (a signal such as the
         out-of-memory killer's SIGKILL, or its machine went away), run it again -- up to
@@ -545,6 +564,8 @@ class Remote:
                 raise ValueError(f"cannot pull {name!r}: not a Python identifier")
         extra = {"timeout": timeout, "execution_count": execution_count, "colors": colors,
                  "stdin": bool(stdin and not background)}
+        if origin:
+            extra["origin"] = dict(origin)
         job = self._run_once(code, push, pull, background, session, on_event, extra)
         if not background:
             retry.tell_memory(job, self)
@@ -561,7 +582,7 @@ class Remote:
                   on_event: EventHandler | None, extra: dict[str, Any]) -> Job:
         """Submit one attempt of a cell; ``extra`` goes into its spec (``timeout``, ``attempt``...)."""
         for attempt_push in (1, 2):
-            inputs = self._push(dict(push or {}))
+            inputs = self._push(dict(push or {}), code)
             spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
                     "outputs": pull, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
                     "worker_idle_hours": self.worker_idle_hours, **extra}
@@ -581,7 +602,8 @@ class Remote:
         self.last_job = job
         job.record.create(target=self.target, session=spec["session"], kind=spec["kind"],
                           code=spec.get("code", ""), outputs=spec.get("outputs", []),
-                          submitted=time.time(), state="queued")
+                          submitted=time.time(), state="queued", origin=spec.get("origin") or {},
+                          reconnect=self.connect_args)
         if background:
             ans = self.request("run", spec=spec, follow=False)
             self._notice(ans)
@@ -598,11 +620,15 @@ class Remote:
                 timeout: float | None) -> str:
         """Submit (if ``spec``) and/or stream the job's log into the mirror until it ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        job.record.update(follower=os.getpid())  # someone mirrors it: the Jupyter extension need not
         try:
             return self._follow_until_done(job, spec, on_event, deadline)
         except BaseException:  # Ctrl-C, a wait timeout: nobody takes streamed outputs now
             job._cancel_prefetch()
             raise
+        finally:
+            if job.record.meta.get("follower") == os.getpid():
+                job.record.update(follower=None)
 
     def _follow_until_done(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
                            deadline: float | None) -> str:
@@ -694,7 +720,7 @@ class Remote:
         state.JobRecord(self.state_root, job_id).create(
             target=self.target, session=spec.get("session"), kind=spec.get("kind", "cell"),
             code=spec.get("code", ""), outputs=spec.get("outputs", []), submitted=spec.get("submitted"),
-            state=status.get("state"),
+            state=status.get("state"), origin=spec.get("origin") or {}, reconnect=self.connect_args,
         )
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
@@ -792,8 +818,18 @@ class Remote:
         """``pip install`` into the target's Python environment; yields pip's output lines."""
         if not packages:
             raise ValueError("name at least one package")
-        yield from self.transport.pip_install([p for p in packages if not p.startswith("-")],
-                                              *[p for p in packages if p.startswith("-")])
+        try:
+            yield from self.transport.pip_install([p for p in packages if not p.startswith("-")],
+                                                  *[p for p in packages if p.startswith("-")])
+        finally:
+            envsync.invalidate(self.transport)
+
+    def sync_packages(self, dists: Iterable[str] | None = None, *, all: bool = False, code: str = "",
+                      dry_run: bool = False) -> list[Any]:
+        """Install local distributions on the target at their local versions (with their
+        requirements): the ones ``code`` imports, the named ``dists``, or ``all=True`` every one.
+        Returns the plan's rows (``.action``: installed, there, skew, skip, or install if dry_run)."""
+        return envsync.sync_rows(self, dists, all=all, code=code, dry_run=dry_run)
 
     # -- files ---------------------------------------------------------------------------------
     def push(self, local: str | os.PathLike[str], dest: str | None = None) -> dict[str, Any]:
@@ -816,7 +852,7 @@ class Remote:
             raise ValueError(f"cannot store {name!r}: not a Python identifier")
         digest = self._push({name: value})[name]
         meta = {"type": files.type_name(value), "preview": files.preview(value),
-                "by": f"{os.uname().nodename} pid {os.getpid()}"}
+                "by": f"{os.uname().nodename} pid {os.getpid()}", "modules": self._pushed_modules.get(name, [])}
         try:
             return self.request("store_put", name=name, hash=digest, meta=meta)
         except errors.RemoteRequestError as exc:
@@ -856,6 +892,11 @@ class Remote:
 
     def restore_to_session(self, names: Iterable[str], session: str | None = None) -> dict[str, Any]:
         """Load stored values straight into a remote session's namespace."""
+        names = list(names)
+        wanted = set(names)
+        modules = {m for v in self.store_list() if v.get("name") in wanted for m in v.get("modules") or ()}
+        if modules:
+            envsync.before_upload(self, extra=modules)
         job = self._internal_job("restore", list(names), session, None)
         return job._status or {}
 
@@ -918,7 +959,9 @@ def connect(target: str = "local", *, session: str | None = None, root: str | No
     session = session or default_session()
     if target == "local" or target.startswith("local:"):
         path = root or (target[6:] if target.startswith("local:") else None) or default_local_root()
-        return Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
+        remote = Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
+        remote.connect_args = {"target": "local", "root": str(Path(path).resolve()), "cwd": remote.cwd}
+        return remote
     if target == "ssh" or target.startswith(("ssh:", "ssh ")):
         # "ssh://user@host:port", "ssh:alias" (from ~/.ssh/config), "ssh HOST", or "ssh" + host=...
         from .transport.ssh import SSHTransport
@@ -934,10 +977,14 @@ def connect(target: str = "local", *, session: str | None = None, root: str | No
         ssh_options = {k: options.pop(k) for k in ssh_keys if k in options}
         transport = SSHTransport(spec, root=root, **ssh_options)
         try:
-            return Remote(transport, session=session, cwd=options.pop("cwd", None), **options)
+            remote = Remote(transport, session=session, cwd=options.pop("cwd", None), **options)
         except BaseException:
             transport.close()
             raise
+        remote.connect_args = {"target": "ssh", "host": spec, "root": root, "cwd": remote.cwd,
+                               **{k: v for k, v in ssh_options.items()
+                                  if k != "trust_on_first_use" and isinstance(v, (str, int, float))}}
+        return remote
     if target == "ec2" or target.startswith("ec2:"):
         return connect_ec2(target[4:] or options.pop("name", None) or "remotemagic", session=session, root=root,
                            **options)

@@ -17,9 +17,9 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from traitlets import Bool, Float, Int, List, Unicode, observe
+from traitlets import Bool, Enum, Float, Int, List, Unicode, observe
 
-from . import api, errors, notices, state
+from . import api, envsync, errors, notebook, notices, state
 from .agent import files
 from .render import Renderer
 
@@ -151,6 +151,10 @@ def _parsers() -> dict[str, _Parser]:
     jobs = p["jobs"] = _Parser(prog="%ec2 jobs", add_help=False)
     jobs.add_argument("-n", type=_count, default=20, help="how many (newest last)")
     p["status"] = _Parser(prog="%ec2 status", add_help=False)
+    sync = p["sync"] = _Parser(prog="%ec2 sync", add_help=False)
+    sync.add_argument("packages", nargs="*", help="local distributions to sync (default: what the notebook imports)")
+    sync.add_argument("--all", action="store_true", help="every distribution of this kernel's environment")
+    sync.add_argument("--dry-run", action="store_true", help="show what would be installed; install nothing")
     ck = p["checkpoint"] = _Parser(prog="%ec2 checkpoint", add_help=False)
     ck.add_argument("--restore", action="store_true", help="load the last checkpoint into the session")
     ck.add_argument("--session", type=_session_name)
@@ -268,6 +272,11 @@ class Ec2Magics(Magics):
     ec2_user = Unicode("", help="EC2: login user (default: from the AMI, ubuntu or ec2-user).").tag(config=True)
     compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
                           "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
+    package_sync = Enum(list(envsync.MODES), default_value="auto", help="Before a cell runs on an SSH/EC2 target, install there the packages it "
+                           "imports and its -i values need, at this kernel's versions: auto (keeps a different version "
+                           "already there, with a warning), exact (replaces it) or off.").tag(config=True)
+    offline_install = Bool(False, help="Ship wheels from here instead of letting the target use a package index "
+                           "(hosts without internet are detected by themselves).").tag(config=True)
 
     remote: api.Remote | None = None
 
@@ -281,6 +290,7 @@ class Ec2Magics(Magics):
         #: Why the last ``%ec2 use``/``start`` failed: cells refuse to run anywhere until one succeeds.
         self.use_error: str | None = None
         self._said_default = False
+        self._told: set[str] = set()  # jobs already named in the "ran while nobody watched" line
 
     @observe("target", "local_root")
     def _target_changed(self, change: Any) -> None:
@@ -299,6 +309,11 @@ class Ec2Magics(Magics):
         if self.remote is not None:  # sent with every job
             setattr(self.remote, "auto_restore" if change["name"] == "auto_restore" else "checkpoint_limit",
                     change["new"])
+
+    @observe("package_sync", "offline_install")
+    def _sync_changed(self, change: Any) -> None:
+        if self.remote is not None:
+            setattr(self.remote, change["name"], change["new"])
 
     def close(self) -> None:
         if self.remote is not None:
@@ -347,7 +362,8 @@ class Ec2Magics(Magics):
             reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
             object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
             checkpoint_limit=self.checkpoint_max_bytes, compression=self.compression,
-            worker_idle_hours=self.worker_idle_hours, auto_restore=self.auto_restore)
+            worker_idle_hours=self.worker_idle_hours, package_sync=self.package_sync,
+            offline_install=self.offline_install, auto_restore=self.auto_restore)
         session = session or self.session or None
         if workdir:
             opts["cwd"] = workdir
@@ -412,6 +428,8 @@ class Ec2Magics(Magics):
         %ec2 status          target, sessions and recent jobs
         %ec2 tunnel [REMOTE_PORT [LOCAL_PORT]] [--close LOCAL_PORT]   forward a port (127.0.0.1 only)
         %ec2 pip install PKG ...     install into the target's Python environment
+        %ec2 sync [PKG ...] [--all] [--dry-run]   put this kernel's packages (what the notebook
+                             imports, the ones named, or --all) on the target at the local versions
         %ec2 push LOCAL [DEST]   copy a file or folder to the target (resumes; skips unchanged files)
         %ec2 pull PATH [LOCAL]   copy a file or folder from the target
         %ec2 restart [--session S | --all]   stop a session's worker (interrupt, SIGTERM, SIGKILL;
@@ -421,9 +439,9 @@ class Ec2Magics(Magics):
         %ec2 checkpoint --restore    after a worker died: load its last checkpoint
 
         JOB is a job id or a unique end of one (its last 4 characters usually do); without
-        JOB, the last job this kernel started. Output streams live and is also kept on the
-        target and in a local mirror: close the browser, restart the kernel, and
-        ``%ec2 output JOB`` still shows all of it.
+        JOB, the last job this kernel started, else this notebook's newest job. Output streams
+        live and is also kept on the target and in a local mirror: close the browser, restart
+        the kernel, and ``%ec2 output`` still shows all of it.
         """
         words = _split(line, "%ec2")
         if not words:
@@ -452,6 +470,7 @@ class Ec2Magics(Magics):
               f"Python {self.remote.info.get('python')} on the target)")
         if args.workdir:
             self._workdir_notice(self.remote)
+        self.tell_unwatched()
 
     @staticmethod
     def _workdir_notice(remote: api.Remote) -> None:
@@ -461,6 +480,16 @@ class Ec2Magics(Magics):
             if s["name"] == remote.session and s.get("alive") and s.get("cwd") and want and s["cwd"] != want:
                 print(f"Note: session '{remote.session}' is already running in {s['cwd']}; --workdir {want} "
                       f"applies when it starts again (%ec2 restart), or use another --session")
+
+    def tell_unwatched(self) -> None:
+        """Say in one line when this notebook has jobs that ran while nobody watched."""
+        try:
+            line = notebook.unwatched_notice(self._state_root(), self._told)
+        except Exception as exc:  # the index is a convenience here: never fail the load over it
+            log.debug("could not read the job index: %s", exc)
+            return
+        if line:
+            print(line)
 
     def _run(self, args: argparse.Namespace, cell: str) -> None:
         ns = self.shell.user_ns
@@ -477,25 +506,30 @@ class Ec2Magics(Magics):
             raise UsageError("--retry applies to jobs in the foreground, not with --bg")
         render = Renderer(remote=remote)
         remote.last_job = None
+        origin = notebook.current_origin(self.shell)
+        watch = notebook.FrontendWatch(origin, root=remote.state_root)
         try:
-            job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
-                             session=args.session, timeout=timeout, on_event=render,
-                             execution_count=self._cell_number(), colors=str(self.shell.colors),
-                             stdin=not args.bg,
-                             retries=0 if args.bg else retries)
-        except errors.UnpicklableValueError as exc:
+            with watch:
+                job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
+                                 session=args.session, timeout=timeout, on_event=render, origin=origin,
+                                 execution_count=self._cell_number(), colors=str(self.shell.colors),
+                                 stdin=not args.bg, retries=0 if args.bg else retries)
+        except (errors.UnpicklableValueError, envsync.PackageSyncError) as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             job = remote.last_job
             if job is None:
                 raise
-            if not self._interrupt(job, render):
+            if watch.fired and job.meta.get("state") in files.TERMINAL:
+                pass  # the page went away just as the job ended: nothing to let go of
+            elif not self._interrupt(job, render, origin, watch.fired):
                 return
         if args.bg:
             print(f"Job {job.id} runs in the background (session '{remote.session if not args.session else args.session}').\n"
                   f"  %ec2 wait {job.id[-4:]}    stream its output, then pull -o values\n"
                   f"  %ec2 output {job.id[-4:]}  show its output so far")
             return
+        job.record.update(watched=True)
         self._pull_into_namespace(job)
 
     def _cell_number(self) -> int:
@@ -508,11 +542,20 @@ class Ec2Magics(Magics):
         kernel = getattr(self.shell, "kernel", None)
         return getattr(kernel, "_shutdown_message", None) is not None
 
-    def _interrupt(self, job: api.Job, render: Renderer) -> bool:
+    def _interrupt(self, job: api.Job, render: Renderer, origin: dict[str, Any] | None = None,
+                   page_gone: bool = False) -> bool:
         """First Ctrl-C: interrupt the remote code. Second: detach. True if the job ended.
 
         Jupyter interrupts a kernel before it restarts or shuts it down; a restart must not
-        kill the remote job, so the interrupt waits ``interrupt_grace`` seconds first."""
+        kill the remote job, so the interrupt waits ``interrupt_grace`` seconds first.
+        When the page that started the cell is gone (``page_gone``: it was closed or reloaded),
+        or another page is connected too, the interrupt may come from someone who only came
+        back to look: the cell detaches and the job runs on."""
+        origin = origin or {}
+        if page_gone or notebook.starter_gone(origin, job.remote.state_root):
+            return self._detach(job, "the page that ran this cell was closed or reloaded")
+        if notebook.others_connected(origin, job.remote.state_root):
+            return self._detach(job, "interrupted from a page that did not start it")
         deadline = time.monotonic() + self.interrupt_grace
         try:
             while time.monotonic() < deadline:
@@ -537,8 +580,9 @@ class Ec2Magics(Magics):
         except KeyboardInterrupt:
             return self._detach(job)
 
-    def _detach(self, job: api.Job) -> bool:
-        sys.stderr.write(f"\nDetached from job {job.id}; it keeps running on the target.\n"
+    def _detach(self, job: api.Job, why: str = "") -> bool:
+        job.record.update(detached=True)  # the Jupyter extension may fill the cell from now on
+        sys.stderr.write(f"\nDetached from job {job.id}{f' ({why})' if why else ''}; it keeps running on the target.\n"
                          f"  %ec2 wait {job.id[-4:]} to reattach, %ec2 cancel {job.id[-4:]} to stop it.\n")
         return False
 
@@ -557,9 +601,13 @@ class Ec2Magics(Magics):
     def _job(self, ref: str | None) -> api.Job:
         remote = self.get_remote()
         if not ref:
-            if remote.last_job is None:
-                raise UsageError("no job started from this kernel yet: give a job id (see %ec2 jobs)")
-            return remote.last_job
+            if remote.last_job is not None:
+                return remote.last_job
+            mine = notebook.notebook_jobs(remote.state_root, target=remote.target)
+            if not mine:
+                where = f"this notebook ({notebook.notebook_path()})" if notebook.notebook_path() else "this kernel"
+                raise UsageError(f"no job started from {where} on {remote.target} yet: give a job id (see %ec2 jobs)")
+            return api.Job(remote, mine[-1]["id"])
         try:
             return remote.job(ref)
         except errors.UnknownJobError as exc:
@@ -576,11 +624,16 @@ class Ec2Magics(Magics):
         render = Renderer(replay=True)
         for event in job.events():
             render(event)
-        if job.record.meta.get("state") not in files.TERMINAL:
+        if job.record.meta.get("state") in files.TERMINAL:
+            job.record.update(watched=True)
+        else:
             print(f"[job {job.id} is still {job.record.meta.get('state', 'running')}: %ec2 wait {job.id[-4:]} follows it]")
 
     def _offline_job(self, ref: str | None) -> api.Job:
         """Resolve a job from the local index first, so output works with the target gone."""
+        if not ref and (self.remote is None or self.remote.last_job is None):
+            mine = notebook.notebook_jobs(self._state_root())
+            ref = mine[-1]["id"] if mine else None
         if ref:
             local = [j["id"] for j in state.list_jobs(self._state_root())
                      if j["id"] == ref or j["id"].endswith(ref) or j["id"].startswith(ref)]
@@ -609,6 +662,7 @@ class Ec2Magics(Magics):
         except KeyboardInterrupt:
             sys.stderr.write(f"\nStopped waiting; job {job.id} keeps running. %ec2 wait {job.id[-4:]} to reattach.\n")
             return
+        job.record.update(watched=True)
         self._pull_into_namespace(job)
 
     def _cmd_cancel(self, args: argparse.Namespace) -> None:
@@ -636,12 +690,15 @@ class Ec2Magics(Magics):
         if not rows:
             print(f"No jobs on {remote.target} yet.")
             return
-        print(f"{'job':27} {'session':12} {'state':11} {'started':8} {'took':>7}  code")
+        width = max(7, *(len(str(j.get("session"))) for j in rows))
+        print(f"{'job':27} {'session':{width}} {'state':11} {'started':8} {'took':>7}  {'notebook / cell':30} code")
         for j in rows:
             code = (j.get("code") or f"[{j.get('kind')}]").strip().splitlines()
-            print(f"{j['id']:27} {str(j.get('session'))[:12]:12} {str(j.get('state')):11} "
+            origin = j.get("origin") or {}
+            where = "/".join(filter(None, (origin.get("notebook"), (origin.get("cell_id") or "")[:8]))) or "-"
+            print(f"{j['id']:27} {str(j.get('session')):{width}} {str(j.get('state')):11} "
                   f"{_ago(j.get('started')):8} {_duration(j.get('started'), j.get('finished')):>7}  "
-                  f"{(code[0] if code else '')[:40]}")
+                  f"{where:30} {(code[0] if code else '')[:40]}")
 
     def _cmd_status(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -666,6 +723,15 @@ class Ec2Magics(Magics):
         if "instances" in st:
             self._print_instances(st["instances"])
         print(f"Jobs:     {len(st['jobs'])} recent, {len(st['active'])} queued or running (%ec2 jobs lists them)")
+        if envsync.supported(remote.transport):
+            try:
+                record = envsync.installed_record(remote)
+            except Exception as exc:  # the venv cannot be asked: say so, the rest of the status stands
+                print(f"Packages: cannot list the target's venv ({exc})")
+                return
+            print(f"Packages: {len(record)} installed by remotemagic in the target's venv"
+                  + (": " + ", ".join(f"{n} {v.get('version')} ({v.get('via')}, {v.get('source')})"
+                                      for n, v in sorted(record.items())) if record else ""))
 
     # -- EC2 ------------------------------------------------------------------------------------
     def _cmd_start(self, args: argparse.Namespace) -> None:
@@ -788,6 +854,28 @@ class Ec2Magics(Magics):
                 print(line, flush=True)
         except Exception as exc:  # pip's own failure text is the useful part
             raise UsageError(str(exc)) from None
+
+    def _cmd_sync(self, args: argparse.Namespace) -> None:
+        remote = self.get_remote()
+        code = ""
+        if not args.all and not args.packages:
+            from IPython.core.inputtransformer2 import TransformerManager
+
+            tm = TransformerManager()
+            cells = []
+            for cell in self.shell.user_ns.get("In", []) or []:
+                try:
+                    cells.append(tm.transform_cell(cell))
+                except Exception:
+                    continue
+            code = "\n".join(c for c in cells if "import" in c and envsync.needs.code_modules(c))
+        try:
+            rows = remote.sync_packages(args.packages, all=args.all, code=code, dry_run=args.dry_run)
+        except (ValueError, envsync.PackageSyncError) as exc:
+            raise UsageError(str(exc)) from None
+        if args.dry_run:
+            print(f"Dry run on {remote.target}: nothing installed")
+        print(envsync.format_rows(rows))
 
     def _cmd_push(self, args: argparse.Namespace) -> None:
         if not args.local.strip():
@@ -1006,6 +1094,7 @@ def load(ip: Any) -> None:
     ip.register_magics(magics)
     ip.configurables.append(magics)
     _loaded[id(ip)] = magics
+    magics.tell_unwatched()
 
 
 def unload(ip: Any) -> None:

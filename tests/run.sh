@@ -17,12 +17,28 @@ if ! [ -x /usr/sbin/sshd ]; then
   fi
 fi
 
-# The bootstrap tests build fresh venvs over SSH; they install from this folder, never from
-# the network (tests talk to 127.0.0.1 only), so it is filled here, with the other installs.
+# The browser tests (tests/test_browser.py) drive Debian's Chromium through Playwright; never
+# `playwright install`: the system browser is launched by its path.
+if ! [ -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (needed by the browser tests)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+  else
+    echo "The browser tests need Chromium at /usr/bin/chromium: install it (e.g. 'sudo apt-get install chromium') and run again." >&2
+    exit 2
+  fi
+fi
+
+# The SSH tests build fresh venvs and sync packages into them; the targets (and the client's
+# wheel fetches) take wheels from this folder, never from the network (tests talk to 127.0.0.1
+# only), so it is filled here, with the other installs: the local versions of what the remote
+# venvs need (cloudpickle, IPython, zstandard, numpy, pandas, matplotlib and their requirements), pip, uv,
+# and setuptools + wheel (to build a local package in an isolated build).
 WHEELS="${REMOTEMAGIC_TEST_WHEELHOUSE:-.cache/wheelhouse}"
-read -r CLOUDPICKLE MIN_IPYTHON < <(python3 -c 'import cloudpickle; from remotemagic.transport.ssh import MIN_IPYTHON; print(cloudpickle.__version__, MIN_IPYTHON)')
-python3 -m pip download --quiet --disable-pip-version-check --dest "$WHEELS" \
-  "cloudpickle==$CLOUDPICKLE" "ipython>=$MIN_IPYTHON" pip uv
+mapfile -t PINS < <(python3 -m remotemagic.envsync pins cloudpickle ipython zstandard numpy pandas matplotlib)
+[ "${#PINS[@]}" -gt 0 ] || { echo "could not list the local versions of the test packages" >&2; exit 2; }
+python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest "$WHEELS" \
+  "${PINS[@]}" pip uv setuptools wheel
 
 python3 -m ruff check .
 python3 -m pytest "$@"

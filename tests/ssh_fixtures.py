@@ -21,7 +21,8 @@ except ImportError:  # imported as a top-level module (rootdir-relative)
 
 
 def _test_python() -> str:
-    """An interpreter that has cloudpickle and IPython, so the remote venv needs no pip install."""
+    """The base interpreter of this venv: the remote venvs are built from it (isolated from its
+    site-packages; package sync fills them from the test wheelhouse at this venv's versions)."""
     env = os.environ.get("REMOTEMAGIC_TEST_PYTHON")
     if env:
         return env
@@ -34,10 +35,11 @@ TEST_PYTHON = _test_python()
 
 
 @pytest.fixture(scope="session")
-def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    """A real sshd on 127.0.0.1 with its own host key; ``.ssh_config`` has ``Host rmtest``."""
+def sshd_server(tmp_path_factory: pytest.TempPathFactory, wheel_sources: str) -> Iterator[SSHServer]:
+    """A real sshd on 127.0.0.1 with its own host key; ``.ssh_config`` has ``Host rmtest``.
+    Its sessions install Python packages from the test wheelhouse only (no index)."""
     require_sshd()
-    yield from _running(SSHServer(tmp_path_factory.mktemp("sshd")))
+    yield from _running(SSHServer(tmp_path_factory.mktemp("sshd"), env=wheelhouse_env()))
 
 
 def _running(server: SSHServer) -> Iterator[SSHServer]:
@@ -54,16 +56,40 @@ WHEELHOUSE = os.environ.get("REMOTEMAGIC_TEST_WHEELHOUSE") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "wheelhouse")
 
 
-@pytest.fixture(scope="session")
-def offline_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    """An sshd whose sessions install Python packages only from the local wheelhouse that
-    ``tests/run.sh`` fills (pip and uv get no index), so bootstrap tests stay on 127.0.0.1."""
+def wheelhouse_env() -> dict[str, str]:
+    """Session environment of a target that installs only from the test wheelhouse."""
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "UV_NO_INDEX": "1", "UV_FIND_LINKS": WHEELHOUSE,
+            "UV_PYTHON_DOWNLOADS": "never"}
+
+
+def require_wheelhouse() -> None:
     if not any(name.startswith("cloudpickle-") for name in (os.listdir(WHEELHOUSE) if os.path.isdir(WHEELHOUSE) else [])):
         pytest.skip(f"no wheelhouse at {WHEELHOUSE}: bash tests/run.sh fills it (the tests themselves stay offline)")
+
+
+@pytest.fixture(scope="session")
+def wheel_sources(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The client fetches wheels for targets from the test wheelhouse only, into a session cache."""
+    require_wheelhouse()
+    saved = {k: os.environ.get(k) for k in ("REMOTEMAGIC_WHEELHOUSE", "REMOTEMAGIC_CACHE_DIR")}
+    os.environ["REMOTEMAGIC_WHEELHOUSE"] = WHEELHOUSE
+    os.environ["REMOTEMAGIC_CACHE_DIR"] = str(tmp_path_factory.mktemp("wheel-cache"))
+    try:
+        yield WHEELHOUSE
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def offline_sshd(tmp_path_factory: pytest.TempPathFactory, wheel_sources: str) -> Iterator[SSHServer]:
+    """An sshd whose sessions install Python packages only from the local wheelhouse that
+    ``tests/run.sh`` fills (pip and uv get no index), so bootstrap tests stay on 127.0.0.1."""
     require_sshd()
-    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": WHEELHOUSE, "UV_NO_INDEX": "1", "UV_FIND_LINKS": WHEELHOUSE,
-           "UV_PYTHON_DOWNLOADS": "never"}
-    yield from _running(SSHServer(tmp_path_factory.mktemp("offline-sshd"), env=env))
+    yield from _running(SSHServer(tmp_path_factory.mktemp("offline-sshd"), env=wheelhouse_env()))
 
 
 @pytest.fixture(scope="session")
@@ -104,4 +130,57 @@ def ssh_remote_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_workers(root)
 
 
-__all__ = ["TEST_PYTHON", "jump_sshd", "ssh_remote_root", "sshd_server", "stop_workers", "tcp_proxy"]
+__all__ = ["TEST_PYTHON", "bare_sshd", "jump_sshd", "make_bare_python", "offline_sshd", "ssh_remote_root", "sshd_server", "stop_workers", "tcp_proxy",
+           "wheel_sources", "wheelhouse_env"]
+
+
+def make_bare_python(folder: str | os.PathLike[str]) -> str:
+    """A real CPython of this version with only its standard library: no ensurepip, venv, pip,
+    site-packages, virtualenv or uv (like Ubuntu's cloud-image python3). Returns its bin folder."""
+    import shutil
+    import sysconfig
+
+    base = sys.base_prefix
+    ver = "python{}.{}".format(*sys.version_info[:2])
+    stdlib = sysconfig.get_paths(vars={"installed_base": base, "base": base})["stdlib"]
+    root = os.path.abspath(folder)
+    bindir = os.path.join(root, "bin")
+    os.makedirs(bindir, exist_ok=True)
+    exe = getattr(sys, "_base_executable", sys.executable)
+    shutil.copy2(os.path.realpath(exe), os.path.join(bindir, "python3"))
+    skip = {"ensurepip", "venv", "site-packages", "test", "idlelib", "lib2to3", "tkinter", "turtledemo", "__pycache__"}
+    dest = os.path.join(root, "lib", ver)
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = [d for d in dirnames if d not in skip]
+        rel = os.path.relpath(dirpath, stdlib)
+        os.makedirs(os.path.join(dest, rel), exist_ok=True)
+        for f in filenames:
+            os.symlink(os.path.join(dirpath, f), os.path.join(dest, rel, f))
+    os.makedirs(os.path.join(dest, "site-packages"))  # empty, as on a minimal image
+    # the host's tools, minus every Python, pip, virtualenv and uv
+    tools = os.path.join(root, "tools")
+    os.makedirs(tools, exist_ok=True)
+    for d in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if name.startswith(("python", "pip", "uv", "virtualenv", "pydoc", "2to3", "idle")):
+                continue
+            link = os.path.join(tools, name)
+            if not os.path.lexists(link):
+                os.symlink(os.path.join(d, name), link)
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def bare_sshd(tmp_path_factory: pytest.TempPathFactory, wheel_sources: str) -> Iterator[SSHServer]:
+    """An sshd whose sessions find only a bare python3 (no ensurepip/venv/pip/virtualenv/uv) on
+    their PATH and no package index or wheel folder: everything must come from the client."""
+    require_sshd()
+    folder = tmp_path_factory.mktemp("bare-host")
+    bindir = make_bare_python(folder / "python")
+    home = folder / "home"  # an empty home: no shell profile puts another Python on PATH, no caches
+    home.mkdir(mode=0o700)
+    env = {"HOME": str(home), "PATH": f"{bindir}:{folder / 'python' / 'tools'}", "PIP_NO_INDEX": "1",
+           "PIP_CONFIG_FILE": "/dev/null", "UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never", "PYTHONNOUSERSITE": "1"}
+    server = SSHServer(folder / "sshd", env=env)
+    server.bare_python = os.path.join(bindir, "python3")  # type: ignore[attr-defined]
+    yield from _running(server)

@@ -595,6 +595,7 @@ class Agent:
                 "code": spec.get("code", "")[:200], "outputs": spec.get("outputs") or [],
                 "submitted": spec.get("submitted"), "state": status.get("state"),
                 "started": status.get("started"), "finished": status.get("finished"),
+                "origin": spec.get("origin") or {},
             })
         answer: dict[str, Any] = {"jobs": out}
         if req.get("active"):  # every queued or running job, not only among the last ``limit``

@@ -632,8 +632,13 @@ class ChannelStream:
 
 # -- remote scripts ---------------------------------------------------------------------------------
 PROBE_PY = r"""
-import sys, json
-info = {"version": "%d.%d.%d" % tuple(sys.version_info[:3]), "executable": sys.executable}
+import sys, json, os, platform
+info = {"version": "%d.%d.%d" % tuple(sys.version_info[:3]), "executable": sys.executable,
+        "machine": platform.machine(), "system": platform.system()}
+try:
+    info["libc"] = os.confstr("CS_GNU_LIBC_VERSION") or ""
+except (ValueError, OSError, AttributeError):
+    info["libc"] = ""
 try:
     import importlib.util as u
     for m in ("venv", "ensurepip", "virtualenv", "pip"):
@@ -721,6 +726,8 @@ class SSHTransport(Transport):
         #: Environment for the agent and its workers (e.g. REMOTEMAGIC_SPOT=1 on spot instances).
         self.agent_env: dict[str, str] = {}
         self.bootstraps = 0
+        #: Package sync and bootstrap ship wheels from here instead of using the host's index.
+        self.offline_install = False
         self._key = _pool_key(self.host)
         self._lock = threading.RLock()
         self._closed = False
@@ -979,6 +986,18 @@ echo "python=$P"
             return None
         return posixpath.join(self.root, "tools/uv/bin/uv")
 
+    def _ship_uv(self, info: dict[str, Any], python: tuple[int, ...], required: bool) -> str | None:
+        """Bring uv from here (the wheel for the host's platform, unpacked, sent over SFTP)."""
+        from ..envsync import bootstrap as envboot
+
+        try:
+            return envboot.ship_uv(self, info, (python[0], python[1]))
+        except BootstrapError:
+            if required:
+                raise
+            log.info("%s: could not ship uv", self.name, exc_info=True)
+            return None
+
     def _uv_python(self, uv: str) -> str:
         want = "{}.{}".format(*sys.version_info[:2])
         q = shlex.quote(uv)
@@ -1006,7 +1025,7 @@ echo "python=$P"
             base = info.get("executable") or facts["python"]
         uv = facts.get("uv")
         if base is None:
-            uv = uv or self._install_uv(facts)
+            uv = uv or self._install_uv(facts) or self._ship_uv(info, want, required=False)
             if not uv:
                 what = found or f"there is no {self.python!r} on its PATH"
                 raise BootstrapError(
@@ -1019,12 +1038,16 @@ echo "python=$P"
             base = self._uv_python(uv)
             info = {}
         cp = _local_cloudpickle()
-        ready = info.get("cloudpickle") == cp and _major(info.get("ipython")) >= MIN_IPYTHON
-        log.info("%s: creating %s/venv from %s%s", self.name, self.root, base,
-                 " (system site-packages already have cloudpickle and IPython)" if ready else "")
-        self._create_venv(base, ready, uv, info, want_s)
-        if not ready:
-            self._pip(["cloudpickle==" + cp, f"ipython>={MIN_IPYTHON}"])
+        if not uv and info:  # uv first; on a bare host nothing else can make the venv
+            bare = not (info.get("venv") and info.get("ensurepip")) and not info.get("virtualenv")
+            uv = self._ship_uv(info, want, required=bare)
+        log.info("%s: creating %s/venv from %s", self.name, self.root, base)
+        # never --system-site-packages: the venv holds what package sync puts there, at the
+        # local versions, whatever the host's interpreter happens to carry
+        self._create_venv(base, uv, info, want_s)
+        from ..envsync import bootstrap as envboot
+
+        envboot.install_agent_packages(self, self.offline_install)
         check = (
             "import sys, cloudpickle, IPython; "
             "print('%d.%d' % sys.version_info[:2], cloudpickle.__version__, IPython.__version__)"
@@ -1042,14 +1065,12 @@ echo "python=$P"
         if status != 0:
             raise BootstrapError(f"{self.name}: cannot write the venv marker: {out}")
 
-    def _create_venv(self, base: str, ready: bool, uv: str | None, info: dict[str, Any], want_s: str) -> None:
+    def _create_venv(self, base: str, uv: str | None, info: dict[str, Any], want_s: str) -> None:
         b = shlex.quote(base)
-        site = " --system-site-packages" if ready else ""
-        attempts = [f'{b} -m venv{site}{" --without-pip" if ready else ""} "$R/venv"']
+        attempts = [f'{shlex.quote(uv)} venv -q --python {b} "$R/venv"'] if uv else []  # ~0.1 s, no pip
+        attempts.append(f'{b} -m venv "$R/venv"')
         if info.get("virtualenv") or not info:
-            attempts.append(f'{b} -m virtualenv -q{site}{" --no-pip --no-setuptools --no-wheel" if ready else ""} "$R/venv"')
-        if uv:
-            attempts.append(f'{shlex.quote(uv)} venv -q --python {b}{site}{"" if ready else " --seed"} "$R/venv"')
+            attempts.append(f'{b} -m virtualenv -q "$R/venv"')
         outputs = []
         prefix = f'umask 077\nR={shlex.quote(self.root)}\nmkdir -p "$R" && chmod 700 "$R" && rm -rf "$R/venv" || exit 1\n'
         for cmd in attempts:
@@ -1065,19 +1086,6 @@ echo "python=$P"
             "or install virtualenv or uv on the host, then connect again"
         )
 
-    def _pip(self, packages: list[str]) -> None:
-        lines: list[str] = []
-        try:
-            for line in self.pip_install(packages):
-                lines.append(line)
-                log.info("[%s pip] %s", self.host.alias, line)
-        except RemoteCommandError as exc:
-            raise BootstrapError(
-                f"{self.name}: installing {' '.join(packages)} into {self.root}/venv failed (exit {exc.status}):\n"
-                + "\n".join(lines[-30:])
-                + "\nIs the host online (PyPI reachable, or a pip index configured in pip.conf)?"
-            ) from None
-
     def pip_install(self, packages: Iterable[str], *pip_args: str) -> Iterator[str]:
         """Run ``<root>/venv/bin/python -m pip install ...`` on the target; yield its output lines.
 
@@ -1088,8 +1096,12 @@ echo "python=$P"
 R={self._root_sh()}
 P="$R/venv/bin/python"
 [ -x "$P" ] || {{ echo "no venv at $R/venv: connect once first"; exit 3; }}
-"$P" -m pip --version >/dev/null 2>&1 || "$P" -m ensurepip --default-pip 2>&1 || {{
-  echo "pip is not available in $R/venv and ensurepip failed (apt install python3-venv?)"; exit 3; }}
+if ! "$P" -m pip --version >/dev/null 2>&1 && ! "$P" -m ensurepip --default-pip >/dev/null 2>&1; then
+  for u in "$R/tools/uv/bin/uv" "$(command -v uv 2>/dev/null)" "$HOME/.local/bin/uv"; do
+    if [ -n "$u" ] && [ -x "$u" ]; then exec "$u" pip install --python "$P" {pkgs}; fi
+  done
+  echo "pip is not available in $R/venv, ensurepip failed and there is no uv (apt install python3-venv?)"; exit 3
+fi
 exec "$P" -m pip install --disable-pip-version-check {pkgs}
 """
         chan, lines = self._stream(script)
