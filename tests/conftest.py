@@ -151,3 +151,22 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def fresh_shell(_isolated_state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real IPython shell with the extension loaded and no ``%ec2 use`` yet (cells that run
+    pick the default local target under the isolated state folder, stopped at teardown)."""
+    from IPython.testing import globalipapp
+
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    monkeypatch.chdir(work)
+    shell = globalipapp.get_ipython()
+    shell.run_line_magic("load_ext", "remotemagic")
+    yield shell
+    shell.run_line_magic("unload_ext", "remotemagic")
+    shell.config.pop("Ec2Magics", None)
+    shell.user_ns.clear()
+    shell.user_ns.update(shell.user_ns_hidden)
+    stop_workers(_isolated_state / "local-target")
