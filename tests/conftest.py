@@ -151,3 +151,61 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def fresh_shell(_isolated_state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real IPython shell with the extension loaded and no ``%ec2 use`` yet (cells that run
+    pick the default local target under the isolated state folder, stopped at teardown)."""
+    from IPython.testing import globalipapp
+
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    monkeypatch.chdir(work)
+    shell = globalipapp.get_ipython()
+    shell.run_line_magic("load_ext", "remotemagic")
+    yield shell
+    shell.run_line_magic("unload_ext", "remotemagic")
+    shell.config.pop("Ec2Magics", None)
+    shell.user_ns.clear()
+    shell.user_ns.update(shell.user_ns_hidden)
+    stop_workers(_isolated_state / "local-target")
+
+
+def _leftover_agents(basetemp: str) -> list[tuple[int, str]]:
+    """Processes of ours (agents, workers) still running from this run's temporary folders."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "remotemagic_agent" in cmd and basetemp in cmd:
+            found.append((int(entry), cmd))
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every worker a test starts, it stops: name (and kill) any that outlived the run."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or not os.path.isdir("/proc"):
+        return
+    basetemp = str(factory.getbasetemp())
+    left = _leftover_agents(basetemp)
+    for pid, _ in left:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"{len(left)} remotemagic process(es) outlived the tests (killed now):"]
+        lines += [f"  {pid}: {cmd[:200]}" for pid, cmd in left[:20]]
+        if reporter is not None:
+            reporter.write_line("")
+            reporter.write_line("\n".join(lines), yellow=True)
+        else:
+            print("\n".join(lines))

@@ -28,7 +28,7 @@ from remotemagic.envsync import localenv, needs, wheels
 from remotemagic.envsync.sync import syncer
 
 from .conftest import plain, run_ok
-from .ssh_fixtures import TEST_PYTHON, WHEELHOUSE, wheelhouse_env
+from .ssh_fixtures import TEST_PYTHON, WHEELHOUSE, _running, wheelhouse_env
 from .sshd import SSHServer, free_port
 from .workers import stop_workers
 
@@ -174,13 +174,7 @@ def online_sshd(tmp_path_factory: pytest.TempPathFactory, simple_index: tuple[st
     url, _ = simple_index
     env = {"UV_INDEX_URL": url, "PIP_INDEX_URL": url, "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": "/dev/null",
            "UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never"}
-    server = SSHServer(tmp_path_factory.mktemp("online-sshd"), env=env)
-    server.start()
-    server.ssh_config = server.write_ssh_config(alias="rmtest")  # type: ignore[attr-defined]
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(SSHServer(tmp_path_factory.mktemp("online-sshd"), env=env))
 
 
 def test_online_host_installs_from_its_index(online_sshd: SSHServer, simple_index: tuple[str, Path],

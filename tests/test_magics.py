@@ -263,21 +263,9 @@ def test_lost_namespace_is_told_in_the_cell(ip: Any, capsys: pytest.CaptureFixtu
 
 
 @pytest.fixture
-def bare_ip(_isolated_state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+def bare_ip(fresh_shell: Any) -> Any:
     """A real IPython shell with the extension loaded and no %ec2 use."""
-    from IPython.testing import globalipapp
-
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    shell = globalipapp.get_ipython()
-    shell.run_line_magic("load_ext", "remotemagic")
-    yield shell
-    shell.run_line_magic("unload_ext", "remotemagic")
-    shell.config.pop("Ec2Magics", None)
-    from .conftest import stop_workers
-
-    stop_workers(_isolated_state / "local-target")
+    return fresh_shell
 
 
 def test_no_use_says_once_which_target_cells_run_on(bare_ip: Any, capsys: pytest.CaptureFixture) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -25,20 +25,9 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="planting files as anothe
 
 
 @pytest.fixture
-def shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def shell(fresh_shell: Any) -> Any:
     """A real IPython shell with the extension loaded and no target chosen yet."""
-    from IPython.testing import globalipapp
-
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    ip = globalipapp.get_ipython()
-    ip.run_line_magic("load_ext", "remotemagic")
-    yield ip
-    ip.run_line_magic("unload_ext", "remotemagic")
-    ip.config.pop("Ec2Magics", None)
-    ip.user_ns.clear()
-    ip.user_ns.update(ip.user_ns_hidden)
+    return fresh_shell
 
 
 def chown_tree(path: Path, uid: int = NOBODY) -> None:

@@ -659,6 +659,8 @@ print("probe=" + json.dumps(info))
 # this agent version (all of it) and the venv (down to its site-packages' entries) must belong
 # to us and not be writable by group or others (symlinks are judged themselves; -H follows a
 # root or venv that is a symlink). Otherwise print the first offender (``ls -ldn``) and stop.
+# One exception: uv makes the empty lock file ``venv/.lock`` mode 0666 whatever the umask; it is
+# only ever locked, never read or run, and the venv folder holding it is checked.
 UNSAFE_SH = r"""U=$(id -u)
 rm_unsafe() {
   [ -e "$1" ] || [ -h "$1" ] || return 0
@@ -669,7 +671,7 @@ rm_unsafe() {
 B=$(rm_unsafe "$R" -maxdepth 1)
 [ -n "$B" ] || B=$(rm_unsafe "$R/agent" -maxdepth 1)
 [ -n "$B" ] || B=$(rm_unsafe "$V")
-[ -n "$B" ] || B=$(rm_unsafe "$R/venv" -maxdepth 4)
+[ -n "$B" ] || B=$(rm_unsafe "$R/venv" -maxdepth 4 ! \( -path "$R/venv/.lock" -type f \))
 if [ -n "$B" ]; then
   case "$B" in
     "!"*) B=${B#!}; I="nocheck:-" ;;
