@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..transport.ssh import sftp_replace
 from .wheels import Platform
 
 log = logging.getLogger(__name__)
@@ -314,11 +315,6 @@ def _put_file(sftp: Any, src: Path, dest: str, update: Callable[[int], None] | N
             n += len(block)
             if update is not None:
                 update(len(block))
-    try:
-        sftp.posix_rename(tmp, dest)
-    except OSError:
-        with contextlib.suppress(OSError):
-            sftp.remove(dest)
-        sftp.rename(tmp, dest)
+    sftp_replace(sftp, tmp, dest)
     log.info("shipped %s (%d bytes) in %.2f s", src.name, n, time.monotonic() - t0)
     return n

@@ -688,6 +688,17 @@ def _local_cloudpickle() -> str:
     return cloudpickle.__version__
 
 
+def sftp_replace(sftp: paramiko.SFTPClient, tmp: str, path: str) -> None:
+    """Rename ``tmp`` over ``path`` on the host: atomically where the server has the
+    posix-rename extension, else remove then rename (plain SFTP rename refuses to overwrite)."""
+    try:
+        sftp.posix_rename(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sftp.remove(path)
+        sftp.rename(tmp, path)
+
+
 def venv_marker() -> str:
     """The file that says ``<root>/venv`` is complete for this Python minor and cloudpickle."""
     major, minor = sys.version_info[:2]
@@ -1157,12 +1168,7 @@ exec "$P" -m pip install --disable-pip-version-check {pkgs}
         with sftp.open(tmp, "wb") as f:
             f.chmod(0o600)
             f.write(data)
-        try:
-            sftp.posix_rename(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sftp.remove(path)
-            sftp.rename(tmp, path)
+        sftp_replace(sftp, tmp, path)
 
     # -- the rest -------------------------------------------------------------------------------------
     def close(self) -> None:
