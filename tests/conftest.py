@@ -195,6 +195,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     basetemp = str(factory.getbasetemp())
     left = _leftover_agents(basetemp)
+    deadline = time.monotonic() + 5  # an agent whose connection was just closed exits on its own
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = _leftover_agents(basetemp)
     for pid, _ in left:
         try:
             os.kill(pid, 9)
