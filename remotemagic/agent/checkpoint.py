@@ -286,7 +286,7 @@ _prctl: Any = None
 def _prepare() -> None:
     """In the worker, before forking: what every child needs, imported once."""
     global _prctl
-    import cloudpickle  # noqa: F401  (files.encode imports it; the child inherits it loaded)
+    import cloudpickle  # type: ignore[import-untyped]  # noqa: F401  (files.encode imports it; the child inherits it loaded)
 
     if _prctl is None and sys.platform.startswith("linux"):
         try:

@@ -3,10 +3,13 @@
 Layout under the root (folders 0700, files 0600 -- pickles are code)::
 
     agent/<version>/remotemagic_agent/   this package, as shipped
-    objects/<sha256>                     content-addressed pushed values (bounded, LRU)
+    objects/<xxh3-128 hex>               content-addressed pushed values (bounded, LRU)
     store/<name>.obj, store/<name>.json  %ec2_store values and their metadata
-    sessions/<name>/                     one worker per session: lock, pid, socket, log
+    sessions/<name>/                     one worker per session: lock, start.lock, worker.json,
+                                         in.fifo (job ids in), worker.log, checkpoint/
     jobs/<job id>/                       spec.json, events.jsonl, status.json, outputs/<name>.obj
+
+Names and job states are :mod:`.protocol`'s (re-exported here for older callers).
 
 An object file is ``MAGIC``, a count of out-of-band buffers, the length of the pickle and of each
 buffer, the pickle (protocol 5), then the buffers. Loading reads each buffer straight into its
@@ -15,14 +18,17 @@ final bytearray, so a 1 GiB array needs 1 GiB, not 2.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import pickle
-import re
 import struct
 import tempfile
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Protocol
+
+from . import wire
+from .protocol import JOB_RE, NAME_RE, TERMINAL, check_job_id, check_name  # noqa: F401 (re-exported)
 
 MAGIC = b"RMOBJ2\n"  # out-of-band buffers start at 64-byte offsets (so they can be mapped, aligned)
 MAGIC_V1 = b"RMOBJ1\n"  # buffers packed without padding: still read
@@ -31,25 +37,6 @@ PART_SUFFIX = ".part"  # an object file being written (see atomic_write's ``on_o
 MAP_AT_LEAST = 1024 * 1024  # buffers this large are mapped copy-on-write, not read
 _COUNT = struct.Struct(">IQ")  # number of buffers, pickle length
 _LEN = struct.Struct(">Q")
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-JOB_RE = re.compile(r"^\d{8}-\d{6}-\d{3}-[0-9a-f]{4}$")
-TERMINAL = ("done", "error", "interrupted", "failed", "timeout", "cancelled")
-
-
-def check_name(kind: str, name: str) -> str:
-    """Refuse names that could escape their folder (``..``, ``/``, empty, too long)."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
-        raise ValueError(
-            f"invalid {kind} name {name!r}: use 1-64 letters, digits, '_', '-' or '.', "
-            "not starting with '.' or '-'"
-        )
-    return name
-
-
-def check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not JOB_RE.match(job_id):
-        raise ValueError(f"invalid job id {job_id!r} (expected like 20260101-120000-123-ab12)")
-    return job_id
 
 
 def private_dir(path: str) -> str:
@@ -188,7 +175,7 @@ class Encoded:
 def encode(value: Any, dumps: Any = None, hasher: Any = None) -> Encoded:
     """Pickle ``value`` (cloudpickle by default) keeping large buffers out of band."""
     if dumps is None:
-        import cloudpickle
+        import cloudpickle  # type: ignore[import-untyped]
 
         dumps = cloudpickle.dumps
     buffers: list[memoryview] = []
@@ -213,7 +200,15 @@ def write_object(path: str, enc: Encoded, on_open: Callable[[], None] | None = N
     return atomic_write(path, enc.chunks(), on_open=on_open)
 
 
-def _read_head(f: BinaryIO) -> tuple[bool, list[int], bytearray]:
+class Readable(Protocol):
+    """What reading an object needs: a file, a socket's file, a stream of data frames (api.CallReader)."""
+
+    def read(self, size: int = -1, /) -> Any: ...
+
+    def readinto(self, buffer: Any, /) -> Any: ...
+
+
+def _read_head(f: Readable) -> tuple[bool, list[int], bytearray]:
     magic = f.read(len(MAGIC))
     if magic not in (MAGIC, MAGIC_V1):
         raise ValueError("not a remotemagic object file (bad magic)")
@@ -232,7 +227,7 @@ def _offsets(aligned: bool, start: int, lengths: list[int]) -> list[int]:
     return out
 
 
-def read_object(f: BinaryIO) -> Any:
+def read_object(f: Readable) -> Any:
     """Load a value from an object file or stream written by ``write_object``, reading each
     buffer straight into its final bytearray."""
     aligned, lengths, header = _read_head(f)
@@ -343,18 +338,13 @@ def check_object_file(f: BinaryIO, path: str) -> None:
         raise PermissionError(f"refusing to load {why}")
 
 
-def _read(f: BinaryIO, n: int) -> bytearray:
+def _read(f: Readable, n: int) -> bytearray:
     """Exactly ``n`` bytes, read straight into a new bytearray: a stream (a raw file, frames off
     the wire) may return fewer per read."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = f.readinto(view[got:])
-        if not k:
-            raise ValueError("object file is truncated")
-        got += k
-    return buf
+    try:
+        return wire.read_exact(f.readinto, n)
+    except wire.ConnectionLost:
+        raise ValueError("object file is truncated") from None
 
 
 def preview(value: Any, width: int = 60) -> str:
@@ -371,21 +361,79 @@ def type_name(value: Any) -> str:
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-class store_lock:
-    """Serialises store writers across agents and workers (flock on ``store/.lock``)."""
+class locked:
+    """Holds an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block:
+    the store's writers (``store/.lock``), the hand-over of jobs to a session's worker
+    (``sessions/<s>/start.lock``)."""
 
-    def __init__(self, root: str):
-        self.path = os.path.join(private_dir(os.path.join(root, "store")), ".lock")
+    def __init__(self, path: str):
+        self.path = path
 
-    def __enter__(self) -> "store_lock":
-        import fcntl
-
+    def __enter__(self) -> "locked":
         self.f = open(self.path, "a+")
         fcntl.flock(self.f, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.f.close()
+
+
+def is_locked(path: str) -> bool:
+    """Whether some process holds a ``flock`` on ``path`` (a session's ``lock``: its worker's
+    supervisor lives). A file that cannot be opened counts as not locked."""
+    try:
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            return False
+    except OSError:
+        return False
+
+
+def store_lock(root: str) -> locked:
+    """Serialises store writers across agents and workers (flock on ``store/.lock``)."""
+    return locked(os.path.join(private_dir(os.path.join(root, "store")), ".lock"))
+
+
+def remove(path: str) -> None:
+    """Unlink ``path``; already gone is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_fifo(path: str, line: bytes) -> None:
+    """Write ``line`` into the FIFO ``path`` without blocking: OSError (ENXIO) if nobody reads it."""
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def sha256_prefix(path: str, size: int | None = None, block: int = 1024 * 1024) -> tuple[str, int]:
+    """sha256 of the first ``size`` bytes of a file (None: all of it), and how many there were."""
+    h = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as f:
+        for chunk in _blocks(f, size, block):
+            h.update(chunk)
+            done += len(chunk)
+    return h.hexdigest(), done
+
+
+def _blocks(f: BinaryIO, size: int | None, block: int) -> Iterator[bytes]:
+    left = size
+    while left is None or left > 0:
+        chunk = f.read(block if left is None else min(block, left))
+        if not chunk:
+            return
+        if left is not None:
+            left -= len(chunk)
+        yield chunk
 
 
 def link_or_copy(src: str, dest: str) -> None:

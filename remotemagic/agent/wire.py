@@ -64,7 +64,7 @@ class FrameWriter:
 
 def fd_readinto(stream: BinaryIO) -> Callable[[memoryview], int]:
     """A readinto for a raw or buffered binary stream that returns 0 at EOF."""
-    raw = getattr(stream, "readinto1", None) or stream.readinto
+    raw = getattr(stream, "readinto1", None) or getattr(stream, "readinto")  # noqa: B009 (BinaryIO lacks it)
 
     def readinto(view: memoryview) -> int:
         try:
