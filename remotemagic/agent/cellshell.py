@@ -8,16 +8,19 @@
 * tracebacks stop at the user's code: the worker's own frames (a KeyboardInterrupt raised by
   its SIGINT handler) are cut off;
 * ``%store`` is available (IPython's storemagic extension).
+
+:func:`make_shell` builds the shell: its display publisher, display hook and traceback hook turn
+outputs into events (:mod:`.protocol`), written to the job's log by the worker.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from types import TracebackType
 from typing import Any, Callable
 
 from . import stdin
+from .events import diagnose
 
 _AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,7 +37,7 @@ def setup(shell: Any, emit: Callable[[dict[str, Any]], None]) -> None:
     try:
         shell.extension_manager.load_extension("storemagic")
     except Exception as exc:  # an IPython without it: %store stays missing, the worker runs on
-        sys.__stderr__.write(f"remotemagic worker: cannot load storemagic: {exc}\n")
+        diagnose(f"cannot load storemagic: {exc}")
 
 
 def trim_traceback(tb: TracebackType | None) -> TracebackType | None:
@@ -89,3 +92,72 @@ def prepare(shell: Any, spec: dict[str, Any], jdir: str, emit: Callable[[dict[st
         set_colors(shell, spec["colors"])
     forward = stdin.Forwarder(emit, jdir, spec.get("id", ""), allowed=bool(spec.get("stdin")))
     return forward.install()
+
+
+def make_shell(emit: Callable[[dict[str, Any]], None]) -> Any:
+    """The worker's headless IPython shell: its outputs become Jupyter-shaped events, given to ``emit``."""
+    from IPython.core.displayhook import DisplayHook
+    from IPython.core.displaypub import DisplayPublisher
+    from IPython.core.interactiveshell import InteractiveShell
+
+    class Publisher(DisplayPublisher):
+        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):
+            emit(
+                {
+                    "type": "update_display_data" if update else "display_data",
+                    "data": data,
+                    "metadata": metadata or {},
+                    "transient": transient or {},
+                }
+            )
+
+        def clear_output(self, wait=False):
+            emit({"type": "clear_output", "wait": bool(wait)})
+
+    class Hook(DisplayHook):
+        def write_output_prompt(self):
+            pass
+
+        def write_format_data(self, format_dict, md_dict=None):
+            emit(
+                {
+                    "type": "execute_result",
+                    "data": format_dict,
+                    "metadata": md_dict or {},
+                    "execution_count": self.prompt_count,
+                }
+            )
+
+    class Shell(InteractiveShell):
+        display_pub_class = Publisher
+        displayhook_class = Hook
+
+        def _showtraceback(self, etype, evalue, stb):
+            name = etype.__name__ if isinstance(etype, type) else str(etype)
+            emit(
+                {
+                    "type": "error",
+                    "ename": name,
+                    "evalue": str(evalue),
+                    "emodule": getattr(etype, "__module__", None),  # the client re-raises the same type
+                    "traceback": stb if isinstance(stb, list) else [stb],
+                }
+            )
+
+        def _get_exc_info(self, exc_tuple=None):
+            etype, value, tb = super()._get_exc_info(exc_tuple)
+            return etype, value, trim_traceback(tb)
+
+        def show_usage_error(self, exc):  # one error event, shown once by the client
+            emit({"type": "error", "ename": "UsageError", "evalue": str(exc),
+                         "emodule": "IPython.core.error", "traceback": []})
+
+        def enable_gui(self, gui=None):  # no event loop here; 'inline' needs none
+            pass
+
+    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    shell = Shell.instance(colors="Linux")
+    if shell.history_manager is not None:
+        shell.history_manager.enabled = False
+    setup(shell, emit)
+    return shell

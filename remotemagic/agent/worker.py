@@ -3,24 +3,24 @@
 Started detached by the agent (own session and process group, so it outlives the SSH link and
 the local kernel). The process forks once:
 
-* the **supervisor** (parent) holds the session lock, waits for the worker and, if the worker
-  dies (SIGKILL, out of memory, a crash in C code), marks its jobs failed with the cause and
-  leaves ``died.json`` so the next job is told that the namespace was lost;
-* the **worker** (child) holds the session namespace in a headless IPython shell and runs the
-  jobs named on its FIFO one after another. Every output -- stream text, display data, execute
-  results, errors -- is appended to the job's ``events.jsonl`` before anything else sees it.
+* the **supervisor** (parent, :mod:`.supervisor`) holds the session lock, waits for the worker
+  and, if the worker dies (SIGKILL, out of memory, a crash in C code), marks its jobs failed with
+  the cause and leaves ``died.json`` so the next job is told that the namespace was lost;
+* the **worker** (child, :class:`Worker`) holds the session namespace in a headless IPython shell
+  (:func:`.cellshell.make_shell`) and runs the jobs named on its FIFO ``in.fifo`` one after
+  another. Every output -- stream text, display data, execute results, errors -- is appended to
+  the job's ``events.jsonl`` (:mod:`.events`) before anything else sees it.
 """
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import functools
 import importlib
-import io
 import json
 import os
 import select
+import shutil
 import signal
 import sys
 import threading
@@ -29,196 +29,20 @@ from typing import Any
 
 from . import cellshell, files, recover, spot
 from . import checkpoint as checkpoints
+from . import protocol as P
+from .events import FLUSH_INTERVAL, EventLog, EventStream, Router, diagnose
 from .fdcapture import FdCapture
+from .supervisor import STOPPING, supervise
 
 RESERVE_BYTES = 1024 * 1024  # freed when the disk is full, so a final status can still be written
 SKIP_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
-FLUSH_INTERVAL = 0.05
-FLUSH_BYTES = 64 * 1024
 TIMEOUT_GRACE = 30.0
 SPOT_GRACE = 10.0  # a spot reclaim leaves ~2 minutes: interrupt again this often
-STOPPING = "stopping.json"  # in the session folder while the agent stops its worker (restart, cancel --kill)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(obj)).decode("ascii")
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return repr(obj)
-
-
-class EventLog:
-    """Append-only JSON-lines log of one job. Lines are written whole with one ``write``."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self.size = os.fstat(self.fd).st_size
-        self.lock = threading.Lock()
-        self.failed: str | None = None
-
-    def emit(self, event: dict[str, Any]) -> None:
-        event.setdefault("time", time.time())
-        line = (json.dumps(event, default=_jsonable, separators=(",", ":")) + "\n").encode()
-        with self.lock:
-            if self.fd < 0:
-                return
-            try:
-                view = memoryview(line)
-                while view:
-                    n = os.write(self.fd, view)
-                    view = view[n:]
-                self.size += len(line)
-            except OSError as exc:  # disk full: drop the partial line, keep running, report at the end
-                self.failed = self.failed or f"{type(exc).__name__}: {exc}"
-                try:
-                    os.ftruncate(self.fd, self.size)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        with self.lock:
-            if self.fd >= 0:
-                try:
-                    os.fsync(self.fd)
-                except OSError:
-                    pass
-                os.close(self.fd)
-                self.fd = -1
-
-
-class Router:
-    """Where events go right now: the running job's log, else nowhere (worker.log via fd 2)."""
-
-    def __init__(self) -> None:
-        self.log: EventLog | None = None
-        self.streams: list[EventStream] = []
-
-    def emit(self, event: dict[str, Any]) -> None:
-        for s in self.streams:
-            s.flush()
-        if self.log is not None:
-            self.log.emit(event)
-
-
-class EventStream(io.TextIOBase):
-    """sys.stdout / sys.stderr of user code: text batched for up to 50 ms or 64 KiB."""
-
-    def __init__(self, router: Router, name: str, fallback: Any):
-        self.router = router
-        self.name = name
-        self.fallback = fallback
-        self.parts: list[str] = []
-        self.size = 0
-        self.lock = threading.RLock()
-
-    def writable(self) -> bool:
-        return True
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def isatty(self) -> bool:
-        return False
-
-    def write(self, text: str) -> int:
-        if not isinstance(text, str):
-            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        if not text:
-            return 0
-        with self.lock:
-            self.parts.append(text)
-            self.size += len(text)
-            if self.size >= FLUSH_BYTES:
-                self.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        with self.lock:
-            if not self.parts:
-                return
-            text = "".join(self.parts)
-            self.parts.clear()
-            self.size = 0
-            log = self.router.log
-            if log is not None:
-                log.emit({"type": "stream", "name": self.name, "text": text})
-            else:
-                self.fallback.write(text)
-                self.fallback.flush()
-
-
-def make_shell(router: Router) -> Any:
-    """A headless IPython shell whose outputs become Jupyter-shaped events."""
-    from IPython.core.displayhook import DisplayHook
-    from IPython.core.displaypub import DisplayPublisher
-    from IPython.core.interactiveshell import InteractiveShell
-
-    class Publisher(DisplayPublisher):
-        def publish(self, data, metadata=None, source=None, *, transient=None, update=False, **kw):
-            router.emit(
-                {
-                    "type": "update_display_data" if update else "display_data",
-                    "data": data,
-                    "metadata": metadata or {},
-                    "transient": transient or {},
-                }
-            )
-
-        def clear_output(self, wait=False):
-            router.emit({"type": "clear_output", "wait": bool(wait)})
-
-    class Hook(DisplayHook):
-        def write_output_prompt(self):
-            pass
-
-        def write_format_data(self, format_dict, md_dict=None):
-            router.emit(
-                {
-                    "type": "execute_result",
-                    "data": format_dict,
-                    "metadata": md_dict or {},
-                    "execution_count": self.prompt_count,
-                }
-            )
-
-    class Shell(InteractiveShell):
-        display_pub_class = Publisher
-        displayhook_class = Hook
-
-        def _showtraceback(self, etype, evalue, stb):
-            name = etype.__name__ if isinstance(etype, type) else str(etype)
-            router.emit(
-                {
-                    "type": "error",
-                    "ename": name,
-                    "evalue": str(evalue),
-                    "emodule": getattr(etype, "__module__", None),  # the client re-raises the same type
-                    "traceback": stb if isinstance(stb, list) else [stb],
-                }
-            )
-
-        def _get_exc_info(self, exc_tuple=None):
-            etype, value, tb = super()._get_exc_info(exc_tuple)
-            return etype, value, cellshell.trim_traceback(tb)
-
-        def show_usage_error(self, exc):  # one error event, shown once by the client
-            router.emit({"type": "error", "ename": "UsageError", "evalue": str(exc),
-                         "emodule": "IPython.core.error", "traceback": []})
-
-        def enable_gui(self, gui=None):  # no event loop here; 'inline' needs none
-            pass
-
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    shell = Shell.instance(colors="Linux")
-    shell.history_manager.enabled = False
-    cellshell.setup(shell, router.emit)
-    return shell
 
 
 class Worker:
+    """One session's namespace: runs the jobs named on ``sessions/<s>/in.fifo``, one at a time."""
+
     def __init__(self, root: str, session: str, idle_hours: float = 0.0):
         self.root = root
         self.idle_hours = idle_hours  # exit after this long without a job (0: never); each job may change it
@@ -254,7 +78,7 @@ class Worker:
         self.stderr = EventStream(self.router, "stderr", sys.stderr)
         self.router.streams = [self.stdout, self.stderr]
         self.capture = FdCapture(self.sdir, {1: self.stdout, 2: self.stderr})
-        self.shell = make_shell(self.router)
+        self.shell = cellshell.make_shell(self.router.emit)
         sys.stdout, sys.stderr = self.stdout, self.stderr  # type: ignore[assignment]
         signal.signal(signal.SIGINT, self.on_sigint)
         threading.Thread(target=self._flusher, daemon=True).start()
@@ -291,7 +115,7 @@ class Worker:
                         self.checkpoints.resume()
                         continue
                     try:
-                        files.check_job_id(job_id)
+                        P.check_job_id(job_id)
                     except ValueError:
                         continue
                     self.run_job(job_id)
@@ -310,15 +134,14 @@ class Worker:
                 saved = f"checkpointed {len(index['saved'])} value(s) first"
             except Exception as exc:  # exit anyway: the point is to free the memory
                 saved = f"the checkpoint failed ({type(exc).__name__}: {exc})"
-                sys.__stderr__.write(f"remotemagic worker: idle checkpoint failed: {exc}\n")
-        with open(os.path.join(self.sdir, "start.lock"), "a+") as start_lock:
-            fcntl.flock(start_lock, fcntl.LOCK_EX)  # no job is being handed to us meanwhile
+                diagnose(f"idle checkpoint failed: {exc}")
+        with files.locked(os.path.join(self.sdir, "start.lock")):  # no job is being handed to us meanwhile
             if select.select([pipe], [], [], 0)[0]:
                 self.busy_at = time.time()
                 return False
             cause = f"idle for {self.idle_hours:g} h, it exited to free its memory; {saved}"
             files.write_json(os.path.join(self.sdir, "died.json"), {"cause": cause, "time": time.time(), "jobs": []})
-            _unlink(os.path.join(self.sdir, "worker.json"))
+            files.remove(os.path.join(self.sdir, "worker.json"))
         return True
 
     # -- a full disk must not leave a job "running" forever --------------------------------------
@@ -334,7 +157,7 @@ class Worker:
     def write_status(self, jdir: str, status: dict[str, Any]) -> None:
         path = os.path.join(jdir, "status.json")
         try:
-            if status.get("state") == "running":  # means nothing after a machine crash: no fsync
+            if status.get("state") == P.RUNNING:  # means nothing after a machine crash: no fsync
                 files.atomic_write(path, [json.dumps(status, indent=1, sort_keys=True).encode()], durable=False)
             else:
                 files.write_json(path, status)
@@ -348,7 +171,7 @@ class Worker:
         try:
             files.write_json(path, status)
         except OSError as exc:
-            sys.__stderr__.write(f"remotemagic worker: cannot write {path}: {first}; {exc}\n")
+            diagnose(f"cannot write {path}: {first}; {exc}")
 
     def _flusher(self) -> None:
         while True:
@@ -380,49 +203,49 @@ class Worker:
         files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()], durable=False)
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
         log = EventLog(os.path.join(jdir, "events.jsonl"))
-        status: dict[str, Any] = {"state": "running", "started": time.time(), "pid": os.getpid()}
+        status: dict[str, Any] = {"state": P.RUNNING, "started": time.time(), "pid": os.getpid()}
         self.write_status(jdir, status)
         self.router.log = log
-        log.emit({"type": "status", "state": "running"})
-        state = "done"
+        log.emit({"type": "status", "state": P.RUNNING})
+        state = P.DONE
         error: dict[str, Any] | None = None
         self.capture.start()
         try:
-            kind = spec.get("kind", "cell")
-            if kind == "cell":
+            kind = spec.get("kind", P.KIND_CELL)
+            if kind == P.KIND_CELL:
                 recover.restore_before_cell(self, spec, log.emit)  # --retry, auto_restore
                 state, error, extra = self.run_cell(jdir, spec)
                 status.update(extra)
-            elif kind == "store":
+            elif kind == P.KIND_STORE:
                 status.update(self.store_names(spec))
-            elif kind == "restore":
+            elif kind == P.KIND_RESTORE:
                 status.update(self.restore_names(spec))
-            elif kind == "checkpoint":
+            elif kind == P.KIND_CHECKPOINT:
                 status.update(self.checkpoint(int(spec.get("limit") or 0), spec["id"], report=True))
-            elif kind == "restore_checkpoint":
+            elif kind == P.KIND_RESTORE_CHECKPOINT:
                 status.update(self.restore_checkpoint())
             else:
                 raise ValueError(f"unknown job kind {kind!r}")
         except BaseException as exc:  # a broken input or a full disk: report it, keep serving
-            state = "error"
+            state = P.ERROR
             error = {"ename": type(exc).__name__, "evalue": str(exc), "traceback": []}
             log.emit({"type": "error", **error})
         finally:
             self.capture.stop()
             for s in self.router.streams:
                 s.flush()
-        if self.spot_job == job_id and self.spot and spec.get("kind", "cell") == "cell":
-            state, error = "interrupted", {"ename": "SpotInterruption", "evalue": self.spot["message"], "traceback": []}
+        if self.spot_job == job_id and self.spot and spec.get("kind", P.KIND_CELL) == P.KIND_CELL:
+            state, error = P.INTERRUPTED, {"ename": "SpotInterruption", "evalue": self.spot["message"], "traceback": []}
         stopping = files.read_json(os.path.join(self.sdir, STOPPING))
-        if stopping and state != "done":  # interrupted because the session is being stopped
-            state = str(stopping.get("state") or "failed")
+        if stopping and state != P.DONE:  # interrupted because the session is being stopped
+            state = str(stopping.get("state") or P.FAILED)
             error = {"ename": str(stopping.get("ename") or "SessionStopped"), "evalue": str(stopping.get("reason")),
                      "traceback": []}
             log.emit({"type": "error", **error})
         if log.failed:
-            state = "error"
+            state = P.ERROR
             error = {"ename": "OSError", "evalue": f"writing output failed: {log.failed}", "traceback": []}
-            _unlink(os.path.join(self.sdir, "reserve"))  # room for this error and the final status
+            files.remove(os.path.join(self.sdir, "reserve"))  # room for this error and the final status
             log.failed = None
             log.emit({"type": "error", **error})
         status.update({"state": state, "finished": time.time()})
@@ -448,7 +271,8 @@ class Worker:
             self.spot_checkpoint(job_id)  # replaces the size-limited one below
         elif stopping:
             pass  # its namespace is being dropped on purpose
-        elif spec.get("kind", "cell") == "cell" and limit > 0 and not held and state in ("done", "error", "interrupted", "timeout"):
+        elif (spec.get("kind", P.KIND_CELL) == P.KIND_CELL and limit > 0 and not held
+              and state in (P.DONE, P.ERROR, P.INTERRUPTED, P.TIMEOUT)):
             self.checkpoints.request(int(limit), job_id)  # forked: the next job does not wait for it
         self.make_reserve()
 
@@ -473,7 +297,7 @@ class Worker:
             files.private_dir(os.path.dirname(path))
             files.atomic_write(path, [data])
             # a same-size rewrite within the same second would pass the .pyc's mtime+size check
-            _rmtree(os.path.join(os.path.dirname(path), "__pycache__"))
+            shutil.rmtree(os.path.join(os.path.dirname(path), "__pycache__"), ignore_errors=True)
             top = parts[0][:-3] if len(parts) == 1 else parts[0]
             for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
                 del sys.modules[name]  # changed: the cell's import loads the new source
@@ -498,7 +322,7 @@ class Worker:
         if self.interrupt_pending:  # cancelled between being claimed and starting
             self.router.emit({"type": "error", "ename": "KeyboardInterrupt", "evalue": "cancelled before it started",
                               "traceback": []})
-            return "interrupted", {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"}, {}
+            return P.INTERRUPTED, {"ename": "KeyboardInterrupt", "evalue": "cancelled before it started"}, {}
         restore = cellshell.prepare(self.shell, spec, jdir, self.router.emit)  # cell number, colours, stdin
         self.in_user_code = True
         try:
@@ -510,11 +334,11 @@ class Worker:
             self._timer_job = None
             restore()
         err = None if result is None else (result.error_in_exec or result.error_before_exec)
-        state = "done"
+        state = P.DONE
         error = None
         if result is None or err is not None:
             ename = type(err).__name__ if err is not None else "KeyboardInterrupt"
-            state = "timeout" if self.timed_out else ("interrupted" if ename == "KeyboardInterrupt" else "error")
+            state = P.TIMEOUT if self.timed_out else (P.INTERRUPTED if ename == "KeyboardInterrupt" else P.ERROR)
             error = {"ename": ename, "evalue": str(err) if err is not None else ""}
             if err is not None:
                 error["emodule"] = type(err).__module__
@@ -561,13 +385,9 @@ class Worker:
             if not self.spot_saved:  # else the main thread writes the complete record
                 self._write_spot_notice(record)
         try:
-            fd = os.open(os.path.join(self.sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
-            try:
-                os.write(fd, b"spot\n")
-            finally:
-                os.close(fd)
+            files.write_fifo(os.path.join(self.sdir, "in.fifo"), b"spot\n")
         except OSError as exc:
-            sys.__stderr__.write(f"remotemagic worker: cannot wake the worker for the spot checkpoint: {exc}\n")
+            diagnose(f"cannot wake the worker for the spot checkpoint: {exc}")
         while job is not None and self.job_id == job:
             if self.in_user_code:
                 os.kill(os.getpid(), signal.SIGINT)
@@ -588,7 +408,7 @@ class Worker:
                                     "names": sorted(index["saved"]), "skipped": index["skipped"]}
         except Exception as exc:
             record["checkpoint_error"] = f"{type(exc).__name__}: {exc}"
-            sys.__stderr__.write(f"remotemagic worker: spot checkpoint failed: {record['checkpoint_error']}\n")
+            diagnose(f"spot checkpoint failed: {record['checkpoint_error']}")
         with self.spot_lock:
             self._write_spot_notice(record)
 
@@ -596,7 +416,7 @@ class Worker:
         try:
             files.write_json(os.path.join(self.sdir, "spot_notice.json"), record)
         except OSError as exc:
-            sys.__stderr__.write(f"remotemagic worker: cannot write spot_notice.json: {exc}\n")
+            diagnose(f"cannot write spot_notice.json: {exc}")
 
     def save_outputs(self, jdir: str, names: list[str]) -> dict[str, Any]:
         ns = self.shell.user_ns
@@ -670,13 +490,9 @@ class Worker:
         """The checkpoint reaper's thread: have the main thread start the pending checkpoint
         once it is between jobs (a line on our own FIFO, like the spot watcher's)."""
         try:
-            fd = os.open(os.path.join(self.sdir, "in.fifo"), os.O_WRONLY | os.O_NONBLOCK)
-            try:
-                os.write(fd, b"checkpoint\n")
-            finally:
-                os.close(fd)
+            files.write_fifo(os.path.join(self.sdir, "in.fifo"), b"checkpoint\n")
         except OSError as exc:
-            sys.__stderr__.write(f"remotemagic worker: cannot start the pending checkpoint: {exc}\n")
+            diagnose(f"cannot start the pending checkpoint: {exc}")
 
     def checkpoint(self, limit: int, job_id: str, report: bool = False) -> dict[str, Any]:
         """Now, in this process: pickle every user variable whose pickle is at most ``limit``
@@ -717,7 +533,7 @@ class Worker:
         for name in index["saved"]:
             self.shell.user_ns[name] = files.load_object(os.path.join(path, name + ".obj"))
             restored.append(name)
-        _unlink(os.path.join(self.sdir, "checkpoint.hold"))
+        files.remove(os.path.join(self.sdir, "checkpoint.hold"))
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(index["time"]))
         if report:
             self.router.emit({"type": "stream", "name": "stdout",
@@ -726,135 +542,14 @@ class Worker:
         return {"restored": restored, "checkpoint": index}
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _rmtree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def note_job(jdir: str, text: str, level: str = "warning") -> None:
-    """Write a user notice into a job's log (the client renders it like output)."""
-    log = EventLog(os.path.join(jdir, "events.jsonl"))
-    try:
-        log.emit({"type": "notice", "level": level, "text": text})
-    finally:
-        log.close()
-
-
-def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
-                 job_ids: list[str] | None = None, state: str = "failed", ename: str = "WorkerDied",
-                 details: dict[str, Any] | None = None) -> list[str]:
-    """Fail the unfinished jobs of ``session`` that were handed to worker ``pid`` (or the
-    ``job_ids`` given) with ``cause``; return their ids. A job handed to another worker, or to
-    none yet, is left alone: a live worker will run it."""
-    jroot = os.path.join(root, "jobs")
-    marked = []
-    if job_ids is None:
-        try:
-            job_ids = sorted(os.listdir(jroot))
-        except FileNotFoundError:
-            return marked
-    for job_id in job_ids:
-        jdir = os.path.join(jroot, job_id)
-        status = files.read_json(os.path.join(jdir, "status.json"), {})
-        if status.get("state") in files.TERMINAL or not status:
-            continue
-        spec = files.read_json(os.path.join(jdir, "spec.json"), {})
-        if spec.get("session") != session:
-            continue
-        if pid is not None:
-            try:
-                with open(os.path.join(jdir, "handed")) as f:
-                    if int(f.read().strip() or 0) != pid:
-                        continue
-            except (FileNotFoundError, ValueError):
-                continue
-            if os.path.exists(os.path.join(jdir, "queued")):
-                # handed over but never started (lost in the dead worker's FIFO): release it,
-                # the agent hands it to the next worker
-                _unlink(os.path.join(jdir, "handed"))
-                continue
-        _unlink(os.path.join(jdir, "queued"))
-        error = {"ename": ename, "evalue": cause, "traceback": [], **(details or {})}
-        log = EventLog(os.path.join(jdir, "events.jsonl"))
-        log.emit({"type": "error", **error})
-        log.emit({"type": "status", "state": state})
-        log.close()
-        status.update({"state": state, "finished": time.time(), "error": error})
-        files.write_json(os.path.join(jdir, "status.json"), status)
-        marked.append(job_id)
-    return marked
-
-
-def describe_exit(status: int, memory: dict[str, int] | None = None) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = "unknown"
-        hint = " -- killed, possibly by the out-of-memory killer" if sig == signal.SIGKILL else ""
-        if sig == signal.SIGKILL and memory and memory.get("peak_rss"):
-            hint += f"; it had reached {recover.size(memory['peak_rss'])} of memory"
-            if memory.get("mem_total"):
-                hint += f" (the machine has {recover.size(memory['mem_total'])})"
-        return f"worker died, signal {sig} ({name}){hint}"
-    return f"worker exited with status {os.WEXITSTATUS(status)}"
-
-
-def supervise(root: str, session: str, child: int) -> None:
-    sdir = os.path.join(root, "sessions", session)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    def forward(signum: int, frame: Any) -> None:
-        try:
-            os.kill(child, signum)
-        except OSError:
-            pass
-
-    signal.signal(signal.SIGTERM, forward)
-    while True:
-        try:
-            _, status = os.waitpid(child, 0)
-            break
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            status = 0
-            break
-    clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-    with open(os.path.join(sdir, "start.lock"), "a+") as start_lock:
-        fcntl.flock(start_lock, fcntl.LOCK_EX)  # no job is being handed to our worker meanwhile
-        for name in ("worker.json", "current"):
-            _unlink(os.path.join(sdir, name))
-        stopping = files.read_json(os.path.join(sdir, STOPPING))
-        if not clean and stopping:  # the agent is stopping us (restart, cancel --kill): it says why
-            mark_orphans(root, session, str(stopping.get("reason")), pid=child,
-                         state=str(stopping.get("state") or "failed"), ename=str(stopping.get("ename") or "SessionStopped"))
-        elif not clean:
-            memory = recover.memory_report()  # the peak of the worker (our only child) and the machine's
-            cause = describe_exit(status, memory)
-            details = {**memory, "signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status) else {}
-            jobs = mark_orphans(root, session, cause, pid=child, details=details)
-            files.write_json(os.path.join(sdir, "died.json"), {"cause": cause, "time": time.time(), "jobs": jobs})
-
-
 def main(argv: list[str] | None = None) -> None:
     args = argv or sys.argv[1:]
     root, session, cwd = args[:3]
     idle_hours = float(args[3]) if len(args) > 3 else 0.0
     os.umask(0o077)
-    files.check_name("session", session)
+    P.check_name("session", session)
     sdir = os.path.join(root, "sessions", session)
-    lock = open(os.path.join(sdir, "lock"), "a+")
+    lock = open(os.path.join(sdir, "lock"), "a+")  # held for the life of the process (and its fork)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
