@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,7 @@ def test_shipped_agent_has_every_module_and_imports_alone(tmp_path: Path) -> Non
     pkg.mkdir()
     for name, data in shipped.items():
         (pkg / name).write_bytes(data)
+        assert not re.search(rb"^\s*(from|import)\s+remotemagic\b(?!_agent)", data, re.M), name
     modules = sorted(name[:-3] for name in shipped if name != "__init__.py")
     code = ("import importlib, sys\n"
             f"for m in {modules!r}: importlib.import_module('remotemagic_agent.' + m)\n"
