@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from . import envsync, errors, notices, progress, retry, state, values
-from .agent import files
+from .agent import files, protocol
 from .connection import AgentConnection, Call
 from .transport.base import Transport
 
@@ -101,7 +101,7 @@ class OutputPrefetch:
 
     def _run(self) -> None:
         try:
-            call = self.remote.connection().start("read_output", job=self.job_id, name=self.name, follow=True,
+            call = self.remote.connection().start(protocol.OP_READ_OUTPUT, job=self.job_id, name=self.name, follow=True,
                                                   size=self.size, z=self.remote.codec)
             with self.lock:
                 self.call = call
@@ -159,20 +159,20 @@ class Job:
     @property
     def state(self) -> str:
         """queued, running, done, error, interrupted, timeout, cancelled or failed."""
-        if self._status and self._status.get("state") in files.TERMINAL:
+        if self._status and self._status.get("state") in protocol.TERMINAL:
             return self._status["state"]
         meta = self.meta
-        if meta.get("state") in files.TERMINAL:
+        if meta.get("state") in protocol.TERMINAL:
             return meta["state"]
         try:
-            self._status = self.remote.request("status", job=self.id)["status"]
+            self._status = self.remote.request(protocol.OP_STATUS, job=self.id)["status"]
             return self._status.get("state", "unknown")
         except errors.ConnectionLostError:
             return meta.get("state", "unknown")
 
     @property
     def done(self) -> bool:
-        return self.state in files.TERMINAL
+        return self.state in protocol.TERMINAL
 
     # -- events --------------------------------------------------------------------------------
     def events(self, start: int = 0) -> Iterator[dict[str, Any]]:
@@ -185,19 +185,19 @@ class Job:
 
     def wait(self, timeout: float | None = None, on_event: EventHandler | None = None) -> str:
         """Block until the job ends (``TimeoutError`` after ``timeout`` s); return its state."""
-        if self.meta.get("state") in files.TERMINAL and self._status is None:
+        if self.meta.get("state") in protocol.TERMINAL and self._status is None:
             self._status = self.meta.get("status")
-        if self._status and self._status.get("state") in files.TERMINAL:
+        if self._status and self._status.get("state") in protocol.TERMINAL:
             return self._status["state"]
         return self.follow(on_event, timeout)
 
     def sync(self) -> None:
         """Fetch whatever the target has logged beyond the mirror, without waiting for more."""
-        call = self.remote.connection().start("events", job=self.id, offset=self.record.offset, follow=False)
+        call = self.remote.connection().start(protocol.OP_EVENTS, job=self.id, offset=self.record.offset, follow=False)
         for header, payload in call:
             self.record.append(header["offset"], payload)
         status = (call.result or {}).get("status") or {}
-        if status.get("state") in files.TERMINAL:
+        if status.get("state") in protocol.TERMINAL:
             self._status = status
             self.record.update(state=status["state"], finished=status.get("finished"), status=status)
 
@@ -207,7 +207,8 @@ class Job:
         ``kill=True``: kill the worker running it (its whole process group) at once -- for code
         that ignores KeyboardInterrupt. The job ends ``cancelled``; the session's namespace is
         lost (a notice says so); ``reason`` is recorded as the job's error."""
-        ans = self.remote.request("cancel", job=self.id, kill=bool(kill), **({"reason": reason} if reason else {}))
+        ans = self.remote.request(protocol.OP_CANCEL, job=self.id, kill=bool(kill),
+                                  **({"reason": reason} if reason else {}))
         self.remote._notice(ans)
         return ans["state"]
 
@@ -216,18 +217,18 @@ class Job:
         ``input()`` raise ``error``'s type and message). False if it no longer waits for it."""
         answer: dict[str, Any] = ({"error": {"ename": type(error).__name__, "evalue": str(error)}}
                                   if error is not None else {"value": str(value or "")})
-        return bool(self.remote.request("stdin", job=self.id, seq=int(seq), answer=answer).get("waiting"))
+        return bool(self.remote.request(protocol.OP_STDIN, job=self.id, seq=int(seq), answer=answer).get("waiting"))
 
     def input_pending(self, seq: int) -> bool:
         """Whether the job still waits for the answer to its ``input_request`` number ``seq``."""
-        return bool(self.remote.request("stdin", job=self.id, seq=int(seq)).get("waiting"))
+        return bool(self.remote.request(protocol.OP_STDIN, job=self.id, seq=int(seq)).get("waiting"))
 
     # -- results -------------------------------------------------------------------------------
     def error(self) -> errors.RemoteError | None:
         """The job's failure as an exception (with the remote traceback), or None."""
         st = self._status or self.meta.get("status") or {}
         stt = st.get("state")
-        if stt in (None, "done"):
+        if stt in (None, protocol.DONE):
             return None
         err = dict(st.get("error") or {})
         tb: list[str] = []
@@ -316,7 +317,7 @@ class Remote:
         #: the last checkpoint into the new worker and says what came back (a notice in its log).
         self.auto_restore = bool(auto_restore)
         self.target = transport.name
-        self.session = files.check_name("session", session)
+        self.session = protocol.check_name("session", session)
         self.cwd = cwd
         self.state_root = Path(state_root) if state_root else state.state_dir()
         self.reconnect_timeout = reconnect_timeout
@@ -369,7 +370,7 @@ class Remote:
     def _check_cwd(self) -> None:
         """A working folder that does not exist on the target is an error now, not a job that
         silently runs somewhere else later."""
-        st = self.request("stat", path=self.cwd)
+        st = self.request(protocol.OP_STAT, path=self.cwd)
         if not st.get("exists") or not st.get("is_dir"):
             self.close()
             what = "is not a folder" if st.get("exists") else "does not exist"
@@ -390,9 +391,9 @@ class Remote:
     def _open(self) -> AgentConnection:
         conn = AgentConnection(self.transport.start_agent(), self.target)
         try:
-            info = conn.request("hello")
+            info = conn.request(protocol.OP_HELLO)
             t0 = time.perf_counter()
-            conn.request("ping")
+            conn.request(protocol.OP_PING)
             rtt = time.perf_counter() - t0
         except Exception:
             conn.close()
@@ -486,7 +487,7 @@ class Remote:
         self._pushed_modules = {name: sorted(envsync.needs.pickle_modules(enc.pickle)) for name, enc in encoded.items()}
         digests = {name: enc.digest for name, enc in encoded.items()}
         unknown = sorted({d for d in digests.values() if d not in self._known})
-        missing = set(self.request("has_objects", hashes=unknown)["missing"]) if unknown else set()
+        missing = set(self.request(protocol.OP_HAS_OBJECTS, hashes=unknown)["missing"]) if unknown else set()
         self._known.update(set(unknown) - missing)
         sent: set[str] = set()
         for name, enc in encoded.items():
@@ -502,13 +503,14 @@ class Remote:
             sent.add(enc.digest)
             self._known.add(enc.digest)
         if sent:
-            self.request("evict_objects", limit=self.object_cache_limit, keep=sorted(set(digests.values())))
+            self.request(protocol.OP_EVICT_OBJECTS, limit=self.object_cache_limit, keep=sorted(set(digests.values())))
         return digests
 
     def _read_output(self, job: Job, name: str, size: int) -> Any:
         update, close = progress.bar(size, f"pull {name}", self.show_progress)
         try:
-            reader = CallReader(self.connection().start("read_output", job=job.id, name=name, z=self.codec), update)
+            call = self.connection().start(protocol.OP_READ_OUTPUT, job=job.id, name=name, z=self.codec)
+            reader = CallReader(call, update)
             value = files.read_object(reader)
             reader.drain()
             return value
@@ -552,7 +554,7 @@ class Remote:
         checkpoint (see :mod:`remotemagic.retry`). The returned :class:`Job` is the last
         attempt's. Not for background jobs; never when the cell itself raises.
         """
-        session = files.check_name("session", session or self.session)
+        session = protocol.check_name("session", session or self.session)
         if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         retries = retry.check_retries(retries)
@@ -583,8 +585,8 @@ class Remote:
         """Submit one attempt of a cell; ``extra`` goes into its spec (``timeout``, ``attempt``...)."""
         for attempt_push in (1, 2):
             inputs = self._push(dict(push or {}), code)
-            spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
-                    "outputs": pull, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
+            spec = {"id": state.new_job_id(), "session": session, "kind": protocol.KIND_CELL, "code": code,
+                    "inputs": inputs, "outputs": pull, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
                     "worker_idle_hours": self.worker_idle_hours, **extra}
             if self.auto_restore:
                 spec["auto_restore"] = True
@@ -602,10 +604,10 @@ class Remote:
         self.last_job = job
         job.record.create(target=self.target, session=spec["session"], kind=spec["kind"],
                           code=spec.get("code", ""), outputs=spec.get("outputs", []),
-                          submitted=time.time(), state="queued", origin=spec.get("origin") or {},
+                          submitted=time.time(), state=protocol.QUEUED, origin=spec.get("origin") or {},
                           reconnect=self.connect_args)
         if background:
-            ans = self.request("run", spec=spec, follow=False)
+            ans = self.request(protocol.OP_RUN, spec=spec, follow=False)
             self._notice(ans)
             return job
         self._follow(job, spec, on_event, None)
@@ -636,9 +638,9 @@ class Remote:
             conn = self.connection()
             try:
                 if spec is not None:
-                    call = conn.start("run", spec=spec, follow=True, inline=self.inline_limit, z=self.codec)
+                    call = conn.start(protocol.OP_RUN, spec=spec, follow=True, inline=self.inline_limit, z=self.codec)
                 else:
-                    call = conn.start("events", job=job.id, offset=job.record.offset, follow=True,
+                    call = conn.start(protocol.OP_EVENTS, job=job.id, offset=job.record.offset, follow=True,
                                       inline=self.inline_limit, z=self.codec)
                 self._consume(job, call, on_event, deadline)
                 return job.state
@@ -646,7 +648,7 @@ class Remote:
                 log.warning("connection to %s lost while following job %s (%s); resuming", self.target, job.id, exc)
                 if spec is not None:
                     try:
-                        self.connection().request("status", job=job.id)
+                        self.connection().request(protocol.OP_STATUS, job=job.id)
                         spec = None  # it was submitted; just resume the log
                     except errors.UnknownJobError:
                         pass  # never arrived: submit again
@@ -683,7 +685,7 @@ class Remote:
             return
         status = result.get("status") or {}
         job._status = status
-        if status.get("state") != "done":
+        if status.get("state") != protocol.DONE:
             job._cancel_prefetch()  # result() raises the job's error: streamed outputs go unused
         offset = 0
         for name, size in (result.get("inline") or {}).items():
@@ -697,16 +699,16 @@ class Remote:
 
     def resolve_job(self, ref: str) -> str:
         ref = ref.strip()
-        if files.JOB_RE.match(ref):
+        if protocol.JOB_RE.match(ref):
             if not state.JobRecord(self.state_root, ref).exists:
-                info = self.request("status", job=ref)  # raises UnknownJobError
+                info = self.request(protocol.OP_STATUS, job=ref)  # raises UnknownJobError
                 self._adopt(ref, info["spec"], info["status"])
             return ref
         if not re.match(r"^[0-9a-f-]{2,}$", ref):
             raise errors.UnknownJobError(f"no job {ref!r}: give a job id, or a unique end of one")
         known = {j["id"] for j in state.list_jobs(self.state_root)}
         try:
-            known |= {j["id"] for j in self.request("jobs", limit=1000)["jobs"]}
+            known |= {j["id"] for j in self.request(protocol.OP_JOBS, limit=1000)["jobs"]}
         except errors.ConnectionLostError:
             pass
         hits = sorted(j for j in known if j.endswith(ref) or j.startswith(ref))
@@ -718,7 +720,7 @@ class Remote:
     def _adopt(self, job_id: str, spec: dict[str, Any], status: dict[str, Any]) -> None:
         """Index a job that another kernel submitted, so it can be waited on and mirrored here."""
         state.JobRecord(self.state_root, job_id).create(
-            target=self.target, session=spec.get("session"), kind=spec.get("kind", "cell"),
+            target=self.target, session=spec.get("session"), kind=spec.get("kind", protocol.KIND_CELL),
             code=spec.get("code", ""), outputs=spec.get("outputs", []), submitted=spec.get("submitted"),
             state=status.get("state"), origin=spec.get("origin") or {}, reconnect=self.connect_args,
         )
@@ -728,12 +730,12 @@ class Remote:
         if not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be a positive number of jobs, not {limit!r}")
         try:
-            return self.request("jobs", limit=limit)["jobs"]
+            return self.request(protocol.OP_JOBS, limit=limit)["jobs"]
         except errors.ConnectionLostError:
             return state.list_jobs(self.state_root, self.target)[-limit:]
 
     def sessions(self) -> list[dict[str, Any]]:
-        return self.request("sessions")["sessions"]
+        return self.request(protocol.OP_SESSIONS)["sessions"]
 
     def stop_session(self, session: str | None = None, grace: float = STOP_GRACE) -> bool:
         """Stop a session's worker (its namespace is dropped); False if none was running.
@@ -747,13 +749,13 @@ class Remote:
         Returns ``{"stopped": bool, "how": "exit"|"SIGINT"|"SIGTERM"|"SIGKILL", "failed": [job ids]}``."""
         if not grace >= 0:
             raise ValueError(f"grace must be a number of seconds >= 0, not {grace!r}")
-        return self.request("stop_session", session=files.check_name("session", session or self.session),
+        return self.request(protocol.OP_STOP_SESSION, session=protocol.check_name("session", session or self.session),
                             grace=float(grace))
 
     def status(self) -> dict[str, Any]:
         """The target, its sessions and recent jobs; for EC2 also every instance of ours in the
         region with its hourly price and cost so far."""
-        recent = self.request("jobs", limit=20, active=True)
+        recent = self.request(protocol.OP_JOBS, limit=20, active=True)
         out = {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": recent["jobs"],
                "active": recent["active"]}
         if self.provider is not None:
@@ -804,7 +806,7 @@ class Remote:
             if not self.tunnels:
                 return
             try:
-                self.request("ping")
+                self.request(protocol.OP_PING)
             except Exception as exc:  # the link is down: the next request reconnects
                 log.debug("heartbeat to %s failed: %s", self.target, exc)
 
@@ -854,17 +856,17 @@ class Remote:
         meta = {"type": files.type_name(value), "preview": files.preview(value),
                 "by": f"{os.uname().nodename} pid {os.getpid()}", "modules": self._pushed_modules.get(name, [])}
         try:
-            return self.request("store_put", name=name, hash=digest, meta=meta)
+            return self.request(protocol.OP_STORE_PUT, name=name, hash=digest, meta=meta)
         except errors.RemoteRequestError as exc:
             if exc.kind != "MissingObject":
                 raise
             self._known.discard(digest)  # evicted meanwhile: send again
             digest = self._push({name: value})[name]
-            return self.request("store_put", name=name, hash=digest, meta=meta)
+            return self.request(protocol.OP_STORE_PUT, name=name, hash=digest, meta=meta)
 
     def store_get(self, name: str) -> Any:
         """Load a stored value (``KeyError`` if there is none)."""
-        call = self.connection().start("store_get", name=name, z=self.codec)
+        call = self.connection().start(protocol.OP_STORE_GET, name=name, z=self.codec)
         reader = CallReader(call)
         try:
             value = files.read_object(reader)
@@ -876,18 +878,18 @@ class Remote:
 
     def store_list(self) -> list[dict[str, Any]]:
         """Stored names with type, size in bytes and a short preview."""
-        return self.request("store_list")["values"]
+        return self.request(protocol.OP_STORE_LIST)["values"]
 
     def store_delete(self, *names: str) -> list[str]:
-        return self.request("store_delete", names=list(names))["deleted"]
+        return self.request(protocol.OP_STORE_DELETE, names=list(names))["deleted"]
 
     def store_clear(self) -> list[str]:
-        return self.request("store_delete", names=None)["deleted"]
+        return self.request(protocol.OP_STORE_DELETE, names=None)["deleted"]
 
     def store_from_session(self, names: Iterable[str], session: str | None = None,
                            on_event: EventHandler | None = None) -> dict[str, Any]:
         """Store values that exist only in a remote session's namespace (they never travel here)."""
-        job = self._internal_job("store", list(names), session, on_event)
+        job = self._internal_job(protocol.KIND_STORE, list(names), session, on_event)
         return job._status or {}
 
     def restore_to_session(self, names: Iterable[str], session: str | None = None) -> dict[str, Any]:
@@ -897,19 +899,19 @@ class Remote:
         modules = {m for v in self.store_list() if v.get("name") in wanted for m in v.get("modules") or ()}
         if modules:
             envsync.before_upload(self, extra=modules)
-        job = self._internal_job("restore", list(names), session, None)
+        job = self._internal_job(protocol.KIND_RESTORE, list(names), session, None)
         return job._status or {}
 
     def checkpoint(self, session: str | None = None, limit: int = 0,
                    on_event: EventHandler | None = None) -> dict[str, Any]:
         """Save the session's picklable variables (each at most ``limit`` bytes; 0: any size) on
         the target, so they can be restored after the worker dies. Returns the checkpoint index."""
-        job = self._internal_job("checkpoint", [], session, on_event, limit=limit)
+        job = self._internal_job(protocol.KIND_CHECKPOINT, [], session, on_event, limit=limit)
         return (job._status or {}).get("checkpoint", {})
 
     def restore_checkpoint(self, session: str | None = None, on_event: EventHandler | None = None) -> list[str]:
         """Load the session's last checkpoint into its (new) worker; return the names restored."""
-        job = self._internal_job("restore_checkpoint", [], session, on_event)
+        job = self._internal_job(protocol.KIND_RESTORE_CHECKPOINT, [], session, on_event)
         return (job._status or {}).get("restored", [])
 
     def _internal_job(self, kind: str, names: list[str], session: str | None, on_event: EventHandler | None,
@@ -917,7 +919,7 @@ class Remote:
         for name in names:
             if not name.isidentifier():
                 raise ValueError(f"{name!r} is not a Python identifier")
-        session = files.check_name("session", session or self.session)
+        session = protocol.check_name("session", session or self.session)
         spec = {"id": state.new_job_id(), "session": session, "kind": kind, "names": names, "cwd": self.cwd,
                 "worker_idle_hours": self.worker_idle_hours, **extra}
         job = self._submit(spec, False, on_event)

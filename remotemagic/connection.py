@@ -14,7 +14,7 @@ import threading
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from . import errors
-from .agent import wire
+from .agent import protocol, wire
 
 log = logging.getLogger("remotemagic")
 
@@ -98,7 +98,7 @@ class Call:
         self.conn.calls.pop(self.id, None)
         if not self.done and not self.conn.lost:
             try:
-                self.conn.writer.send({"id": 0, "op": "cancel_stream", "target": self.id})
+                self.conn.writer.send({"id": 0, "op": protocol.OP_CANCEL_STREAM, "target": self.id})
             except OSError:
                 pass
 
@@ -176,12 +176,12 @@ class AgentConnection:
                codec: str | None = None) -> Any:
         """Send ``upload_begin``, the chunks as data frames (compressed with ``codec`` where that
         pays), ``upload_end``; return the answer."""
-        call = self.start("upload_begin", **begin)
+        call = self.start(protocol.OP_UPLOAD_BEGIN, **begin)
         packer = wire.Packer(codec) if codec else None
         for chunk in chunks:
             if call.id not in self.calls:  # the agent refused early
                 break
-            header: dict[str, Any] = {"id": call.id, "op": "data"}
+            header: dict[str, Any] = {"id": call.id, "op": protocol.OP_DATA}
             payload = chunk
             if packer is not None:
                 payload, z = packer.pack(chunk)
@@ -191,7 +191,7 @@ class AgentConnection:
             if progress:
                 progress(len(chunk))
         if call.id in self.calls:
-            self.writer.send({"id": call.id, "op": "upload_end"})
+            self.writer.send({"id": call.id, "op": protocol.OP_UPLOAD_END})
         return call.wait()
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import platformdirs
 
-from .agent import files
+from .agent import files, protocol
 
 
 def state_dir() -> Path:
@@ -40,7 +40,7 @@ class JobRecord:
     """One job in the local index."""
 
     def __init__(self, root: Path, job_id: str):
-        self.id = files.check_job_id(job_id)
+        self.id = protocol.check_job_id(job_id)
         self.dir = root / "jobs" / job_id
         self.events_path = self.dir / "events.jsonl"
 
@@ -125,7 +125,7 @@ def list_jobs(root: Path, target: str | None = None) -> list[dict[str, Any]]:
     if not jdir.exists():
         return out
     for name in sorted(os.listdir(jdir)):
-        if not files.JOB_RE.match(name):
+        if not protocol.JOB_RE.match(name):
             continue
         meta = JobRecord(root, name).meta
         if meta and (target is None or meta.get("target") == target):

@@ -42,7 +42,8 @@ class FdCapture:
         self.streams = streams
         self.saved = {fd: os.dup(fd) for fd in FDS}  # worker.log
         self.files = {
-            fd: os.open(os.path.join(folder, f"fd{fd}.capture"), os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+            fd: os.open(os.path.join(folder, f"fd{fd}.capture"),
+                        os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
             for fd in FDS
         }
         self.offsets = dict.fromkeys(FDS, 0)

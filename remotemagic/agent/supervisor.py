@@ -112,7 +112,8 @@ def supervise(root: str, session: str, child: int) -> None:
         stopping = files.read_json(os.path.join(sdir, STOPPING))
         if not clean and stopping:  # the agent is stopping us (restart, cancel --kill): it says why
             mark_orphans(root, session, str(stopping.get("reason")), pid=child,
-                         state=str(stopping.get("state") or FAILED), ename=str(stopping.get("ename") or "SessionStopped"))
+                         state=str(stopping.get("state") or FAILED),
+                         ename=str(stopping.get("ename") or "SessionStopped"))
         elif not clean:
             memory = recover.memory_report()  # the peak of the worker (our only child) and the machine's
             cause = describe_exit(status, memory)

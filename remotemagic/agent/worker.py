@@ -355,7 +355,8 @@ class Worker:
                 return
         while self._timer_job == job_id:
             self.timed_out = True
-            self.router.emit({"type": "stream", "name": "stderr", "text": f"\n[remotemagic] timeout of {seconds:g} s reached: interrupting\n"})
+            self.router.emit({"type": "stream", "name": "stderr",
+                              "text": f"\n[remotemagic] timeout of {seconds:g} s reached: interrupting\n"})
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(TIMEOUT_GRACE)
 
@@ -379,7 +380,8 @@ class Worker:
                   "message": f"interrupted: spot reclaim ({action} at {when})", "checkpoint": None}
         self.spot, self.spot_job = record, job  # from here on the main thread may checkpoint
         self.router.emit({"type": "stream", "name": "stderr",
-                          "text": f"[remotemagic] spot instance reclaim notice: {action} at {when}; checkpointing the session\n"})
+                          "text": f"[remotemagic] spot instance reclaim notice: {action} at {when}; "
+                                  "checkpointing the session\n"})
         self.router.emit({"type": "spot_notice", "action": action, "time": when})
         with self.spot_lock:
             if not self.spot_saved:  # else the main thread writes the complete record
@@ -507,14 +509,16 @@ class Worker:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(index["time"]))
                 self.router.emit({"type": "stream", "name": "stderr", "text":
                                   f"Nothing checkpointed ({len(skipped)} value(s) skipped); kept the checkpoint of "
-                                  f"{when} ({len(index['saved'])} value(s): {', '.join(sorted(index['saved'])[:8])})\n"})
+                                  f"{when} ({len(index['saved'])} value(s): "
+                                  f"{', '.join(sorted(index['saved'])[:8])})\n"})
                 for name, why in sorted(skipped.items()):
                     self.router.emit({"type": "stream", "name": "stderr", "text": f"  skipped {name}: {why}\n"})
             return {"checkpoint": {k: v for k, v in index.items() if k != "skipped_now"}, "kept": True}
         saved, skipped = index["saved"], index["skipped"]
         if report:
             names = ", ".join(sorted(saved)) or "nothing"
-            self.router.emit({"type": "stream", "name": "stdout", "text": f"Checkpointed {len(saved)} value(s): {names}\n"})
+            self.router.emit({"type": "stream", "name": "stdout",
+                              "text": f"Checkpointed {len(saved)} value(s): {names}\n"})
             for name, why in sorted(skipped.items()):
                 self.router.emit({"type": "stream", "name": "stderr", "text": f"  skipped {name}: {why}\n"})
         return {"checkpoint": index}
