@@ -188,3 +188,14 @@ def test_agent_refuses_a_spec_with_an_unknown_or_missing_key(local: tuple[remote
         remote.request(P.OP_RUN, spec={k: v for k, v in spec.items() if k != "kind"}, follow=False)
     assert not (root / "jobs" / SPEC["id"]).exists()  # nothing half-made
     assert remote.request(P.OP_RUN, spec=spec, follow=False)["state"] == P.QUEUED
+
+
+def test_agent_refuses_a_request_with_an_unknown_or_missing_field(local: tuple[remotemagic.Remote, Path]) -> None:
+    remote, _ = local
+    with pytest.raises(ValueError, match=r"invalid stat request: unknown recursive \(known: cwd, id, op, partial, path\)"):
+        remote.request(P.OP_STAT, path="~", recursive=True)
+    with pytest.raises(ValueError, match="invalid hash_prefix request: missing size"):
+        remote.request(P.OP_HASH_PREFIX, path="~")
+    with pytest.raises(remotemagic.errors.RemoteRequestError, match="unknown request 'telepathy'"):
+        remote.request("telepathy")
+    assert remote.request(P.OP_STAT, path="~")["exists"]  # the connection is fine after all that

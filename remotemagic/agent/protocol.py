@@ -321,7 +321,14 @@ class HelloAnswer(TypedDict):
     codecs: list[str]
 
 
-class _UploadBeginKeys(TypedDict):
+class Header(TypedDict):
+    """What every request frame's header carries besides the op's own fields."""
+
+    id: int  # answers carry it; any number of requests are in flight at once
+    op: str
+
+
+class _UploadBeginKeys(Header):
     kind: str  # object | file | tar
     size: int
 
@@ -337,11 +344,26 @@ class UploadBeginRequest(_UploadBeginKeys, total=False):
     mtime: float | None
 
 
-class RunRequest(TypedDict, total=False):
+class HasObjectsRequest(Header, total=False):
+    hashes: list[str]  # answer: {"missing": [...]}; the others count as just used
+
+
+class _EvictObjectsKeys(Header):
+    limit: int  # bytes: drop least recently used objects until the cache is under it
+
+
+class EvictObjectsRequest(_EvictObjectsKeys, total=False):
+    keep: list[str]  # answer: {"removed", "total"}
+
+
+class _RunKeys(Header):
     spec: JobSpec
+
+
+class RunRequest(_RunKeys, total=False):
     follow: bool  # stream the job's events (the answer is then an EventsAnswer)
     inline: int  # with follow: -o values up to this many bytes come in the final payload
-    z: str
+    z: str  # the codec data frames may use (see wire.codecs_available)
 
 
 class RunAnswer(TypedDict, total=False):
@@ -350,7 +372,7 @@ class RunAnswer(TypedDict, total=False):
     notice: str
 
 
-class _JobRef(TypedDict):
+class _JobRef(Header):
     job: str
 
 
@@ -375,7 +397,7 @@ class StatusAnswer(TypedDict):
     log_size: int
 
 
-class JobsRequest(TypedDict, total=False):
+class JobsRequest(Header, total=False):
     limit: int
     active: bool  # also every queued or running job id
 
@@ -391,20 +413,29 @@ class CancelAnswer(TypedDict, total=False):
     notice: str | None
 
 
-class StdinRequest(_JobRef, total=False):
+class _StdinKeys(_JobRef):
     seq: int
+
+
+class StdinRequest(_StdinKeys, total=False):
     answer: dict[str, Any]  # {"value"} or {"error": {"ename", "evalue"}}; without: still waiting?
 
 
-class ReadOutputRequest(_JobRef, total=False):
+class _ReadOutputKeys(_JobRef):
     name: str
+
+
+class ReadOutputRequest(_ReadOutputKeys, total=False):
     follow: bool  # stream it while the worker writes it (needs size)
     size: int
     z: str
 
 
-class StopSessionRequest(TypedDict, total=False):
+class _StopSessionKeys(Header):
     session: str
+
+
+class StopSessionRequest(_StopSessionKeys, total=False):
     reason: str
     grace: float
 
@@ -416,36 +447,78 @@ class StopSessionAnswer(TypedDict, total=False):
     notice: str
 
 
-class StorePutRequest(TypedDict, total=False):
+class _StorePutKeys(Header):
     name: str
-    hash: str
+    hash: str  # an uploaded object
+
+
+class StorePutRequest(_StorePutKeys, total=False):
     meta: dict[str, Any]
 
 
-class PathRequest(TypedDict, total=False):
-    """stat, list_tree, tar_stream, hash_prefix, read_file: a path on the target (``~`` and
-    relative to ``cwd``, default home)."""
+class _StoreGetKeys(Header):
+    name: str
+
+
+class StoreGetRequest(_StoreGetKeys, total=False):
+    z: str
+
+
+class StoreDeleteRequest(Header, total=False):
+    names: list[str] | None  # None: every stored value
+
+
+class _PathKeys(Header):
+    """A path on the target: ``~`` expanded, relative to ``cwd`` (default home)."""
 
     path: str
+
+
+class StatRequest(_PathKeys, total=False):
     cwd: str | None
-    partial: bool  # stat: also the size and sha256 of ``<path>.rmpart``
-    missing_ok: bool  # list_tree
-    files: list[list[Any]]  # tar_stream: entries of list_tree
-    size: int  # hash_prefix
-    offset: int  # read_file
+    partial: bool  # also the size and sha256 of ``<path>.rmpart``
+
+
+class ListTreeRequest(_PathKeys, total=False):
+    cwd: str | None
+    missing_ok: bool
+
+
+class _TarStreamKeys(_PathKeys):
+    files: list[list[Any]]  # entries of list_tree
+
+
+class TarStreamRequest(_TarStreamKeys, total=False):
+    cwd: str | None
+    z: str
+
+
+class _HashPrefixKeys(_PathKeys):
+    size: int
+
+
+class HashPrefixRequest(_HashPrefixKeys, total=False):
+    cwd: str | None
+
+
+class ReadFileRequest(_PathKeys, total=False):
+    cwd: str | None
+    offset: int
     z: str
 
 
 OPS: dict[str, type] = {
-    OP_HELLO: dict, OP_PING: dict, OP_HAS_OBJECTS: dict, OP_EVICT_OBJECTS: dict,
+    OP_HELLO: Header, OP_PING: Header,
+    OP_HAS_OBJECTS: HasObjectsRequest, OP_EVICT_OBJECTS: EvictObjectsRequest,
     OP_RUN: RunRequest, OP_EVENTS: EventsRequest, OP_STATUS: _JobRef, OP_JOBS: JobsRequest,
     OP_CANCEL: CancelRequest, OP_STDIN: StdinRequest, OP_READ_OUTPUT: ReadOutputRequest,
-    OP_SESSIONS: dict, OP_STOP_SESSION: StopSessionRequest,
-    OP_STORE_PUT: StorePutRequest, OP_STORE_LIST: dict, OP_STORE_GET: dict, OP_STORE_DELETE: dict,
-    OP_STAT: PathRequest, OP_LIST_TREE: PathRequest, OP_TAR_STREAM: PathRequest, OP_HASH_PREFIX: PathRequest,
-    OP_READ_FILE: PathRequest,
+    OP_SESSIONS: Header, OP_STOP_SESSION: StopSessionRequest,
+    OP_STORE_PUT: StorePutRequest, OP_STORE_LIST: Header, OP_STORE_GET: StoreGetRequest,
+    OP_STORE_DELETE: StoreDeleteRequest,
+    OP_STAT: StatRequest, OP_LIST_TREE: ListTreeRequest, OP_TAR_STREAM: TarStreamRequest,
+    OP_HASH_PREFIX: HashPrefixRequest, OP_READ_FILE: ReadFileRequest,
 }
-"""Every request op and the shape of its fields (``dict``: a few plain fields, see the handler)."""
+"""Every request op and the shape of its header: the agent checks each request against it."""
 
 
 # -- checking ------------------------------------------------------------------------------------

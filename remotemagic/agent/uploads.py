@@ -128,6 +128,7 @@ class TarUpload:
 
 
 def begin(agent: Agent, rid: int, header: dict[str, Any]) -> Upload | TarUpload:
+    P.check(P.UploadBeginRequest, header, "upload_begin request")
     kind = header.get("kind")
     if kind == "object":
         try:
