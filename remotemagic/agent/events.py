@@ -21,11 +21,34 @@ FLUSH_INTERVAL = 0.05  # stdout/stderr text waits at most this long (the worker'
 FLUSH_BYTES = 64 * 1024  # ... or until this much has come
 
 
+_log_fd: int | None = None  # worker.log, wherever fds 1 and 2 point during a job (agent/fdcapture.py)
+
+
+def keep_log_fd(fd: int) -> None:
+    """Diagnostics go to ``fd`` (a duplicate of the worker's stderr, ``worker.log``) from now on."""
+    global _log_fd
+    _log_fd = fd
+
+
+def write_log(text: str) -> None:
+    """Write ``text`` to the worker's own log -- never into a job's output, even while a job's
+    fds 1 and 2 are being captured."""
+    if _log_fd is None:
+        stream = sys.__stderr__ or sys.stderr
+        stream.write(text)
+        stream.flush()
+        return
+    data = text.encode(errors="replace")
+    try:
+        while data:
+            data = data[os.write(_log_fd, data):]
+    except OSError:
+        pass
+
+
 def diagnose(text: str) -> None:
-    """A line for the worker's own log (``worker.log``: the real stderr, never a job's output)."""
-    stream = sys.__stderr__ or sys.stderr
-    stream.write(f"remotemagic worker: {text}\n")
-    stream.flush()
+    """A line for the worker's own log (``worker.log``), for whoever debugs the target."""
+    write_log(f"remotemagic worker: {text}\n")
 
 
 def _jsonable(obj: Any) -> Any:

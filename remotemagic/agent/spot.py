@@ -175,10 +175,11 @@ def parse_notice(body: bytes) -> Notice:
     return notice
 
 
-def start(on_notice: Callable[[Notice], None]) -> SpotWatcher | None:
-    """Start a watcher if ``REMOTEMAGIC_SPOT=1``; else do nothing and return None."""
+def start(on_notice: Callable[[Notice], None], log: Callable[[str], None] = _log_stderr) -> SpotWatcher | None:
+    """Start a watcher if ``REMOTEMAGIC_SPOT=1``; else do nothing and return None. ``log`` takes
+    its diagnostic lines (the worker's: its own log, never a running job's stderr)."""
     if not enabled():
         return None
-    watcher = SpotWatcher(on_notice)
+    watcher = SpotWatcher(on_notice, log=log)
     watcher.start()
     return watcher

@@ -30,7 +30,7 @@ from typing import Any
 from . import cellshell, files, recover, spot
 from . import checkpoint as checkpoints
 from . import protocol as P
-from .events import FLUSH_INTERVAL, EventLog, EventStream, Router, diagnose
+from .events import FLUSH_INTERVAL, EventLog, EventStream, Router, diagnose, keep_log_fd, write_log
 from .fdcapture import FdCapture
 from .supervisor import STOPPING, supervise
 
@@ -78,6 +78,7 @@ class Worker:
         self.stderr = EventStream(self.router, "stderr", sys.stderr)
         self.router.streams = [self.stdout, self.stderr]
         self.capture = FdCapture(self.sdir, {1: self.stdout, 2: self.stderr})
+        keep_log_fd(self.capture.saved[2])
         self.shell = cellshell.make_shell(self.router.emit)
         sys.stdout, sys.stderr = self.stdout, self.stderr  # type: ignore[assignment]
         signal.signal(signal.SIGINT, self.on_sigint)
@@ -89,7 +90,7 @@ class Worker:
         files.write_json(os.path.join(self.sdir, "worker.json"),
                          {"pid": os.getpid(), "started": time.time(), "idle_hours": self.idle_hours,
                           "cwd": os.getcwd()})
-        spot.start(self.on_spot_notice)  # only with REMOTEMAGIC_SPOT=1
+        spot.start(self.on_spot_notice, log=write_log)  # only with REMOTEMAGIC_SPOT=1
         with os.fdopen(fd, "rb", buffering=0) as pipe:
             buf = b""
             while True:
