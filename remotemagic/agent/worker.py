@@ -197,12 +197,12 @@ class Worker:
             return
         self.interrupt_pending = False
         self.job_id = job_id
-        spec_idle = (files.read_json(os.path.join(jdir, "spec.json"), {}) or {}).get("worker_idle_hours")
+        spec = files.read_json(os.path.join(jdir, "spec.json"), {}) or {}
+        spec_idle = spec.get("worker_idle_hours")
         if isinstance(spec_idle, (int, float)) and spec_idle >= 0:
             self.idle_hours = float(spec_idle)
         # "current" before "running": a cancel that sees the job running also finds it current
         files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()], durable=False)
-        spec = files.read_json(os.path.join(jdir, "spec.json"), {})
         log = EventLog(os.path.join(jdir, "events.jsonl"))
         status: dict[str, Any] = {"state": P.RUNNING, "started": time.time(), "pid": os.getpid()}
         self.write_status(jdir, status)
