@@ -297,7 +297,7 @@ def parse_ec2(line: str, is_cell: bool) -> Command | None:
         EC2_PARSER.print_help()
         return None
     if verb not in VERBS:
-        raise UsageError(f"unknown command %ec2 {verb}\n{EC2_PARSER.format_help()}")
+        raise UsageError(f"unknown command %ec2 {verb}: the verbs are {', '.join(VERBS)} (%ec2 -h says what each does)")
     args = VERBS[verb].parse(words[1:])
     if args is None:
         return None
