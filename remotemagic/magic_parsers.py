@@ -14,6 +14,7 @@ method on :class:`remotemagic.magics.Ec2Magics`, a row in README's "Every magic"
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import shlex
 import textwrap
@@ -64,8 +65,10 @@ class _HelpFormatter(MagicHelpFormatter):
     plain ``usage:`` prefix (the prog names the magic with its ``%``) and a width that does not
     depend on the terminal the kernel was started from."""
 
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=30, width=100)
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        kwargs.setdefault("max_help_position", 30)
+        kwargs.setdefault("width", 100)
+        super().__init__(prog, **kwargs)
 
     def add_usage(self, usage: Any, actions: Any, groups: Any, prefix: str | None = "usage: ") -> None:
         argparse.RawDescriptionHelpFormatter.add_usage(self, usage, actions, groups, prefix)
@@ -80,12 +83,16 @@ class _HelpFormatter(MagicHelpFormatter):
                 self._action_max_length = max(self._action_max_length, width)
 
 
+_PARSER_SETTINGS = set(inspect.signature(MagicArgumentParser.__init__).parameters) - {"self", "prog", "add_help"}
+
+
 class MagicParser(MagicArgumentParser):
     """A :class:`MagicArgumentParser` whose errors name the magic and show its usage, and whose
     ``-h`` prints the help and raises :class:`HelpShown` instead of exiting."""
 
     def __init__(self, prog: str, **kwargs: Any) -> None:
-        kwargs.pop("add_help", None)
+        # newer argparse hands subparsers settings MagicArgumentParser does not take (3.14: color)
+        kwargs = {k: v for k, v in kwargs.items() if k in _PARSER_SETTINGS}
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(prog=prog, add_help=False, **kwargs)
         self.add_argument("-h", "--help", action="help", help="show this help (nothing else runs)")
