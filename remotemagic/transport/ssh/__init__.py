@@ -21,7 +21,6 @@ from .config import HostConfig, load_config, resolve
 from .known_hosts import KnownHosts, KnownKey, add_known_host, replace_host_keys, verify_host_key
 from .link import Link, open_link
 from .transport import ChannelStream, SSHTransport
-from .tunnel import Tunnel
 
 __all__ = [
     "MIN_IPYTHON",
@@ -31,7 +30,6 @@ __all__ = [
     "KnownKey",
     "Link",
     "SSHTransport",
-    "Tunnel",
     "add_known_host",
     "load_config",
     "open_link",

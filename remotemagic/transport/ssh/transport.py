@@ -20,7 +20,7 @@ import shlex
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import paramiko  # type: ignore[import-untyped]  # types-paramiko is not a dependency
 
@@ -31,7 +31,9 @@ from .bootstrap import EXIT_MISSING, MARK, agent_script, unsafe_root_error
 from .config import resolve
 from .errors import BootstrapError, RemoteCommandError, SSHError
 from .link import DEFAULT_KEEPALIVE, DEFAULT_TIMEOUT, POOL, Link, open_link, pool_key
-from .tunnel import Tunnel
+
+if TYPE_CHECKING:
+    from .tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +330,8 @@ exec "$P" -m pip install --disable-pip-version-check {pkgs}
 
     def open_forward(self, remote_port: int, local_port: int = 0, remote_host: str = "127.0.0.1") -> Tunnel:
         """A port forward over this target's verified link (see :mod:`.tunnel`)."""
+        from .tunnel import Tunnel  # sshtunnel only once a tunnel is asked for
+
         return Tunnel(self.link().transport, remote_port, local_port, remote_host)
 
     def close(self) -> None:
