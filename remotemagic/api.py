@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 from . import envsync, errors, notices, progress, retry, state, values
 from .agent import files
 from .connection import AgentConnection, Call
-from .transport.base import Transport
+from .transport.base import Forward, Transport
 
 log = logging.getLogger("remotemagic")
 
@@ -338,14 +338,13 @@ class Remote:
         #: Ship wheels from here even if the target could reach a package index.
         self.offline_install = offline_install
         self._pushed_modules: dict[str, list[str]] = {}
-        if hasattr(transport, "offline_install"):
-            transport.offline_install = offline_install  # bootstrap ships wheels too
+        transport.offline_install = offline_install  # bootstrap ships wheels too
         self.info: dict[str, Any] = {}
         self._conn: AgentConnection | None = None
         self._lock = threading.RLock()
         self._known: set[str] = set()
         self.last_job: Job | None = None
-        self.tunnels: dict[int, Any] = {}
+        self.tunnels: dict[int, Forward] = {}
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
         #: For EC2 targets: the instance (a ``providers.ec2.InstanceInfo``) and its provider.
@@ -419,7 +418,7 @@ class Remote:
         if self.compression == "none" or not common:
             return None
         if self.compression == "auto":
-            if self.transport.name.startswith("local:") or rtt < 0.005:
+            if self.transport.is_local or rtt < 0.005:
                 return None
             return common[0]
         if self.compression not in common:
@@ -780,15 +779,10 @@ class Remote:
         return provider.terminate(self.instance.instance_id, wait=wait, progress=self.show_progress)
 
     # -- tunnels and the remote environment -------------------------------------------------------
-    def tunnel(self, remote_port: int, local_port: int = 0) -> Any:
+    def tunnel(self, remote_port: int, local_port: int = 0) -> Forward:
         """Forward ``127.0.0.1:local_port`` here to ``remote_port`` on the target (an SSH or EC2
-        target; the local backend's ports are already here). Returns a :class:`~remotemagic.tunnel.Tunnel`."""
-        link = getattr(self.transport, "link", None)
-        if link is None:
-            raise ValueError(f"{self.target} is this machine: port {remote_port} needs no tunnel")
-        from .tunnel import Tunnel
-
-        t = Tunnel(link().transport, remote_port, local_port)
+        target; the local backend's ports are already here: ValueError)."""
+        t = self.transport.open_forward(remote_port, local_port)
         self.tunnels[t.local_port] = t
         if self._heartbeat is None or not self._heartbeat.is_alive():
             self._closing.clear()
@@ -809,6 +803,7 @@ class Remote:
                 log.debug("heartbeat to %s failed: %s", self.target, exc)
 
     def close_tunnel(self, local_port: int) -> None:
+        """Close the tunnel whose local end is ``local_port`` (KeyError: there is none)."""
         t = self.tunnels.pop(local_port, None)
         if t is None:
             raise KeyError(f"no tunnel on local port {local_port}")

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 import remotemagic
-from remotemagic.sshconfig import resolve
 from remotemagic.transport import agent_version
-from remotemagic.transport.ssh import SSHTransport, open_link, venv_marker
-from remotemagic.transport.ssh_errors import (
+from remotemagic.transport.ssh import SSHTransport, bootstrap, open_link, resolve, venv_marker
+from remotemagic.transport.ssh.errors import (
     AuthenticationError,
     BootstrapError,
     HostKeyChangedError,
@@ -413,7 +412,7 @@ def test_missing_interpreter_is_a_clear_error(sshd_server: SSHServer, tmp_path: 
     t = SSHTransport("rmtest", root=str(tmp_path / "root"), ssh_config=sshd_server.ssh_config,
                      python="python-that-does-not-exist")
     try:
-        if t._probe().get("uv"):
+        if bootstrap.probe(t).get("uv"):
             pytest.skip("uv is installed on this host: it would provision the interpreter instead")
         with pytest.raises(BootstrapError) as info:
             t.start_agent()
