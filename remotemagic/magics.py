@@ -726,7 +726,8 @@ class Ec2Magics(Magics):
     # -- machines: start, stop, terminate, resize (EC2 instances, fleets) ---------------------
     def _cmd_start(self, args: argparse.Namespace) -> None:
         self.close()
-        kind, name = self._machine("start", args.kind, args.name or args.machine)
+        # no kind: an EC2 instance (--name, else Ec2Magics.instance_name), as before kinds existed
+        kind, name = self._machine("start", args.kind or registry.DEFAULT_MACHINE_KIND, args.name or args.machine)
         launch = {k: getattr(args, k) for k in ("instance_type", "ami", "disk_gb", "key_name", "spot", "fallback")
                   if getattr(args, k)}
         with self._provider_errors():
@@ -754,6 +755,8 @@ class Ec2Magics(Magics):
         if now is not None and verb in now.verbs:
             with self._provider_errors():
                 return now, now.machine_name(self.remote) or host or now.default_name(self)
+        if now is not None and now.verbs:  # a machine, but not one this verb applies to
+            raise UsageError(str(now.unsupported(verb)))
         target = self.remote.target if self.remote is not None else " ".join(
             str(w) for w in ((self.where or {}).get("kind"), (self.where or {}).get("host")) if w) or self.target
         nouns = " or ".join(k.noun for k in registry.with_verb(verb))

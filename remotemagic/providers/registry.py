@@ -44,6 +44,8 @@ DEFAULT_MACHINE_KIND = "ec2"
 MACHINE_VERBS = ("start", "stop", "terminate", "resize")
 
 _loaded: dict[str, TargetKind] = {}
+#: ``%ec2 start`` flags by the option they set (for messages)
+_LAUNCH_FLAGS = {"instance_type": "--type", "disk_gb": "--disk", "key_name": "--key"}
 
 
 class UnknownKindError(ValueError):
@@ -94,8 +96,9 @@ class TargetKind:
     def check_launch(self, launch: dict[str, Any]) -> None:
         """Refuse ``%ec2 start`` flags that mean nothing for this kind (``ValueError``)."""
         if launch:
-            flags = ", ".join("--" + k.replace("_", "-") for k in sorted(launch))
-            raise ValueError(f"%ec2 start {self.name}: {flags} apply to EC2 instances only")
+            flags = [_LAUNCH_FLAGS.get(k, "--" + k.replace("_", "-")) for k in sorted(launch)]
+            verb = "applies" if len(flags) == 1 else "apply"
+            raise ValueError(f"%ec2 start {self.name}: {', '.join(flags)} {verb} to EC2 instances only")
 
     def started(self, remote: Remote, config: Any) -> str:
         """What ``%ec2 start`` prints after connecting."""
