@@ -732,7 +732,8 @@ class Ec2Magics(Magics):
                   if getattr(args, k)}
         with self._provider_errors():
             kind.check_launch(launch)
-        what = f"%ec2 start --name {name}" if kind.name == registry.DEFAULT_MACHINE_KIND else f"%ec2 start {kind.name} {name}"
+        default = kind.name == registry.DEFAULT_MACHINE_KIND
+        what = f"%ec2 start --name {name}" if default else f"%ec2 start {kind.name} {name}"
         remote = self._choosing(what, lambda: self._connect(kind.name, name, None, None, start=True, launch=launch))
         self._switch(dict(kind=kind.name, host=kind.machine_name(remote) or name, root=None, session=None), remote)
         print(kind.started(remote, self))

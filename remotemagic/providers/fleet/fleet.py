@@ -229,7 +229,8 @@ class Fleet:
         rows = []
         for h in self.hosts:
             remote, result = self.remote(h.address), self.results.get(h.address)
-            state = "up" if remote is not None else ("down" if result is not None and not result.ok else "not connected")
+            failed = result is not None and not result.ok
+            state = "up" if remote is not None else ("down" if failed else "not connected")
             rows.append({"name": h.address, "state": state, "target": remote.target if remote else None,
                          "error": None if result is None or result.ok else result.line()})
         return rows
