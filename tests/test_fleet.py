@@ -107,8 +107,9 @@ def test_fleet_api_start_run_stop(fleet_env: Any) -> None:
             assert set(_workers(fleet_env.roots[name])) == {"fleet-test"}
         # a second start checks the hosts that are up (no new connection) and tries the down one again
         first = fleet.remote("fleet-a")
-        again = fleet.start()
+        again = fleet.start(sync=["cloudpickle"])  # already there at this kernel's version: nothing installed
         assert fleet.remote("fleet-a") is first and [r.ok for r in again] == [True, False, True]
+        assert again[0].detail.startswith("up, Python ") and "failed" not in again[0].detail
         status = {row["name"]: row["state"] for row in fleet.status()}
         assert status == {"fleet-a": "up", "fleet-down": "down", "fleet-b": "up"}
 

@@ -156,8 +156,9 @@ class Fleet:
     def start(self, *, sync: Iterable[str] | None = None, code: str = "") -> list[HostResult]:
         """Bring every host up in parallel: connect (shipping and starting the agent, building
         its Python environment the first time), then install there the local packages named in
-        ``sync`` and those ``code`` imports (at this kernel's versions). Hosts already up are
-        checked, not reconnected. Returns one :class:`HostResult` per host, in order."""
+        ``sync`` and those ``code`` imports (at this kernel's versions; not ``code``'s when the
+        Remote's ``package_sync`` is ``off``). A failed sync is told, the host stays up. Hosts
+        already up are checked, not reconnected. Returns one :class:`HostResult` per host, in order."""
         names = list(sync or ())
 
         def up(host: FleetHost) -> tuple[str, Remote | None]:
@@ -172,15 +173,22 @@ class Fleet:
                 remote = self._connect(host)
                 with self._lock:
                     self._remotes[host.address] = remote
-            installed = 0
-            if names or code:
-                rows = remote.sync_packages(names, code=code)
-                installed = sum(1 for r in rows if r.action == "installed")
             info = remote.info
             detail = (f"up, Python {info.get('python', '?')} on {info.get('platform', '?')}, "
                       f"{info.get('cpus', '?')} CPUs")
-            if installed:
-                detail += f", {installed} package(s) installed"
+            if code and getattr(remote, "package_sync", "auto") == "off":
+                code_now = ""
+            else:
+                code_now = code
+            if names or code_now:
+                try:
+                    rows = remote.sync_packages(names, code=code_now)
+                except Exception as exc:  # the host is up; its packages are told, and synced again per cell
+                    notices.notify(f"package sync failed: {exc}")
+                    detail += ", package sync failed"
+                else:
+                    installed = sum(1 for r in rows if r.action == "installed")
+                    detail += f", {installed} package(s) installed" if installed else ""
             return detail, remote
 
         return self._each(self.hosts, up)
