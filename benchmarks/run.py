@@ -451,8 +451,7 @@ class Bench:
             except subprocess.TimeoutExpired:
                 master.terminate()
                 master.wait()
-        from remotemagic.sshconfig import resolve
-        from remotemagic.transport.ssh import open_link
+        from remotemagic.transport.ssh import open_link, resolve
 
         lk = open_link(resolve(host, config_path=str(self.cfg)), keepalive=0)
         try:

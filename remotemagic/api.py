@@ -347,7 +347,8 @@ class Remote:
         self.tunnels: dict[int, Forward] = {}
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
-        #: For EC2 targets: the instance (a ``providers.ec2.InstanceInfo``) and its provider.
+        #: For a target on a machine that a provider starts and stops (EC2): the machine (a
+        #: ``providers.ec2.InstanceInfo``) and its provider (a ``providers.base.Provider``).
         self.instance: Any = None
         self.provider: Any = None
         #: The user notices raised while connecting (also shown: see :mod:`remotemagic.notices`).
@@ -750,8 +751,9 @@ class Remote:
                             grace=float(grace))
 
     def status(self) -> dict[str, Any]:
-        """The target, its sessions and recent jobs; for EC2 also every instance of ours in the
-        region with its hourly price and cost so far."""
+        """The target, its sessions and recent jobs; on a provider's machine (EC2) also every
+        machine of ours (``provider.status()``: every instance in the region with its hourly
+        price and cost so far)."""
         recent = self.request("jobs", limit=20, active=True)
         out = {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": recent["jobs"],
                "active": recent["active"]}
@@ -759,24 +761,28 @@ class Remote:
             out["instances"] = self.provider.status()
         return out
 
-    # -- the instance (EC2 targets) ------------------------------------------------------------------
+    # -- the machine (targets a provider starts and stops: EC2) --------------------------------------
     def _need_instance(self) -> Any:
         if self.provider is None or self.instance is None:
-            raise ValueError(f"{self.target} is not an EC2 instance")
+            raise ValueError(f"{self.target} is not an EC2 instance (nor another machine a provider starts and stops)")
         return self.provider
+
+    def _machine_id(self) -> str:
+        """How the provider names the machine: its id where it has one (EC2), else its name."""
+        return str(getattr(self.instance, "instance_id", None) or self.instance.name)
 
     def stop_instance(self, wait: bool = True) -> Any:
         """Stop the instance (its disk, sessions' checkpoints and job logs stay); closes the link."""
         provider = self._need_instance()
         self.close()
-        self.instance = provider.stop(self.instance.instance_id, wait=wait, progress=self.show_progress)
+        self.instance = provider.stop(self._machine_id(), wait=wait, progress=self.show_progress)
         return self.instance
 
     def terminate_instance(self, wait: bool = True) -> str:
         """Terminate the instance (its disk and everything on it are gone); return its id."""
         provider = self._need_instance()
         self.close()
-        return provider.terminate(self.instance.instance_id, wait=wait, progress=self.show_progress)
+        return provider.terminate(self._machine_id(), wait=wait, progress=self.show_progress)
 
     # -- tunnels and the remote environment -------------------------------------------------------
     def tunnel(self, remote_port: int, local_port: int = 0) -> Forward:
@@ -929,111 +935,5 @@ def _expire(call: Call) -> None:
         pass
 
 
-def default_session() -> str:
-    """The notebook's file name when Jupyter tells us (``JPY_SESSION_NAME``), else ``default``."""
-    name = os.environ.get("JPY_SESSION_NAME", "")
-    stem = Path(name).stem if name else ""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")[:64]
-    return stem or "default"
-
-
-def default_local_root() -> Path:
-    env = os.environ.get("REMOTEMAGIC_LOCAL_ROOT")
-    return Path(env) if env else state.state_dir() / "local-target"
-
-
-def connect(target: str = "local", *, session: str | None = None, root: str | None = None, **options: Any) -> Remote:
-    """Connect to a target and return a :class:`Remote`.
-
-    ``target`` is ``"local"`` (a worker process on this machine under ``root``), more to come:
-    ``"ssh://user@host:port"`` or an SSH config alias, ``"ec2:NAME"``. ``session`` names the
-    remote namespace (default: the notebook's name, else ``default``).
-    """
-    from .transport.local import LocalTransport
-
-    session = session or default_session()
-    if target == "local" or target.startswith("local:"):
-        path = root or (target[6:] if target.startswith("local:") else None) or default_local_root()
-        remote = Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
-        remote.connect_args = {"target": "local", "root": str(Path(path).resolve()), "cwd": remote.cwd}
-        return remote
-    if target == "ssh" or target.startswith(("ssh:", "ssh ")):
-        # "ssh://user@host:port", "ssh:alias" (from ~/.ssh/config), "ssh HOST", or "ssh" + host=...
-        from .transport.ssh import SSHTransport
-
-        host = options.pop("host", None)
-        spec = target[4:].strip() if target.startswith("ssh ") else target
-        if target == "ssh":
-            if not host:
-                raise ValueError("connect('ssh', host=...) needs a host: an ssh_config alias or user@host[:port]")
-            spec = host
-        ssh_keys = ("ssh_config", "known_hosts", "trust_on_first_use", "python", "connect_timeout",
-                    "user", "port", "identity_file", "keepalive")
-        ssh_options = {k: options.pop(k) for k in ssh_keys if k in options}
-        transport = SSHTransport(spec, root=root, **ssh_options)
-        try:
-            remote = Remote(transport, session=session, cwd=options.pop("cwd", None), **options)
-        except BaseException:
-            transport.close()
-            raise
-        remote.connect_args = {"target": "ssh", "host": spec, "root": root, "cwd": remote.cwd,
-                               **{k: v for k, v in ssh_options.items()
-                                  if k != "trust_on_first_use" and isinstance(v, (str, int, float))}}
-        return remote
-    if target == "ec2" or target.startswith("ec2:"):
-        return connect_ec2(target[4:] or options.pop("name", None) or "remotemagic", session=session, root=root,
-                           **options)
-    raise ValueError(f"unknown target {target!r}: use 'local', 'ssh://user@host[:port]' or 'ec2:NAME'")
-
-
-EC2_OPTIONS = ("region", "profile", "ssh_cidrs", "idle_stop_minutes", "key_name", "instance_type")
-LAUNCH_OPTIONS = ("instance_type", "spot", "ami", "disk_gb", "key_name", "fallback")
-
-
-def connect_ec2(name: str, *, session: str | None = None, root: str | None = None, start: bool = True,
-                provider: Any = None, **options: Any) -> Remote:
-    """Attach to our instance ``name`` -- starting it if stopped, launching it if there is none
-    (``start=False``: only attach to a running one) -- and connect over SSH.
-
-    Options: ``region``, ``profile``, ``instance_type``, ``spot`` (``fallback``: on-demand when
-    there is no spot capacity), ``ami``, ``disk_gb``,
-    ``key_name``, ``key_file``, ``user``, ``ssh_cidrs``, ``idle_stop_minutes``, and the SSH
-    options of :func:`connect` (``ssh_config``, ``known_hosts``, ``python``...)."""
-    from .providers.ec2 import Ec2Provider, InstanceNotFoundError
-    from .transport.ec2 import Ec2Transport
-
-    def take(keys: tuple[str, ...]) -> dict[str, Any]:
-        got = {k: options.pop(k) for k in keys if k in options}
-        return {k: v for k, v in got.items() if v is not None}
-
-    ec2_opts = take(EC2_OPTIONS)
-    launch = {k: v for k, v in {**ec2_opts, **take(LAUNCH_OPTIONS)}.items() if k in LAUNCH_OPTIONS}
-    progress = options.get("show_progress", True)
-    with notices.collect(propagate=True) as early:  # kept in Remote.notices too
-        if provider is None:
-            provider = Ec2Provider(**ec2_opts)
-        if start:
-            info = provider.start(name, user=options.get("user"), progress=progress, **launch)
-        else:
-            info = provider.find(name)
-            if info is None:
-                raise InstanceNotFoundError(f"no instance named {name!r} of ours in {provider.region}: "
-                                            f"%ec2 start --name {name} launches one")
-            if info.state != "running":
-                raise InstanceNotFoundError(f"instance {name!r} ({info.instance_id}) is {info.state}: "
-                                            "%ec2 start starts it")
-    ssh_keys = ("ssh_config", "known_hosts", "python", "connect_timeout", "key_file", "user", "keepalive")
-    ssh_options = take(ssh_keys)
-    transport = Ec2Transport(provider, info, state_dir=Path(options.get("state_root") or state.state_dir()),
-                             root=root, progress=progress, **ssh_options)
-    if info.lifecycle == "spot":
-        transport.agent_env["REMOTEMAGIC_SPOT"] = "1"
-    try:
-        remote = Remote(transport, session=session or default_session(), cwd=options.pop("cwd", None), **options)
-    except BaseException:
-        transport.close()
-        raise
-    remote.instance = info
-    remote.provider = provider
-    remote.notices[:0] = early
-    return remote
+# connecting to a target lives in remotemagic.connecting (the kinds in remotemagic.providers.registry)
+from .connecting import connect, connect_ec2, default_local_root, default_session  # noqa: E402,F401

@@ -25,9 +25,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import MagicArgumentParser, MagicHelpFormatter
 
 from .agent import files
+from .providers import registry
 
-#: The target kinds ``%ec2 use`` accepts.
-TARGET_KINDS = ("local", "ssh", "ec2")
+#: The target kinds ``%ec2 use`` accepts: one per line of the registry.
+TARGET_KINDS = tuple(registry.names())
 
 #: Verbs whose code is the cell's body (``%%ec2 run``); every other verb is a line.
 CELL_VERBS = ("run",)
@@ -181,9 +182,11 @@ def build_ec2_parser() -> tuple[MagicParser, dict[str, MagicParser]]:
     # where cells run
     use = verb("use", "pick the target cells run on",
                "local: a worker process on this machine; ssh HOST: any SSH host (ProxyJump, keys and "
-               "known_hosts honoured); ec2 [NAME]: one of our running EC2 instances.")
+               "known_hosts honoured); ec2 [NAME]: one of our running EC2 instances; fleet NAME: the first "
+               "host of an SSH fleet.")
     use.add_argument("kind", choices=TARGET_KINDS, help="where cells run")
-    use.add_argument("host", nargs="?", metavar="HOST", help="ssh: an ~/.ssh/config alias or user@host[:port]; ec2: the instance name")
+    use.add_argument("host", nargs="?", metavar="HOST", help="ssh: an ~/.ssh/config alias or user@host[:port]; ec2: the instance name; "
+                     "fleet: the fleet's name (cells run on its first host)")
     use.add_argument("--root", metavar="PATH", help="the agent's folder on the target")
     use.add_argument("--session", type=session_name, metavar="S", help="session (remote namespace) to use")
     use.add_argument("--python", metavar="P", help="ssh: the remote interpreter to build the environment from")
@@ -193,7 +196,11 @@ def build_ec2_parser() -> tuple[MagicParser, dict[str, MagicParser]]:
     use.add_argument("--trust-new-host", action="store_true",
                      help="ssh: accept and record the host key of a host never seen before")
 
-    start = verb("start", "launch (or start, or attach to) an EC2 instance and use it")
+    start = verb("start", "launch (or start, or attach to) an EC2 instance, or bring up an SSH fleet, and use it",
+                 "With no KIND: an EC2 instance (--name, else Ec2Magics.instance_name). fleet NAME: connect to "
+                 "every host of the fleet in parallel (Ec2Magics.fleets) and run cells on the first.")
+    start.add_argument("kind", nargs="?", metavar="KIND", help="what to start: ec2 (default) or fleet")
+    start.add_argument("machine", nargs="?", metavar="NAME", help="its name (ec2: default Ec2Magics.instance_name)")
     start.add_argument("--name", metavar="N", help="instance name (default: Ec2Magics.instance_name)")
     start.add_argument("--type", dest="instance_type", metavar="T", help="instance type, e.g. c7i.4xlarge")
     start.add_argument("--spot", action="store_true", help="a spot instance (stops, not terminates, when reclaimed)")
@@ -202,9 +209,14 @@ def build_ec2_parser() -> tuple[MagicParser, dict[str, MagicParser]]:
     start.add_argument("--ami", metavar="A", help="AMI id or alias (ubuntu, al2023); default: current Ubuntu LTS")
     start.add_argument("--disk", type=int, dest="disk_gb", metavar="GB", help="root volume size in GB")
     start.add_argument("--key", dest="key_name", metavar="K", help="EC2 key pair name (default: EC2 Instance Connect)")
-    stop = verb("stop", "stop the EC2 instance", "Its disk, job logs and checkpoints stay.")
+    stop = verb("stop", "stop the EC2 instance, or our workers on every host of an SSH fleet",
+                "An instance's disk, job logs and checkpoints stay; a fleet's machines keep running.")
+    stop.add_argument("kind", nargs="?", metavar="KIND", help="ec2 or fleet (default: the current target's kind)")
+    stop.add_argument("machine", nargs="?", metavar="NAME", help="its name (default: the current target)")
     stop.add_argument("--name", metavar="N", help="instance name (default: the current target)")
     terminate = verb("terminate", "terminate the EC2 instance", "Its disk and everything on it are deleted.")
+    terminate.add_argument("kind", nargs="?", metavar="KIND", help="ec2 (default: the current target's kind)")
+    terminate.add_argument("machine", nargs="?", metavar="NAME", help="its name (default: the current target)")
     terminate.add_argument("--name", metavar="N", help="instance name (default: the current target)")
     terminate.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     resize = verb("resize", "change the EC2 instance's type", "Stop, modify, start, reattach.")

@@ -6,18 +6,19 @@ import argparse
 import contextlib
 import functools
 import logging
-import os
 import sys
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from traitlets import Bool, Enum, Float, Int, List, Unicode, observe
+from traitlets import Bool, Dict, Enum, Float, Int, List, Unicode, observe
 
 from . import api, envsync, errors, interrupts, magic_parsers, notebook, notices, state, storemagic, tables
 from .agent import files
 from .formatting import transfer_summary
+from .providers import registry
+from .providers.base import ProviderError
 from .render import Renderer
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Ec2Magics(Magics):
                        "else ssh-agent).").tag(config=True)
     ami = Unicode("", help="EC2: AMI id or alias (ubuntu, al2023) for new instances.").tag(config=True)
     ec2_user = Unicode("", help="EC2: login user (default: from the AMI, ubuntu or ec2-user).").tag(config=True)
+    fleets = Dict(help="SSH fleets by name: {'lab': ['gpu1', 'me@10.0.0.5:2222']} (also read from "
+                  "<state dir>/fleets.json); %ec2 start|use|stop fleet NAME.").tag(config=True)
     compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
                           "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
     package_sync = Enum(list(envsync.MODES), default_value="auto", help="Before a cell runs on an SSH/EC2 target, install there the packages it "
@@ -189,6 +192,8 @@ class Ec2Magics(Magics):
     def _connect(self, kind: str, host: str | None, root: str | None, session: str | None,
                  python: str | None = None, trust: bool = False, ssh_config: str | None = None,
                  workdir: str | None = None, start: bool = False, launch: dict[str, Any] | None = None) -> api.Remote:
+        """Connect to a target of ``kind`` (see :mod:`remotemagic.providers.registry`): the kind
+        builds its options from this object's settings."""
         opts: dict[str, Any] = dict(
             reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
             object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
@@ -198,43 +203,21 @@ class Ec2Magics(Magics):
         session = session or self.session or None
         if workdir:
             opts["cwd"] = workdir
+        with self._provider_errors():
+            return registry.get(kind).connect(self, host, root=root, session=session, options=opts, python=python,
+                                              trust=trust, ssh_config=ssh_config, start=start, launch=launch)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _provider_errors() -> Any:
+        """Bad input (ValueError) and a provider's refusals (ProviderError: AWS said no, a fleet
+        is down...) become one-line usage errors: what and why, no traceback."""
         try:
-            if kind == "local":
-                return api.connect("local", session=session, root=root or self.local_root or None, **opts)
-            if kind == "ssh":
-                if not host:
-                    raise UsageError("%ec2 use ssh HOST: name the host (an ~/.ssh/config alias or user@host[:port])")
-                opts.update(ssh_config=os.path.expanduser(ssh_config or self.ssh_config), python=python or self.remote_python,
-                            trust_on_first_use=trust or self.trust_on_first_use)
-                if self.known_hosts:
-                    opts["known_hosts"] = os.path.expanduser(self.known_hosts)
-                return api.connect("ssh", host=host, session=session, root=root or self.remote_root or None, **opts)
-            if kind == "ec2":
-                opts.update(self._ec2_options(python))
-                if workdir:
-                    opts["cwd"] = workdir
-                opts.update(launch or {})  # --type, --ami ... of %ec2 start win over the configured defaults
-                return api.connect_ec2(host or self.instance_name, session=session,
-                                       root=root or self.remote_root or None, start=start, **opts)
-            raise UsageError(f"unknown target kind {kind!r}: use local, ssh HOST or ec2 [NAME]")
+            yield
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        except errors.RemoteMagicError as exc:
-            if type(exc).__module__.endswith("providers.ec2"):  # AWS said no: say what and why, no traceback
-                raise UsageError(f"{type(exc).__name__}: {exc}") from None
-            raise
-
-    def _ec2_options(self, python: str | None) -> dict[str, Any]:
-        opts: dict[str, Any] = {
-            "ssh_config": os.path.expanduser(self.ssh_config), "python": python or self.remote_python,
-            "idle_stop_minutes": self.idle_stop_minutes, "instance_type": self.instance_type,
-            "region": self.region or None, "profile": self.profile or None, "ssh_cidrs": list(self.ssh_cidrs) or None,
-            "key_name": self.key_name or None, "key_file": os.path.expanduser(self.key_file) if self.key_file else None,
-            "user": self.ec2_user or None, "ami": self.ami or None,
-        }
-        if self.known_hosts:
-            opts["known_hosts"] = os.path.expanduser(self.known_hosts)
-        return opts
+        except ProviderError as exc:
+            raise UsageError(f"{type(exc).__name__}: {exc}") from None
 
     # -- %ec2 ----------------------------------------------------------------------------------
     @line_cell_magic
@@ -455,73 +438,62 @@ class Ec2Magics(Magics):
                   + (": " + ", ".join(f"{n} {v.get('version')} ({v.get('via')}, {v.get('source')})"
                                       for n, v in sorted(record.items())) if record else ""))
 
-    # -- EC2 ------------------------------------------------------------------------------------
+    # -- machines: start, stop, terminate, resize (EC2 instances, fleets) ---------------------
     def _cmd_start(self, args: argparse.Namespace) -> None:
         self.close()
-        launch = {k: getattr(args, k) for k in ("instance_type", "ami", "disk_gb", "key_name") if getattr(args, k)}
-        if args.spot:
-            launch["spot"] = True
-        if args.fallback:
-            if not args.spot:
-                raise UsageError("%ec2 start --fallback goes with --spot (on-demand when there is no spot capacity)")
-            launch["fallback"] = True
-        name = args.name or self.instance_name
-        remote = self._choosing(f"%ec2 start --name {name}", lambda: self._connect(
-            "ec2", name, None, None, start=True, launch=launch))
-        inst = remote.instance
-        self._switch(dict(kind="ec2", host=inst.name, root=None, session=None), remote)
-        print(f"Using {inst.name} ({inst.instance_id}, {inst.instance_type}, {inst.lifecycle}) at {inst.host}; "
-              f"it stops itself after {self.idle_stop_minutes} idle minutes" if self.idle_stop_minutes else
-              f"Using {inst.name} ({inst.instance_id}, {inst.instance_type}, {inst.lifecycle}) at {inst.host}")
+        # no kind: an EC2 instance (--name, else Ec2Magics.instance_name), as before kinds existed
+        kind, name = self._machine("start", args.kind or registry.DEFAULT_MACHINE_KIND, args.name or args.machine)
+        launch = {k: getattr(args, k) for k in ("instance_type", "ami", "disk_gb", "key_name", "spot", "fallback")
+                  if getattr(args, k)}
+        with self._provider_errors():
+            kind.check_launch(launch)
+        default = kind.name == registry.DEFAULT_MACHINE_KIND
+        what = f"%ec2 start --name {name}" if default else f"%ec2 start {kind.name} {name}"
+        remote = self._choosing(what, lambda: self._connect(kind.name, name, None, None, start=True, launch=launch))
+        self._switch(dict(kind=kind.name, host=kind.machine_name(remote) or name, root=None, session=None), remote)
+        print(kind.started(remote, self))
 
-    def _instance_name(self, name: str | None) -> str:
-        """The instance a stop/terminate/resize is about: --name, else the current EC2 target."""
-        if name:
-            return name
-        if self.remote is not None and self.remote.instance is not None:
-            return self.remote.instance.name
+    def _machine(self, verb: str, kind_name: str | None, name: str | None) -> tuple[registry.TargetKind, str]:
+        """The kind and machine a start/stop/terminate/resize is about: the kind and name given,
+        a ``--name`` alone (an EC2 instance), else the current target."""
+        if kind_name or name:
+            with self._provider_errors():
+                kind = registry.get(kind_name or registry.DEFAULT_MACHINE_KIND)
+                if verb not in kind.verbs:
+                    raise kind.unsupported(verb)
+                return kind, name or kind.default_name(self)
         if self.where is not None:
-            if self.where["kind"] == "ec2":
-                return self.where["host"] or self.instance_name
+            current, host = self.where["kind"], self.where.get("host")
         else:
             words = (self.target or "").split()
-            if words and words[0] == "ec2":
-                return words[1] if len(words) > 1 else self.instance_name
+            current, host = (words[0] if words else ""), (words[1] if len(words) > 1 else None)
+        now = registry.get(current) if current in registry.names() else None
+        if now is not None and verb in now.verbs:
+            with self._provider_errors():
+                return now, now.machine_name(self.remote) or host or now.default_name(self)
+        if now is not None and now.verbs:  # a machine, but not one this verb applies to
+            raise UsageError(str(now.unsupported(verb)))
         target = self.remote.target if self.remote is not None else " ".join(
             str(w) for w in ((self.where or {}).get("kind"), (self.where or {}).get("host")) if w) or self.target
-        raise UsageError(f"{target} is not an EC2 instance: %ec2 use ec2 NAME or %ec2 start first, or give --name")
+        nouns = " or ".join(k.noun for k in registry.with_verb(verb))
+        raise UsageError(f"{target} is not {nouns}: %ec2 use or %ec2 start one first, or give --name")
 
-    def _provider(self) -> Any:
-        if self.remote is not None and self.remote.provider is not None:
-            return self.remote.provider
-        from .providers.ec2 import Ec2Provider
-
-        opts = self._ec2_options(None)
-        return Ec2Provider(**{k: opts[k] for k in api.EC2_OPTIONS if opts.get(k) is not None})
-
-    def _ec2_call(self, fn: Any, *args: Any, **kw: Any) -> Any:
-        try:
-            return fn(*args, **kw)
-        except errors.RemoteMagicError as exc:
-            if type(exc).__module__.endswith("providers.ec2"):
-                raise UsageError(f"{type(exc).__name__}: {exc}") from None
-            raise
-
-    def _drop_connection_to(self, name: str) -> None:
-        if self.remote is not None and self.remote.instance is not None and self.remote.instance.name == name:
+    def _drop_connection_to(self, kind: registry.TargetKind, name: str) -> None:
+        """Close the current connection if it is to the machine ``name`` of ``kind``."""
+        if self.remote is not None and kind.machine_name(self.remote) == name:
+            self.close()
+        elif self.where is not None and self.where["kind"] == kind.name and self.where.get("host") == name:
             self.close()
 
     def _cmd_stop(self, args: argparse.Namespace) -> None:
-        name = self._instance_name(args.name)
-        provider = self._provider()
-        self._drop_connection_to(name)
-        info = self._ec2_call(provider.stop, name, wait=True, progress=self.show_progress)
-        print(f"Stopped {info.name} ({info.instance_id}). Its disk, job logs and checkpoints stay; "
-              f"%ec2 start --name {info.name} brings it back.")
+        kind, name = self._machine("stop", args.kind, args.name or args.machine)
+        current = self.remote
+        self._drop_connection_to(kind, name)
+        with self._provider_errors():
+            print(kind.stop(self, name, current))
 
     def _cmd_terminate(self, args: argparse.Namespace) -> None:
-        name = self._instance_name(args.name)
-        provider = self._provider()
+        kind, name = self._machine("terminate", args.kind, args.name or args.machine)
         if not args.yes:
             try:
                 answer = input(f"Terminate {name}? Its disk and everything on it are deleted. [y/N] ")
@@ -530,21 +502,23 @@ class Ec2Magics(Magics):
             if answer.strip().lower() not in ("y", "yes"):
                 print("Not terminated.")
                 return
-        self._drop_connection_to(name)
-        instance_id = self._ec2_call(provider.terminate, name, wait=True, progress=self.show_progress)
-        print(f"Terminated {name} ({instance_id}).")
+        current = self.remote
+        self._drop_connection_to(kind, name)
+        with self._provider_errors():
+            print(kind.terminate(self, name, current))
 
     def _cmd_resize(self, args: argparse.Namespace) -> None:
-        name = self._instance_name(args.name)
-        provider = self._provider()
+        kind, name = self._machine("resize", None, args.name)
         session = self.remote.session if self.remote is not None else (self.where or {}).get("session")
-        self._drop_connection_to(name)
-        self._ec2_call(provider.resize, name, args.instance_type, progress=self.show_progress)
-        same = self.where is not None and self.where["kind"] == "ec2" and self.where["host"] in (None, name)
-        where = {**(self.where if same else {"root": None}), "kind": "ec2", "host": name, "session": session}
+        current = self.remote
+        self._drop_connection_to(kind, name)
+        with self._provider_errors():
+            said = kind.resize(self, name, args.instance_type, current)
+        same = self.where is not None and self.where["kind"] == kind.name and self.where["host"] in (None, name)
+        where = {**(self.where if same and self.where else {"root": None}), "kind": kind.name, "host": name,
+                 "session": session}
         self._switch(where, self._connect(**where, start=True))
-        assert self.remote is not None
-        print(f"{name} is now a {self.remote.instance.instance_type}; reattached")
+        print(f"{said}; reattached")
 
     def _cmd_tunnel(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()

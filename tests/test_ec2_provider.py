@@ -595,6 +595,22 @@ def test_idle_stop_user_data_is_valid_bash(tmp_path):
         assert res.returncode == 0, res.stderr
 
 
+def test_idle_check_script_is_package_data_and_passes_shellcheck(tmp_path):
+    from importlib import resources
+
+    packaged = resources.files("remotemagic.providers.ec2").joinpath("idle_check.sh").read_text(encoding="utf-8")
+    assert packaged == idle_check_script() and packaged.startswith("#!/bin/bash\n")
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    user_data = tmp_path / "user-data.sh"
+    user_data.write_text(idle_stop_user_data(60, "ubuntu"))
+    files = resources.as_file(resources.files("remotemagic.providers.ec2").joinpath("idle_check.sh"))
+    with files as check:
+        res = subprocess.run([shellcheck, "--shell=bash", str(check), str(user_data)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 @needs_bash
 def test_idle_check_logic_in_bash(tmp_path):
     check = tmp_path / "remotemagic-idle-check"
