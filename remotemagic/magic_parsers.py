@@ -196,8 +196,8 @@ def build_ec2_parser() -> tuple[MagicParser, dict[str, MagicParser]]:
     use.add_argument("--trust-new-host", action="store_true",
                      help="ssh: accept and record the host key of a host never seen before")
 
-    start = verb("start", "launch (or start, or attach to) an EC2 instance, or bring up an SSH fleet, and use it",
-                 "With no KIND: an EC2 instance (--name, else Ec2Magics.instance_name). fleet NAME: connect to "
+    start = verb("start", "start an EC2 instance or an SSH fleet, and use it",
+                 "Launches, starts or attaches to. With no KIND: an EC2 instance (--name, else Ec2Magics.instance_name). fleet NAME: connect to "
                  "every host of the fleet in parallel (Ec2Magics.fleets) and run cells on the first.")
     start.add_argument("kind", nargs="?", metavar="KIND", help="what to start: ec2 (default) or fleet")
     start.add_argument("machine", nargs="?", metavar="NAME", help="its name (ec2: default Ec2Magics.instance_name)")
@@ -209,7 +209,7 @@ def build_ec2_parser() -> tuple[MagicParser, dict[str, MagicParser]]:
     start.add_argument("--ami", metavar="A", help="AMI id or alias (ubuntu, al2023); default: current Ubuntu LTS")
     start.add_argument("--disk", type=int, dest="disk_gb", metavar="GB", help="root volume size in GB")
     start.add_argument("--key", dest="key_name", metavar="K", help="EC2 key pair name (default: EC2 Instance Connect)")
-    stop = verb("stop", "stop the EC2 instance, or our workers on every host of an SSH fleet",
+    stop = verb("stop", "stop the EC2 instance, or our workers on a fleet",
                 "An instance's disk, job logs and checkpoints stay; a fleet's machines keep running.")
     stop.add_argument("kind", nargs="?", metavar="KIND", help="ec2 or fleet (default: the current target's kind)")
     stop.add_argument("machine", nargs="?", metavar="NAME", help="its name (default: the current target)")
