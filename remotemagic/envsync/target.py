@@ -172,7 +172,8 @@ exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
         f = self.query()
         m = re.match(r"glibc (\d+)\.(\d+)", f.get("libc") or "")
         glibc = (int(m.group(1)), int(m.group(2))) if m else None
-        return Platform(f.get("machine") or "?", glibc, tuple(f["python"]), f.get("system") or "?")  # type: ignore[arg-type]
+        major, minor = f["python"][:2]
+        return Platform(f.get("machine") or "?", glibc, (int(major), int(minor)), f.get("system") or "?")
 
     def reachable(self, timeout: float = 3.0) -> bool:
         """Whether the target can install from an index (or a local find-links folder); cached."""

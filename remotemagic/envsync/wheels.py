@@ -235,10 +235,10 @@ def uv_binary(plat: Platform, version: str = "") -> Path:
             if member is None:
                 raise NoWheelError(f"{wheel.name} holds no uv executable")
             exe.parent.mkdir(parents=True, exist_ok=True)
-            tmp = exe.with_name("uv.part")
-            tmp.write_bytes(z.read(member))
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, exe)
+            part = exe.with_name("uv.part")
+            part.write_bytes(z.read(member))
+            os.chmod(part, 0o755)
+            os.replace(part, exe)
     return exe
 
 
