@@ -115,8 +115,8 @@ def test_bare_host_runs_numpy_and_pandas_at_local_versions(bare_sshd: SSHServer,
                     push={"df": df}, pull=["total", "vers"])
         assert job.state == "done", job.error()
         assert job.result() == {"total": 10.0, "vers": (np.__version__, pd.__version__)}
-        shown = capsys.readouterr().out
-        assert "Installing on" in shown and f"numpy=={np.__version__}" in shown and "pandas==" in shown
+        shown = capsys.readouterr().err  # a notice (remotemagic.notices): stderr without a collector
+        assert "[remotemagic] Installing on" in shown and f"numpy=={np.__version__}" in shown and "pandas==" in shown
         shipped = {p.name.split("-")[0] for p in (root / "wheels").glob("*.whl")}
         assert {"numpy", "pandas", "cloudpickle", "ipython"} <= shipped
         record = json.loads((root / "venv" / "remotemagic-packages.json").read_text())
@@ -329,8 +329,9 @@ def test_restore_into_remote_session_installs_what_the_value_needs(shell: Any,
     run_ok(shell, "%ec2 restart")
     capsys.readouterr()
     run_ok(shell, "%ec2_store -r --remote df")
-    out = plain(capsys.readouterr().out)
-    assert f"pandas=={pd.__version__}" in out and "Restored 'df' into the remote session" in out
+    shown = capsys.readouterr()
+    assert f"pandas=={pd.__version__}" in plain(shown.err)  # the install notice, in the cell's output
+    assert "Restored 'df' into the remote session" in plain(shown.out)
     run_ok(shell, "%%ec2 run -o n\nn = float(df['a'].sum())")
     assert shell.user_ns["n"] == 6.0
 

@@ -88,17 +88,6 @@ class Platform:
         return any(p in mine for p in plats)
 
 
-def local_platform() -> Platform:
-    import platform
-
-    libc = platform.libc_ver()
-    glibc = None
-    if libc[0] == "glibc":
-        m = re.match(r"(\d+)\.(\d+)", libc[1])
-        glibc = (int(m.group(1)), int(m.group(2))) if m else None
-    return Platform(platform.machine(), glibc, sys.version_info[:2], platform.system())
-
-
 def cache_dir() -> Path:
     env = os.environ.get("REMOTEMAGIC_CACHE_DIR")
     path = Path(env) if env else Path(platformdirs.user_cache_dir("remotemagic"))
