@@ -54,7 +54,8 @@ def outputs_from_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]
             outs.append({"output_type": "error", "ename": ev.get("ename", ""), "evalue": ev.get("evalue", ""),
                          "traceback": list(ev.get("traceback") or [])})
         else:
-            o: dict[str, Any] = {"output_type": kind, "data": ev.get("data") or {}, "metadata": ev.get("metadata") or {}}
+            o: dict[str, Any] = {"output_type": kind, "data": ev.get("data") or {},
+                                 "metadata": ev.get("metadata") or {}}
             if kind == "execute_result":
                 o["execution_count"] = ev.get("execution_count")
             outs.append(o)

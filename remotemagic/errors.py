@@ -114,7 +114,9 @@ def remote_error(job_id: str, state: str, ename: str, evalue: str, traceback: li
     key = (ename, module, base)
     cls = _typed.get(key)
     if cls is None:
-        bases: tuple[type, ...] = (base, RemoteError) if base is not None and base is not RemoteError else (RemoteError,)
+        bases: tuple[type, ...] = (RemoteError,)
+        if base is not None and base is not RemoteError:
+            bases = (base, RemoteError)
 
         def __init__(self: Any, job_id: str, state: str, ename: str, evalue: str, traceback: list[str]) -> None:
             RemoteError.__init__(self, job_id, state, ename, evalue, traceback)

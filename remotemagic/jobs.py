@@ -240,7 +240,8 @@ class Job:
                     except errors.UnknownJobError:
                         pass  # never arrived: submit again
             except errors.UnknownJobError:
-                raise errors.UnknownJobError(f"job {self.id} is not on {host.target} (was its folder removed?)") from None
+                raise errors.UnknownJobError(
+                    f"job {self.id} is not on {host.target} (was its folder removed?)") from None
 
     def _consume(self, call: Call, on_event: EventHandler | None, deadline: float | None) -> None:
         timer = None
@@ -369,7 +370,8 @@ class Job:
         for name, why in (st.get("unpicklable") or {}).items():
             problems.append(f"{name!r} {why}")
         if problems:
-            raise errors.MissingOutputError(f"job {self.id}: some outputs did not arrive -- " + "; ".join(problems), got)
+            raise errors.MissingOutputError(
+                f"job {self.id}: some outputs did not arrive -- " + "; ".join(problems), got)
         return got
 
     def _prefetch_output(self, event: dict[str, Any]) -> None:
@@ -390,5 +392,6 @@ class Job:
             try:
                 return pf.take()
             except Exception as exc:
-                log.debug("streaming %s of job %s while it was written failed (%s); reading it again", name, self.id, exc)
+                log.debug("streaming %s of job %s while it was written failed (%s); reading it again",
+                          name, self.id, exc)
         return read_output(self.remote, self.id, name, size)

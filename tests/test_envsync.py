@@ -111,7 +111,8 @@ def test_bare_host_runs_numpy_and_pandas_at_local_versions(bare_sshd: SSHServer,
         assert (root / "tools" / "uv" / "bin" / "uv").exists()  # brought by the client
         assert r.info["cloudpickle"] == cloudpickle.__version__
         df = pd.DataFrame({"a": np.arange(5.0)})
-        job = r.run("import numpy, pandas\ntotal = float(df['a'].sum())\nvers = (numpy.__version__, pandas.__version__)",
+        job = r.run("import numpy, pandas\ntotal = float(df['a'].sum())\n"
+                    "vers = (numpy.__version__, pandas.__version__)",
                     push={"df": df}, pull=["total", "vers"])
         assert job.state == "done", job.error()
         assert job.result() == {"total": 10.0, "vers": (np.__version__, pd.__version__)}
@@ -286,7 +287,8 @@ def test_sync_dry_run_then_install_and_no_wheel_for_target(shell: Any, capsys: p
     assert "skipped" in rows["tqdm"] and f"no wheel of tqdm=={tqdm.__version__}" in rows["tqdm"]
     assert remote.run("import numpy\nv = numpy.__version__", pull=["v"]).result() == {"v": np.__version__}
     shell.run_line_magic("ec2", "sync numpy")
-    assert any(line.startswith("numpy") and "already there" in line for line in plain(capsys.readouterr().out).splitlines())
+    lines = plain(capsys.readouterr().out).splitlines()
+    assert any(line.startswith("numpy") and "already there" in line for line in lines)
     shell.run_line_magic("ec2", "status")
     status_out = plain(capsys.readouterr().out)
     assert f"numpy {np.__version__} (uv, " in status_out

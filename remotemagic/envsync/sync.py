@@ -301,7 +301,8 @@ def format_rows(rows: list[Row]) -> str:
     w = max(len(r.name) for r in rows)
     lines = [f"{'package':{w}}  {'here':12} {'target':12} {'result':14} note"]
     for r in sorted(rows, key=lambda r: (r.action, r.name)):
-        lines.append(f"{r.name:{w}}  {r.local:12} {r.target or '-':12} {LABELS.get(r.action, r.action):14} {r.why}".rstrip())
+        label = LABELS.get(r.action, r.action)
+        lines.append(f"{r.name:{w}}  {r.local:12} {r.target or '-':12} {label:14} {r.why}".rstrip())
     counts: dict[str, int] = {}
     for r in rows:
         counts[LABELS.get(r.action, r.action)] = counts.get(LABELS.get(r.action, r.action), 0) + 1

@@ -213,7 +213,8 @@ def uv_binary(plat: Platform, version: str = "") -> Path:
             wheels = sorted(Path(tmp).glob("uv-*.whl"))
             if proc.returncode != 0 or not wheels:
                 why = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.startswith("ERROR")]
-                raise NoWheelError(f"no uv build for {plat.describe()} ({why[0][7:] if why else 'pip download failed'})")
+                reason = why[0][7:] if why else "pip download failed"
+                raise NoWheelError(f"no uv build for {plat.describe()} ({reason})")
             _copy(wheels[0], cache_dir() / wheels[0].name)
             hits = [cache_dir() / wheels[0].name]
     wheel = hits[-1]
