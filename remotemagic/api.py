@@ -11,8 +11,6 @@ and everything works the same from a script::
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import os
@@ -21,272 +19,25 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from . import envsync, errors, notices, progress, retry, state, values
+from . import envsync, errors, notices, progress, retry, state, transfer, values
 from .agent import files
-from .connection import AgentConnection, Call
+from .connection import AgentConnection, CallReader, read_streamed_object
+from .jobs import EventHandler, Job, OutputPrefetch, parse_events
 from .transport.base import Forward, Transport
 
-log = logging.getLogger("remotemagic")
+log = logging.getLogger(__name__)
 
-EventHandler = Callable[[dict[str, Any]], None]
+__all__ = ["Remote", "Job", "OutputPrefetch", "CallReader", "EventHandler", "parse_events", "connect", "connect_ec2",
+           "default_session", "default_local_root"]
+
 INLINE_LIMIT = 1024 * 1024
 OBJECT_CACHE_LIMIT = 20 * 1024**3
 CHECKPOINT_LIMIT = 64 * 1024**2
 HEARTBEAT_EVERY = 60.0  # seconds, while a tunnel is open
 WORKER_IDLE_HOURS = 24.0
 STOP_GRACE = 5.0  # seconds between interrupt, SIGTERM and SIGKILL when a worker is stopped
-
-
-class CallReader(io.RawIOBase):
-    """A file-like view of a streaming call's data frames (to unpickle without a second copy)."""
-
-    def __init__(self, call: Call, on_bytes: Callable[[int], None] | None = None):
-        self.it = iter(call)
-        self.buf = memoryview(b"")
-        self.on_bytes = on_bytes
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self.buf:
-            try:
-                _, payload = next(self.it)
-            except StopIteration:
-                return 0
-            self.buf = memoryview(payload)
-            if self.on_bytes:
-                self.on_bytes(len(payload))
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
-        return n
-
-    def drain(self) -> None:
-        for _ in self.it:
-            pass
-
-
-class OutputPrefetch:
-    """One ``-o`` value streamed while the target is still writing it to disk.
-
-    Started by the job's ``output`` event (its name and size): the worker's write (and fsync)
-    and the transfer overlap instead of running one after the other. The value is only used
-    if the job's final status lists the output with the same size; on any failure
-    :meth:`Job.result` reads the finished file the usual way."""
-
-    def __init__(self, remote: "Remote", job_id: str, name: str, size: int):
-        self.remote, self.job_id, self.name, self.size = remote, job_id, name, size
-        self.received = 0
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.call: Call | None = None
-        self.cancelled = False
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name=f"remotemagic-prefetch-{name}", daemon=True)
-        self.thread.start()
-
-    def _count(self, n: int) -> None:
-        self.received += n
-
-    def cancel(self) -> None:
-        """Nobody will take the value (Ctrl-C, the job failed): stop the transfer, free the memory."""
-        with self.lock:
-            self.cancelled = True
-            call = self.call
-        if call is not None:
-            call.close()
-
-    def _run(self) -> None:
-        try:
-            call = self.remote.connection().start("read_output", job=self.job_id, name=self.name, follow=True,
-                                                  size=self.size, z=self.remote.codec)
-            with self.lock:
-                self.call = call
-                if self.cancelled:
-                    call.close()
-            reader = CallReader(call, self._count)
-            self.value = files.read_object(reader)
-            reader.drain()
-        except BaseException as exc:  # reported by take(); the caller falls back to a plain read
-            self.error = exc
-
-    def take(self) -> Any:
-        """Wait for the rest (with a progress bar for what is left); the value, or raise."""
-        if self.thread.is_alive():
-            update, close = progress.bar(self.size, f"pull {self.name}", self.remote.show_progress)
-            try:
-                shown = self.received
-                update(shown)
-                while self.thread.is_alive():
-                    self.thread.join(0.1)
-                    update(self.received - shown)
-                    shown = self.received
-            finally:
-                close()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-def parse_events(data: bytes) -> Iterator[dict[str, Any]]:
-    for line in data.splitlines():
-        if line:
-            yield json.loads(line)
-
-
-class Job:
-    """A cell submitted to a target. Its log is mirrored locally as it streams."""
-
-    def __init__(self, remote: "Remote", job_id: str):
-        self.remote = remote
-        self.id = job_id
-        self.record = state.JobRecord(remote.state_root, job_id)
-        self._values: dict[str, Any] = {}
-        self._status: dict[str, Any] | None = None
-        self._prefetch: dict[str, OutputPrefetch] = {}
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id} on {self.remote.target} [{self.state}]>"
-
-    # -- status --------------------------------------------------------------------------------
-    @property
-    def meta(self) -> dict[str, Any]:
-        return self.record.meta
-
-    @property
-    def state(self) -> str:
-        """queued, running, done, error, interrupted, timeout, cancelled or failed."""
-        if self._status and self._status.get("state") in files.TERMINAL:
-            return self._status["state"]
-        meta = self.meta
-        if meta.get("state") in files.TERMINAL:
-            return meta["state"]
-        try:
-            self._status = self.remote.request("status", job=self.id)["status"]
-            return self._status.get("state", "unknown")
-        except errors.ConnectionLostError:
-            return meta.get("state", "unknown")
-
-    @property
-    def done(self) -> bool:
-        return self.state in files.TERMINAL
-
-    # -- events --------------------------------------------------------------------------------
-    def events(self, start: int = 0) -> Iterator[dict[str, Any]]:
-        """Every event mirrored so far, from byte ``start`` (no network)."""
-        return self.record.events(start)
-
-    def follow(self, on_event: EventHandler | None = None, timeout: float | None = None) -> str:
-        """Stream events after the mirror's end until the job ends; return its final state."""
-        return self.remote._follow(self, None, on_event, timeout)
-
-    def wait(self, timeout: float | None = None, on_event: EventHandler | None = None) -> str:
-        """Block until the job ends (``TimeoutError`` after ``timeout`` s); return its state."""
-        if self.meta.get("state") in files.TERMINAL and self._status is None:
-            self._status = self.meta.get("status")
-        if self._status and self._status.get("state") in files.TERMINAL:
-            return self._status["state"]
-        return self.follow(on_event, timeout)
-
-    def sync(self) -> None:
-        """Fetch whatever the target has logged beyond the mirror, without waiting for more."""
-        call = self.remote.connection().start("events", job=self.id, offset=self.record.offset, follow=False)
-        for header, payload in call:
-            self.record.append(header["offset"], payload)
-        status = (call.result or {}).get("status") or {}
-        if status.get("state") in files.TERMINAL:
-            self._status = status
-            self.record.update(state=status["state"], finished=status.get("finished"), status=status)
-
-    def cancel(self, kill: bool = False, reason: str | None = None) -> str:
-        """Interrupt the job if running (KeyboardInterrupt on the target), drop it if queued.
-
-        ``kill=True``: kill the worker running it (its whole process group) at once -- for code
-        that ignores KeyboardInterrupt. The job ends ``cancelled``; the session's namespace is
-        lost (a notice says so); ``reason`` is recorded as the job's error."""
-        ans = self.remote.request("cancel", job=self.id, kill=bool(kill), **({"reason": reason} if reason else {}))
-        self.remote._notice(ans)
-        return ans["state"]
-
-    def answer_input(self, seq: int, value: str | None = None, error: BaseException | None = None) -> bool:
-        """Answer the job's ``input_request`` number ``seq`` with ``value`` (or make the remote
-        ``input()`` raise ``error``'s type and message). False if it no longer waits for it."""
-        answer: dict[str, Any] = ({"error": {"ename": type(error).__name__, "evalue": str(error)}}
-                                  if error is not None else {"value": str(value or "")})
-        return bool(self.remote.request("stdin", job=self.id, seq=int(seq), answer=answer).get("waiting"))
-
-    def input_pending(self, seq: int) -> bool:
-        """Whether the job still waits for the answer to its ``input_request`` number ``seq``."""
-        return bool(self.remote.request("stdin", job=self.id, seq=int(seq)).get("waiting"))
-
-    # -- results -------------------------------------------------------------------------------
-    def error(self) -> errors.RemoteError | None:
-        """The job's failure as an exception (with the remote traceback), or None."""
-        st = self._status or self.meta.get("status") or {}
-        stt = st.get("state")
-        if stt in (None, "done"):
-            return None
-        err = dict(st.get("error") or {})
-        tb: list[str] = []
-        for ev in self.events():
-            if ev.get("type") == "error":
-                tb = ev.get("traceback") or []
-                if not err:
-                    err = ev
-                if ev.get("ename") == err.get("ename") and ev.get("emodule"):
-                    err.setdefault("emodule", ev["emodule"])  # where the type lives: re-raised as that type
-        return errors.remote_error(self.id, stt, err.get("ename", stt), err.get("evalue", ""), tb, err.get("emodule"))
-
-    def result(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait, then return the pulled ``-o`` values by name.
-
-        Raises :class:`RemoteError` if the code failed, :class:`MissingOutputError` (carrying
-        the values that did arrive) if some names were not defined, could not be pickled or saved.
-        """
-        self.wait(timeout)
-        exc = self.error()
-        if exc is not None:
-            raise exc
-        st = self._status or {}
-        got: dict[str, Any] = {}
-        for name, meta in (st.get("outputs") or {}).items():
-            if name not in self._values:
-                self._values[name] = self._take_prefetched(name, meta.get("size", 0))
-            got[name] = self._values[name]
-        self._prefetch.clear()
-        problems = []
-        if st.get("missing"):
-            problems.append("not defined by the cell: " + ", ".join(st["missing"]))
-        for name, why in (st.get("unpicklable") or {}).items():
-            problems.append(f"{name!r} {why}")
-        if problems:
-            raise errors.MissingOutputError(f"job {self.id}: some outputs did not arrive -- " + "; ".join(problems), got)
-        return got
-
-
-    def _prefetch_output(self, event: dict[str, Any]) -> None:
-        """An ``output`` event: start streaming that value if it is too big to come inline."""
-        name, size = event.get("name"), event.get("size")
-        if (isinstance(name, str) and isinstance(size, int) and size > self.remote.inline_limit
-                and name not in self._prefetch and name not in self._values):
-            self._prefetch[name] = OutputPrefetch(self.remote, self.id, name, size)
-
-    def _cancel_prefetch(self) -> None:
-        for pf in self._prefetch.values():
-            pf.cancel()
-        self._prefetch.clear()
-
-    def _take_prefetched(self, name: str, size: int) -> Any:
-        pf = self._prefetch.pop(name, None)
-        if pf is not None and pf.size == size:
-            try:
-                return pf.take()
-            except Exception as exc:
-                log.debug("streaming %s of job %s while it was written failed (%s); reading it again", name, self.id, exc)
-        return self.remote._read_output(self, name, size)
 
 
 class Remote:
@@ -505,16 +256,6 @@ class Remote:
             self.request("evict_objects", limit=self.object_cache_limit, keep=sorted(set(digests.values())))
         return digests
 
-    def _read_output(self, job: Job, name: str, size: int) -> Any:
-        update, close = progress.bar(size, f"pull {name}", self.show_progress)
-        try:
-            reader = CallReader(self.connection().start("read_output", job=job.id, name=name, z=self.codec), update)
-            value = files.read_object(reader)
-            reader.drain()
-            return value
-        finally:
-            close()
-
     # -- jobs ----------------------------------------------------------------------------------
     def run(
         self,
@@ -562,15 +303,15 @@ class Remote:
         for name in pull:
             if not name.isidentifier():
                 raise ValueError(f"cannot pull {name!r}: not a Python identifier")
-        extra = {"timeout": timeout, "execution_count": execution_count, "colors": colors,
-                 "stdin": bool(stdin and not background)}
+        extra: dict[str, Any] = {"timeout": timeout, "execution_count": execution_count, "colors": colors,
+                                 "stdin": bool(stdin and not background)}
         if origin:
             extra["origin"] = dict(origin)
         job = self._run_once(code, push, pull, background, session, on_event, extra)
         if not background:
             retry.tell_memory(job, self)
         for n in range(2, retries + 2):
-            why = retry.why_retry(job._status or {})
+            why = retry.why_retry(job.status)
             if why is None:
                 break
             job = self._run_once(code, push, pull, background, session, on_event,
@@ -600,96 +341,8 @@ class Remote:
     def _submit(self, spec: dict[str, Any], background: bool, on_event: EventHandler | None) -> Job:
         job = Job(self, spec["id"])
         self.last_job = job
-        job.record.create(target=self.target, session=spec["session"], kind=spec["kind"],
-                          code=spec.get("code", ""), outputs=spec.get("outputs", []),
-                          submitted=time.time(), state="queued", origin=spec.get("origin") or {},
-                          reconnect=self.connect_args)
-        if background:
-            ans = self.request("run", spec=spec, follow=False)
-            self._notice(ans)
-            return job
-        self._follow(job, spec, on_event, None)
+        job.submit(spec, background, on_event)
         return job
-
-    def _notice(self, answer: dict[str, Any]) -> None:
-        """A notice the agent sent outside a job's log (a background submission's answer)."""
-        if answer.get("notice"):
-            self.notices.append(notices.notify(answer["notice"], logger=log))
-
-    def _follow(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
-                timeout: float | None) -> str:
-        """Submit (if ``spec``) and/or stream the job's log into the mirror until it ends."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        job.record.update(follower=os.getpid())  # someone mirrors it: the Jupyter extension need not
-        try:
-            return self._follow_until_done(job, spec, on_event, deadline)
-        except BaseException:  # Ctrl-C, a wait timeout: nobody takes streamed outputs now
-            job._cancel_prefetch()
-            raise
-        finally:
-            if job.record.meta.get("follower") == os.getpid():
-                job.record.update(follower=None)
-
-    def _follow_until_done(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
-                           deadline: float | None) -> str:
-        while True:
-            conn = self.connection()
-            try:
-                if spec is not None:
-                    call = conn.start("run", spec=spec, follow=True, inline=self.inline_limit, z=self.codec)
-                else:
-                    call = conn.start("events", job=job.id, offset=job.record.offset, follow=True,
-                                      inline=self.inline_limit, z=self.codec)
-                self._consume(job, call, on_event, deadline)
-                return job.state
-            except errors.ConnectionLostError as exc:
-                log.warning("connection to %s lost while following job %s (%s); resuming", self.target, job.id, exc)
-                if spec is not None:
-                    try:
-                        self.connection().request("status", job=job.id)
-                        spec = None  # it was submitted; just resume the log
-                    except errors.UnknownJobError:
-                        pass  # never arrived: submit again
-            except errors.UnknownJobError:
-                raise errors.UnknownJobError(f"job {job.id} is not on {self.target} (was its folder removed?)") from None
-
-    def _consume(self, job: Job, call: Call, on_event: EventHandler | None, deadline: float | None) -> None:
-        if deadline is not None:
-            timer = threading.Timer(max(0.0, deadline - time.monotonic()), _expire, args=(call,))
-            timer.daemon = True
-            timer.start()
-        try:
-            for header, payload in call:
-                if header.get("expired"):
-                    call.abandon()
-                    raise TimeoutError(f"job {job.id} still running after the wait timeout")
-                if "notice" in header:
-                    self._notice(header)
-                    continue
-                new = job.record.append(header["offset"], payload)
-                for event in parse_events(new) if new else ():
-                    if event.get("type") == "output" and self.prefetch_outputs:
-                        job._prefetch_output(event)
-                    if on_event is not None:
-                        on_event(event)
-                    elif notices.is_notice(event):  # nobody renders this job: still tell the user
-                        self.notices.append(event)
-                        notices.deliver(event)
-        finally:
-            if deadline is not None:
-                timer.cancel()
-        result = call.result or {}
-        if result.get("detached"):
-            return
-        status = result.get("status") or {}
-        job._status = status
-        if status.get("state") != "done":
-            job._cancel_prefetch()  # result() raises the job's error: streamed outputs go unused
-        offset = 0
-        for name, size in (result.get("inline") or {}).items():
-            job._values[name] = values.decode(memoryview(call.payload)[offset : offset + size])
-            offset += size
-        job.record.update(state=status.get("state"), finished=status.get("finished"), status=status)
 
     def job(self, job_id: str) -> Job:
         """A job by id (or unique suffix/prefix), from the local index or the target."""
@@ -836,15 +489,15 @@ class Remote:
     def push(self, local: str | os.PathLike[str], dest: str | None = None) -> dict[str, Any]:
         """Copy a file or folder to the target (relative ``dest`` is under the session's folder).
         Resumes an interrupted file; for a folder sends only files that are missing or differ."""
-        from . import transfer
-
-        return transfer.push(self, local, dest)
+        return transfer.push(self._endpoint(), local, dest)
 
     def pull(self, path: str, local: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Copy a file or folder from the target; resumes and skips like :meth:`push`."""
-        from . import transfer
+        return transfer.pull(self._endpoint(), path, local)
 
-        return transfer.pull(self, path, local)
+    def _endpoint(self) -> transfer.Endpoint:
+        return transfer.Endpoint(self.connection(), cwd=self.cwd, codec=self.codec, show_progress=self.show_progress,
+                                 same_machine=self.transport.is_local)
 
     # -- the store -----------------------------------------------------------------------------
     def store_put(self, name: str, value: Any) -> dict[str, Any]:
@@ -865,15 +518,7 @@ class Remote:
 
     def store_get(self, name: str) -> Any:
         """Load a stored value (``KeyError`` if there is none)."""
-        call = self.connection().start("store_get", name=name, z=self.codec)
-        reader = CallReader(call)
-        try:
-            value = files.read_object(reader)
-        except ValueError:
-            reader.drain()
-            raise
-        reader.drain()
-        return value
+        return read_streamed_object(self.connection().start("store_get", name=name, z=self.codec))
 
     def store_list(self) -> list[dict[str, Any]]:
         """Stored names with type, size in bytes and a short preview."""
@@ -889,7 +534,7 @@ class Remote:
                            on_event: EventHandler | None = None) -> dict[str, Any]:
         """Store values that exist only in a remote session's namespace (they never travel here)."""
         job = self._internal_job("store", list(names), session, on_event)
-        return job._status or {}
+        return job.status
 
     def restore_to_session(self, names: Iterable[str], session: str | None = None) -> dict[str, Any]:
         """Load stored values straight into a remote session's namespace."""
@@ -899,19 +544,19 @@ class Remote:
         if modules:
             envsync.before_upload(self, extra=modules)
         job = self._internal_job("restore", list(names), session, None)
-        return job._status or {}
+        return job.status
 
     def checkpoint(self, session: str | None = None, limit: int = 0,
                    on_event: EventHandler | None = None) -> dict[str, Any]:
         """Save the session's picklable variables (each at most ``limit`` bytes; 0: any size) on
         the target, so they can be restored after the worker dies. Returns the checkpoint index."""
         job = self._internal_job("checkpoint", [], session, on_event, limit=limit)
-        return (job._status or {}).get("checkpoint", {})
+        return job.status.get("checkpoint", {})
 
     def restore_checkpoint(self, session: str | None = None, on_event: EventHandler | None = None) -> list[str]:
         """Load the session's last checkpoint into its (new) worker; return the names restored."""
         job = self._internal_job("restore_checkpoint", [], session, on_event)
-        return (job._status or {}).get("restored", [])
+        return job.status.get("restored", [])
 
     def _internal_job(self, kind: str, names: list[str], session: str | None, on_event: EventHandler | None,
                       **extra: Any) -> Job:
@@ -926,13 +571,6 @@ class Remote:
         if exc is not None:
             raise exc
         return job
-
-
-def _expire(call: Call) -> None:
-    try:
-        call.queue.put_nowait(({"more": True, "expired": True}, b""))
-    except Exception:
-        pass
 
 
 # connecting to a target lives in remotemagic.connecting (the kinds in remotemagic.providers.registry)

@@ -35,9 +35,9 @@ def outputs_from_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]
             continue
         if kind == "update_display_data":
             did = (ev.get("transient") or {}).get("display_id")
-            for o in by_display.get(did, []):
-                o["data"] = ev.get("data") or {}
-                o["metadata"] = ev.get("metadata") or {}
+            for shown in by_display.get(did, []) if did else []:
+                shown["data"] = ev.get("data") or {}
+                shown["metadata"] = ev.get("metadata") or {}
             continue
         if clear_pending:
             outs.clear()
@@ -54,7 +54,8 @@ def outputs_from_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]
             outs.append({"output_type": "error", "ename": ev.get("ename", ""), "evalue": ev.get("evalue", ""),
                          "traceback": list(ev.get("traceback") or [])})
         else:
-            o: dict[str, Any] = {"output_type": kind, "data": ev.get("data") or {}, "metadata": ev.get("metadata") or {}}
+            o: dict[str, Any] = {"output_type": kind, "data": ev.get("data") or {},
+                                 "metadata": ev.get("metadata") or {}}
             if kind == "execute_result":
                 o["execution_count"] = ev.get("execution_count")
             outs.append(o)

@@ -100,7 +100,7 @@ def starter_gone(origin: dict[str, Any], root: Path | None = None) -> bool:
 def others_connected(origin: dict[str, Any], root: Path | None = None) -> bool:
     """True when a page other than the one that started this cell is connected to the kernel."""
     clients = connected_clients(origin.get("kernel", ""), root)
-    return bool(clients) and any(c != origin.get("client") for c in clients)
+    return any(c != origin.get("client") for c in clients or ())
 
 
 # -- this notebook's jobs ----------------------------------------------------------------------
@@ -150,7 +150,9 @@ class FrontendWatch:
         self.fired = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._main = threading.main_thread().ident
+        main = threading.main_thread().ident
+        assert main is not None  # the main thread is always running
+        self._main = main
         self._thread = threading.Thread(target=self._run, name="remotemagic-frontend-watch", daemon=True)
 
     def __enter__(self) -> "FrontendWatch":

@@ -51,7 +51,7 @@ def short_cause(evalue: str) -> str:
 
 def tell_memory(job: Any, remote: Any) -> None:
     """After a job ended: if its worker was killed near the machine's memory, a notice with advice."""
-    err = (job._status or {}).get("error") or {}
+    err = job.status.get("error") or {}
     advice = memory_advice(err, remote.provider, remote.instance)
     if advice:
         notices.notify(advice, logger=log)

@@ -90,7 +90,8 @@ if not no_index and not ok:
             ok = os.path.isdir(p.path)
         elif p.hostname:
             try:
-                socket.create_connection((p.hostname, p.port or (443 if p.scheme == "https" else 80)), timeout=float(sys.argv[1])).close()
+                port = p.port or (443 if p.scheme == "https" else 80)
+                socket.create_connection((p.hostname, port), timeout=float(sys.argv[1])).close()
                 ok = True
             except OSError:
                 ok = False
@@ -148,7 +149,8 @@ P="$R/venv/bin/python"
 [ -x "$P" ] || {{ echo "no venv at $R/venv"; exit 3; }}
 U=
 V=$(cd "$R/venv" 2>/dev/null && cd -P .. && pwd)  # a venv linked from another root: its uv too
-for u in "$R/tools/uv/bin/uv" "$V/tools/uv/bin/uv" "$(command -v uv 2>/dev/null)" "$HOME/.local/bin/uv" "$HOME/.cargo/bin/uv"; do
+for u in "$R/tools/uv/bin/uv" "$V/tools/uv/bin/uv" "$(command -v uv 2>/dev/null)" \
+         "$HOME/.local/bin/uv" "$HOME/.cargo/bin/uv"; do
   if [ -n "$u" ] && [ -x "$u" ]; then U="$u"; break; fi
 done
 exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
@@ -172,7 +174,8 @@ exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
         f = self.query()
         m = re.match(r"glibc (\d+)\.(\d+)", f.get("libc") or "")
         glibc = (int(m.group(1)), int(m.group(2))) if m else None
-        return Platform(f.get("machine") or "?", glibc, tuple(f["python"]), f.get("system") or "?")  # type: ignore[arg-type]
+        major, minor = f["python"][:2]
+        return Platform(f.get("machine") or "?", glibc, (int(major), int(minor)), f.get("system") or "?")
 
     def reachable(self, timeout: float = 3.0) -> bool:
         """Whether the target can install from an index (or a local find-links folder); cached."""
@@ -198,8 +201,10 @@ exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
                 '*) NI=--no-index ;; esac; done\nFL=; if [ -z "${UV_FIND_LINKS:-}" ] && [ -n "${PIP_FIND_LINKS:-}" ]; '
                 'then FL="--find-links $PIP_FIND_LINKS"; fi\n')
             extra = "" if shipped else " $NI $FL"
-            attempts.append(("uv", f'{env_sh}{shlex.quote(facts["uv"])} pip install --python "$P" --no-deps{source}{extra} {specs}'))
-        attempts.append(("pip", '"$P" -m pip --version >/dev/null 2>&1 || "$P" -m ensurepip --default-pip >/dev/null 2>&1 || '
+            attempts.append(("uv", f'{env_sh}{shlex.quote(facts["uv"])} pip install --python "$P" '
+                                   f'--no-deps{source}{extra} {specs}'))
+        attempts.append(("pip", '"$P" -m pip --version >/dev/null 2>&1 || '
+                                '"$P" -m ensurepip --default-pip >/dev/null 2>&1 || '
                                 '{ echo "no pip in the venv"; exit 3; }\n'
                                 f'"$P" -m pip install --disable-pip-version-check --no-deps{source} {specs}'))
         errors = []

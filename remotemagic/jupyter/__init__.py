@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import api, cellsync, notebook, state
+from .. import api, cellsync, jobs, notebook, state
 from ..agent import files
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Mirrors:
             return
         try:
             remote.prefetch_outputs = False
-            api.Job(remote, meta["id"]).follow()
+            jobs.Job(remote, meta["id"]).follow()
         except Exception as exc:
             log.warning("remotemagic: mirroring job %s stopped: %s", meta["id"], exc)
             self.failed[meta["id"]] = time.monotonic()
