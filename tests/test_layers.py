@@ -15,6 +15,11 @@ BELOW_API_MODULES = {"jobs", "transfer", "connection", "state", "values", "notic
                      "progress", "cellsync", "notebook", "fidelity"}
 BELOW_API_PACKAGES = {"agent", "transport", "providers", "envsync"}
 ABOVE = {"api", "magics"}
+#: the target kinds build a ``Remote`` (they sit beside ``connecting``, above api): the registry,
+#: each kind's module and the SSH fleet (which holds a Remote per host). The providers' machine
+#: management (``providers.base``, ``providers.ec2.*``) stays below api.
+TARGET_KIND_MODULES = {"providers.registry", "providers.local", "providers.ssh"}
+TARGET_KIND_PACKAGES = {"providers.fleet"}
 
 
 def _module_name(path: Path) -> str:
@@ -46,6 +51,9 @@ def _imported(path: Path, name: str) -> set[str]:
 
 
 def _below_api(name: str) -> bool:
+    if name in TARGET_KIND_MODULES or name.endswith(".kind") or name.rpartition(".")[0] in TARGET_KIND_PACKAGES \
+            or name in TARGET_KIND_PACKAGES:
+        return False
     return name in BELOW_API_MODULES or name.split(".")[0] in BELOW_API_PACKAGES
 
 
