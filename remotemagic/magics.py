@@ -684,6 +684,8 @@ def unload(ip: Any) -> None:
     if magics is None:
         return
     magics.close()
+    if "remotemagic.providers.fleet.provider" in sys.modules:  # fleets brought up by %ec2 start fleet
+        sys.modules["remotemagic.providers.fleet.provider"].close_all()
     table = ip.magics_manager.magics
     for kind, name in (("line", "ec2"), ("cell", "ec2"), ("line", "ec2_store")):
         table[kind].pop(name, None)

@@ -196,3 +196,14 @@ def test_fleet_through_the_magics(fleet_shell: Any, fleet_env: Any, capsys: pyte
     run_ok(fleet_shell, "%ec2 use fleet lab")
     assert "Using " in capsys.readouterr().out
     run_ok(fleet_shell, "%ec2 stop fleet lab")
+
+
+def test_unload_ext_closes_the_fleets_connections(fleet_shell: Any, fleet_env: Any) -> None:
+    from remotemagic.providers.fleet import provider
+
+    run_ok(fleet_shell, "%ec2 start fleet lab")
+    fleets = list(provider._live.values())
+    assert fleets and all(f.remotes for f in fleets)
+    fleet_shell.run_line_magic("unload_ext", "remotemagic")
+    assert provider._live == {} and all(f.remotes == [] for f in fleets)
+    fleet_shell.run_line_magic("load_ext", "remotemagic")
