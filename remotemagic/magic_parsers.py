@@ -185,20 +185,23 @@ def build_ec2_parser() -> tuple[MagicParser, dict[str, MagicParser]]:
                "known_hosts honoured); ec2 [NAME]: one of our running EC2 instances; fleet NAME: the first "
                "host of an SSH fleet.")
     use.add_argument("kind", choices=TARGET_KINDS, help="where cells run")
-    use.add_argument("host", nargs="?", metavar="HOST", help="ssh: an ~/.ssh/config alias or user@host[:port]; ec2: the instance name; "
+    use.add_argument("host", nargs="?", metavar="HOST",
+                     help="ssh: an ~/.ssh/config alias or user@host[:port]; ec2: the instance name; "
                      "fleet: the fleet's name (cells run on its first host)")
     use.add_argument("--root", metavar="PATH", help="the agent's folder on the target")
     use.add_argument("--session", type=session_name, metavar="S", help="session (remote namespace) to use")
     use.add_argument("--python", metavar="P", help="ssh: the remote interpreter to build the environment from")
-    use.add_argument("--workdir", metavar="DIR", help="folder on the target that cells run in and relative paths start from "
+    use.add_argument("--workdir", metavar="DIR",
+                     help="folder on the target that cells run in and relative paths start from "
                      "(default: the home folder; for local, this kernel's folder)")
     use.add_argument("--ssh-config", metavar="FILE", help="ssh: OpenSSH config file (default: Ec2Magics.ssh_config)")
     use.add_argument("--trust-new-host", action="store_true",
                      help="ssh: accept and record the host key of a host never seen before")
 
     start = verb("start", "start an EC2 instance or an SSH fleet, and use it",
-                 "Launches, starts or attaches to. With no KIND: an EC2 instance (--name, else Ec2Magics.instance_name). fleet NAME: connect to "
-                 "every host of the fleet in parallel (Ec2Magics.fleets) and run cells on the first.")
+                 "Launches, starts or attaches to. With no KIND: an EC2 instance (--name, else "
+                 "Ec2Magics.instance_name). fleet NAME: connect to every host of the fleet in parallel "
+                 "(Ec2Magics.fleets) and run cells on the first.")
     start.add_argument("kind", nargs="?", metavar="KIND", help="what to start: ec2 (default) or fleet")
     start.add_argument("machine", nargs="?", metavar="NAME", help="its name (ec2: default Ec2Magics.instance_name)")
     start.add_argument("--name", metavar="N", help="instance name (default: Ec2Magics.instance_name)")
@@ -226,8 +229,10 @@ def build_ec2_parser() -> tuple[MagicParser, dict[str, MagicParser]]:
     # jobs
     run = verb("run", "run the cell on the target",
                "-i sends local variables, -o brings variables back when the cell ends.")
-    run.add_argument("-i", "--push", type=variable_names, default="", metavar="NAMES", help="comma-separated local variables to send")
-    run.add_argument("-o", "--pull", type=variable_names, default="", metavar="NAMES", help="comma-separated variables to bring back")
+    run.add_argument("-i", "--push", type=variable_names, default="", metavar="NAMES",
+                     help="comma-separated local variables to send")
+    run.add_argument("-o", "--pull", type=variable_names, default="", metavar="NAMES",
+                     help="comma-separated variables to bring back")
     run.add_argument("--bg", action="store_true", help="return at once; the job runs on")
     run.add_argument("--session", type=session_name, metavar="S", help="session (remote namespace) to run in")
     run.add_argument("--timeout", type=seconds, metavar="T", help="interrupt the job after this many seconds")
@@ -256,25 +261,31 @@ def build_ec2_parser() -> tuple[MagicParser, dict[str, MagicParser]]:
     ck = verb("checkpoint", "save the session's variables on the target now, or load the last checkpoint")
     ck.add_argument("--restore", action="store_true", help="load the last checkpoint into the session")
     ck.add_argument("--session", type=session_name, metavar="S", help="which session (default: this kernel's)")
-    ck.add_argument("--max-bytes", type=int, default=0, metavar="N", help="skip values whose pickle is larger (0: none)")
+    ck.add_argument("--max-bytes", type=int, default=0, metavar="N",
+                    help="skip values whose pickle is larger (0: none)")
 
     # files, ports, packages
     push = verb("push", "copy a file or folder to the target", "Resumes; skips unchanged files.")
     push.add_argument("local", metavar="LOCAL", help="file or folder here")
-    push.add_argument("dest", nargs="?", metavar="DEST", help="where on the target (default: same name, in the session's folder)")
+    push.add_argument("dest", nargs="?", metavar="DEST",
+                      help="where on the target (default: same name, in the session's folder)")
     pull = verb("pull", "copy a file or folder from the target")
     pull.add_argument("path", metavar="PATH", help="file or folder on the target")
-    pull.add_argument("local", nargs="?", metavar="LOCAL", help="where here (default: same name, in the current folder)")
+    pull.add_argument("local", nargs="?", metavar="LOCAL",
+                      help="where here (default: same name, in the current folder)")
     tunnel = verb("tunnel", "forward a port of the target to 127.0.0.1 here, list tunnels, or close one")
-    tunnel.add_argument("remote_port", nargs="?", type=int, metavar="REMOTE_PORT", help="port on the target (none: list the tunnels)")
-    tunnel.add_argument("local_port", nargs="?", type=int, default=0, metavar="LOCAL_PORT", help="port here (default: a free one)")
+    tunnel.add_argument("remote_port", nargs="?", type=int, metavar="REMOTE_PORT",
+                        help="port on the target (none: list the tunnels)")
+    tunnel.add_argument("local_port", nargs="?", type=int, default=0, metavar="LOCAL_PORT",
+                        help="port here (default: a free one)")
     tunnel.add_argument("--close", type=int, metavar="LOCAL_PORT", help="close the tunnel on this local port")
     pip = verb("pip", "install packages into the target's Python environment")
     pip.add_argument("words", nargs=argparse.REMAINDER, metavar="install PKG ...",
                      help="pip's words: install, then packages and pip options")
     sync = verb("sync", "put this kernel's packages on the target at the local versions",
                 "Without names: what the notebook imports.")
-    sync.add_argument("packages", nargs="*", metavar="PKG", help="local distributions to sync (default: what the notebook imports)")
+    sync.add_argument("packages", nargs="*", metavar="PKG",
+                      help="local distributions to sync (default: what the notebook imports)")
     sync.add_argument("--all", action="store_true", help="every distribution of this kernel's environment")
     sync.add_argument("--dry-run", action="store_true", help="show what would be installed; install nothing")
     return top, verbs

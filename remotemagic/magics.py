@@ -58,8 +58,10 @@ class Ec2Magics(Magics):
     local_root = Unicode("", help="Folder of the local backend (default: <state dir>/local-target).").tag(config=True)
     timeout = Float(0.0, help="Default --timeout for %%ec2 run, in seconds (0: none).").tag(config=True)
     reconnect_timeout = Float(60.0, help="How long to keep reconnecting after the link drops, in s.").tag(config=True)
-    inline_limit = Int(api.INLINE_LIMIT, help="Outputs up to this size come back with the job's status.").tag(config=True)
-    object_cache_limit = Int(api.OBJECT_CACHE_LIMIT, help="Bytes of pushed values the target keeps (LRU).").tag(config=True)
+    inline_limit = Int(api.INLINE_LIMIT,
+                       help="Outputs up to this size come back with the job's status.").tag(config=True)
+    object_cache_limit = Int(api.OBJECT_CACHE_LIMIT,
+                             help="Bytes of pushed values the target keeps (LRU).").tag(config=True)
     checkpoint_max_bytes = Int(api.CHECKPOINT_LIMIT, help="After each cell, checkpoint the session's variables "
                                "whose pickle is at most this size (0: no automatic checkpoints).").tag(config=True)
     retries = Int(0, help="Default --retry for %%ec2 run: run a cell again (up to this many more times) when its "
@@ -73,17 +75,20 @@ class Ec2Magics(Magics):
                           "else ~/.ssh/known_hosts).").tag(config=True)
     trust_on_first_use = Bool(False, help="Accept and record the key of an SSH host never seen before "
                               "(a changed key is always refused).").tag(config=True)
-    remote_python = Unicode("python3", help="Interpreter on SSH hosts that the remote venv is built from.").tag(config=True)
+    remote_python = Unicode("python3",
+                            help="Interpreter on SSH hosts that the remote venv is built from.").tag(config=True)
     remote_root = Unicode("", help="The agent's folder on SSH hosts (default ~/.remotemagic).").tag(config=True)
     interrupt_grace = Float(1.0, help="Seconds between Ctrl-C and interrupting the remote job. Jupyter "
                             "interrupts a kernel before every restart or shutdown; if the kernel is shut "
                             "down within this time, the remote job is left running.").tag(config=True)
-    worker_idle_hours = Float(api.WORKER_IDLE_HOURS, help="A session's worker exits after this many hours without a "
+    worker_idle_hours = Float(api.WORKER_IDLE_HOURS,
+                              help="A session's worker exits after this many hours without a "
                               "job, checkpointing its namespace first (%ec2 checkpoint --restore brings it back; "
                               "0: never).").tag(config=True)
     stop_grace = Float(api.STOP_GRACE, help="Seconds %ec2 restart and %ec2 cancel give a job at each step (interrupt, "
                        "then SIGTERM, then SIGKILL of the worker's process group) before the next.").tag(config=True)
-    instance_name = Unicode("remotemagic", help="EC2: name of the instance %ec2 start/use ec2 work on.").tag(config=True)
+    instance_name = Unicode("remotemagic",
+                            help="EC2: name of the instance %ec2 start/use ec2 work on.").tag(config=True)
     instance_type = Unicode("t3.large", help="EC2: instance type for new instances.").tag(config=True)
     region = Unicode("", help="EC2: AWS region (default: boto3's chain, e.g. AWS_DEFAULT_REGION).").tag(config=True)
     profile = Unicode("", help="EC2: AWS profile (default: boto3's chain).").tag(config=True)
@@ -91,7 +96,8 @@ class Ec2Magics(Magics):
                      "address /32).").tag(config=True)
     idle_stop_minutes = Int(60, help="EC2: the instance stops itself after this many idle minutes "
                             "(no job, no connection); 0 disables.").tag(config=True)
-    key_name = Unicode("", help="EC2: key pair for new instances (default: none, EC2 Instance Connect).").tag(config=True)
+    key_name = Unicode("",
+                       help="EC2: key pair for new instances (default: none, EC2 Instance Connect).").tag(config=True)
     key_file = Unicode("", help="EC2: private key of key_name (default: the SSH config's IdentityFile, "
                        "else ssh-agent).").tag(config=True)
     ami = Unicode("", help="EC2: AMI id or alias (ubuntu, al2023) for new instances.").tag(config=True)
@@ -99,10 +105,12 @@ class Ec2Magics(Magics):
     fleets = Dict(help="SSH fleets by name: {'lab': ['gpu1', 'me@10.0.0.5:2222']} (also read from "
                   "<state dir>/fleets.json); %ec2 start|use|stop fleet NAME.").tag(config=True)
     compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
-                          "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
-    package_sync = Enum(list(envsync.MODES), default_value="auto", help="Before a cell runs on an SSH/EC2 target, install there the packages it "
-                           "imports and its -i values need, at this kernel's versions: auto (keeps a different version "
-                           "already there, with a warning), exact (replaces it) or off.").tag(config=True)
+                          "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent "
+                          "raw.").tag(config=True)
+    package_sync = Enum(list(envsync.MODES), default_value="auto",
+                        help="Before a cell runs on an SSH/EC2 target, install there the packages it "
+                        "imports and its -i values need, at this kernel's versions: auto (keeps a different version "
+                        "already there, with a warning), exact (replaces it) or off.").tag(config=True)
     offline_install = Bool(False, help="Ship wheels from here instead of letting the target use a package index "
                            "(hosts without internet are detected by themselves).").tag(config=True)
 
@@ -352,7 +360,8 @@ class Ec2Magics(Magics):
         if job.record.meta.get("state") in files.TERMINAL:
             job.record.update(watched=True)
         else:
-            print(f"[job {job.id} is still {job.record.meta.get('state', 'running')}: %ec2 wait {job.id[-4:]} follows it]")
+            print(f"[job {job.id} is still {job.record.meta.get('state', 'running')}: "
+                  f"%ec2 wait {job.id[-4:]} follows it]")
 
     def _offline_job(self, ref: str | None) -> api.Job:
         """Resolve a job from the local index first, so output works with the target gone."""
@@ -402,8 +411,8 @@ class Ec2Magics(Magics):
         try:
             job.wait(timeout=self.stop_grace)
         except TimeoutError:
-            sys.stderr.write(f"Job {job.id} still runs {self.stop_grace:g} s after the interrupt (Ec2Magics.stop_grace): "
-                             "killing its worker\n")
+            sys.stderr.write(f"Job {job.id} still runs {self.stop_grace:g} s after the interrupt "
+                             "(Ec2Magics.stop_grace): killing its worker\n")
             why = f"killed by %ec2 cancel: still running {self.stop_grace:g} s after the interrupt"
             print(f"Job {job.id}: {job.cancel(kill=True, reason=why)}")
             return

@@ -72,7 +72,8 @@ def test_lookup_plain_hashed_wildcard_negated_and_ports(tmp_path: Path, keys: di
     def names(host: str) -> list[tuple[str, bool]]:
         return [(k.key.get_name(), k.revoked) for k in known.lookup(host)]
 
-    assert names("plain.example.com") == names("10.0.0.1") == names("PLAIN.example.com") == [("ecdsa-sha2-nistp256", False)]
+    assert (names("plain.example.com") == names("10.0.0.1") == names("PLAIN.example.com")
+            == [("ecdsa-sha2-nistp256", False)])
     assert names("hidden.example.com") == [("ssh-rsa", False)]
     assert names("a.wild.example.com") == [("ecdsa-sha2-nistp256", False)]
     assert names("bad.wild.example.com") == []  # negated
@@ -124,7 +125,8 @@ def test_add_known_host_keeps_every_line_and_follows_a_symlink(tmp_path: Path, k
     assert real.read_text() == (f"# mine\nold.example.com {_line(keys['rsa'])}\n"
                                 f"[new.example.com]:2200 {_line(keys['ecdsa'])}\n")
     assert _leftovers(real.parent, "known_hosts") == []  # no temporary file left behind
-    assert [k.key.get_name() for k in KnownHosts([str(link)]).lookup("[new.example.com]:2200")] == ["ecdsa-sha2-nistp256"]
+    found = KnownHosts([str(link)]).lookup("[new.example.com]:2200")
+    assert [k.key.get_name() for k in found] == ["ecdsa-sha2-nistp256"]
 
 
 def test_replace_host_keys_drops_only_those_names(tmp_path: Path, keys: dict[str, paramiko.PKey]) -> None:

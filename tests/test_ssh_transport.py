@@ -193,6 +193,26 @@ def test_pip_install_streams_lines(sshd_server: SSHServer, ssh_remote_root: str,
         t.close()
 
 
+def test_stream_lines_gives_lines_status_and_tail(sshd_server: SSHServer, tmp_path: Path) -> None:
+    t = SSHTransport("rmtest", root=str(tmp_path / "root"), ssh_config=sshd_server.ssh_config)
+    try:
+        seen: list[str] = []
+        script = t.stream_lines("i=0; while [ $i -lt 40 ]; do echo line $i; i=$((i+1)); done; echo oops >&2; exit 3")
+        for line in script:
+            seen.append(line)
+        assert seen == [f"line {i}" for i in range(40)] + ["oops"]  # stderr comes in the same stream
+        assert script.status == 3
+        assert script.tail == seen[-30:]
+        assert script.chan.closed
+        abandoned = t.stream_lines("echo first; echo second")
+        assert next(iter(abandoned)) == "first"
+        assert abandoned.chan.closed  # the iteration was dropped (CPython closes the generator at once)
+        ok = t.stream_lines("echo done")
+        assert list(ok) == ["done"] and ok.status == 0 and ok.tail == ["done"]
+    finally:
+        t.close()
+
+
 # -- host keys ---------------------------------------------------------------------------------------
 def test_unknown_host_refused_then_trusted_on_first_use(sshd_server: SSHServer, tmp_path: Path) -> None:
     known = tmp_path / "kh" / "known_hosts"  # does not exist yet

@@ -223,8 +223,8 @@ _SYNCERS_LOCK = threading.Lock()
 
 
 def supported(transport: Any) -> bool:
-    """SSH and EC2 targets (the local backend runs this very interpreter)."""
-    return hasattr(transport, "_stream") and hasattr(transport, "link")
+    """Whether package sync applies: every target but the local one (which runs this very interpreter)."""
+    return not transport.is_local
 
 
 def syncer(transport: Any) -> Syncer:

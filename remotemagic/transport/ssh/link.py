@@ -38,7 +38,8 @@ def _tcp_connect(hop: HostConfig, timeout: float, what: str) -> socket.socket:
     try:
         infos = socket.getaddrinfo(hop.hostname, hop.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        hint = f" (HostName of {hop.alias!r} in {hop.config_path})" if hop.config_path and hop.alias != hop.hostname else ""
+        hint = (f" (HostName of {hop.alias!r} in {hop.config_path})"
+                if hop.config_path and hop.alias != hop.hostname else "")
         raise HostNotFoundError(
             f"cannot resolve host name {hop.hostname!r}{hint} for {what}: {exc.strerror}. "
             "Check the spelling, your DNS/VPN, or use the IP address"
@@ -238,7 +239,8 @@ def open_link(host: HostConfig, *, timeout: float = DEFAULT_TIMEOUT, keepalive: 
                 try:
                     proxy = _ProxyCommand(hop.proxy_command)
                 except Exception as exc:
-                    raise UnreachableError(f"cannot start ProxyCommand {hop.proxy_command!r} for {names[0]}: {exc}") from None
+                    raise UnreachableError(
+                        f"cannot start ProxyCommand {hop.proxy_command!r} for {names[0]}: {exc}") from None
                 sock: Any = proxy
             elif i == 0:
                 sock = _tcp_connect(hop, timeout, names[i])

@@ -19,6 +19,7 @@ import posixpath
 import shlex
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = "~/.remotemagic"
 CHUNK = 256 * 1024  # Channel.sendall is quadratic on big buffers (MEASUREMENTS 2)
 RECV_BLOCK = 4 * 1024 * 1024
+TAIL_LINES = 30  # the output lines a failed script's error can quote
 
 
 class ChannelStream:
@@ -97,6 +99,32 @@ class ChannelStream:
             self.chan.close()
 
 
+class ScriptLines:
+    """A sh script running on the target over its own exec channel: iterate for its combined
+    stdout and stderr, line by line; once that ends, ``status`` is its exit status and ``tail``
+    its last :data:`TAIL_LINES` lines (for an error message). The channel is closed when the
+    iteration ends or is abandoned."""
+
+    def __init__(self, chan: paramiko.Channel):
+        self.chan = chan
+        #: The exit status, once the output has been read to its end (-1 before that).
+        self.status = -1
+        #: The last lines of output, oldest first.
+        self.tail: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        try:
+            with self.chan.makefile("rb") as f:
+                for raw in f:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    tail.append(line)
+                    yield line
+            self.status = self.chan.recv_exit_status()
+        finally:
+            self.tail = list(tail)
+            self.chan.close()
+
 
 class SSHTransport(Transport):
     """The agent on an SSH host, over one persistent paramiko connection."""
@@ -131,8 +159,6 @@ class SSHTransport(Transport):
         self._lock = threading.RLock()
         self._closed = False
         POOL.acquire(self._key)
-
-    # -- the connection ----------------------------------------------------------------------------
 
     # -- the connection ----------------------------------------------------------------------------
     def _open(self) -> Link:
@@ -194,31 +220,20 @@ class SSHTransport(Transport):
             return '"$HOME"/' + shlex.quote(root)
         return shlex.quote(root)
 
-    _root_sh = root_sh  # the name envsync.target calls it by
-
-    def _stream(self, script: str) -> tuple[paramiko.Channel, Iterator[str]]:
-        """Start a sh script on the target: its channel, and its combined output line by line."""
-        chan = self._channel(self._sh(script), combine_stderr=True)
-
-        def lines() -> Iterator[str]:
-            with chan.makefile("rb") as f:
-                for raw in f:
-                    yield raw.decode("utf-8", "replace").rstrip("\r\n")
-
-        return chan, lines()
+    def stream_lines(self, script: str) -> ScriptLines:
+        """Start a sh script on the target; iterate the result for its combined output, line by
+        line, then read its ``status`` and ``tail`` (see :class:`ScriptLines`)."""
+        return ScriptLines(self._channel(self._sh(script), combine_stderr=True))
 
     def run(self, script: str, log_prefix: str | None = None) -> tuple[int, str]:
         """Run a sh script on the target; return its exit status and combined output."""
-        chan, lines = self._stream(script)
+        script_lines = self.stream_lines(script)
         out: list[str] = []
-        try:
-            for line in lines:
-                out.append(line)
-                if log_prefix is not None:
-                    log.info("%s%s", log_prefix, line)
-            return chan.recv_exit_status(), "\n".join(out)
-        finally:
-            chan.close()
+        for line in script_lines:
+            out.append(line)
+            if log_prefix is not None:
+                log.info("%s%s", log_prefix, line)
+        return script_lines.status, "\n".join(out)
 
     # -- the agent -----------------------------------------------------------------------------------
     def _read_marker(self, chan: paramiko.Channel) -> tuple[str, set[str], bytes]:
@@ -315,18 +330,11 @@ if ! "$P" -m pip --version >/dev/null 2>&1 && ! "$P" -m ensurepip --default-pip 
 fi
 exec "$P" -m pip install --disable-pip-version-check {pkgs}
 """
-        chan, lines = self._stream(script)
-        tail: list[str] = []
-        try:
-            for line in lines:
-                tail = [*tail[-29:], line]
-                yield line
-            status = chan.recv_exit_status()
-        finally:
-            chan.close()
-        if status != 0:
-            raise RemoteCommandError(f"pip install on {self.name} failed (exit {status}): " + "\n".join(tail[-5:]),
-                                     status, "\n".join(tail))
+        pip = self.stream_lines(script)
+        yield from pip
+        if pip.status != 0:
+            raise RemoteCommandError(f"pip install on {self.name} failed (exit {pip.status}): "
+                                     + "\n".join(pip.tail[-5:]), pip.status, "\n".join(pip.tail))
 
     def open_forward(self, remote_port: int, local_port: int = 0, remote_host: str = "127.0.0.1") -> Tunnel:
         """A port forward over this target's verified link (see :mod:`.tunnel`)."""
