@@ -1,16 +1,22 @@
-"""Issue 15 on EC2 (moto server on 127.0.0.1): the out-of-memory advice with a bigger type and its $/h."""
+"""Issue 15 on EC2 (moto server on 127.0.0.1): the out-of-memory advice with a bigger type and its $/h, and a
+spot instance reclaimed mid-job that AWS starts again (the job waited through and resubmitted)."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import boto3
 import pytest
 
+import remotemagic
 from remotemagic import retry
 from remotemagic.agent.recover import size
 
 from .test_ec2_provider import REGION, aws, moto_url, provider  # noqa: F401 (fixtures)
+from .test_ec2_target import ec2_env, shell  # noqa: F401 (fixtures)
 
 pytest.importorskip("moto.server")
 
@@ -138,3 +144,119 @@ def test_spot_fallback_launches_on_demand_and_says_so(aws, monkeypatch, code: st
         assert len(proxy.passed_run_instances) == 1
     finally:
         proxy.close()
+
+
+# -- a spot instance reclaimed mid-job, stopped by AWS and started again when capacity returns ----------
+#
+# moto holds the instance's state and the loopback sshd stands in for the machine. The fake
+# IMDSv2 of test_spot.py sends the reclaim notice to the worker; "AWS stopping the instance"
+# is moto's stop plus what a stop does to the machine's processes (every worker and supervisor
+# of the target SIGKILLed); "capacity returns" is moto's start. Each step waits for what the
+# client shows (Remote.waiting, the state its waiting line shows): no fixed sleep.
+
+GATED = (
+    "import os, time\n"
+    "print('attempt starts, a =', a, flush=True)\n"
+    "open({started!r}, 'a').write('x')\n"
+    "while not os.path.exists({gate!r}):\n"
+    "    time.sleep(0.02)\n"
+    "a = a + 1\n"
+    "print('finished with a =', a, flush=True)\n"
+)
+
+
+@pytest.fixture
+def spot_shell(shell: Any, ec2_env: Any) -> Any:  # noqa: F811
+    """The magics on a spot instance whose agent (and workers) ask the fake IMDS for a notice."""
+    from remotemagic.magics import _loaded
+
+    from .conftest import run_ok
+    from .test_spot import FakeIMDS
+
+    imds = FakeIMDS()
+    magics = _loaded[id(shell)]
+    try:
+        run_ok(shell, "%ec2 start --name spotty --spot")
+        remote = magics.remote
+        assert remote.instance.lifecycle == "spot" and remote.transport.agent_env.get("REMOTEMAGIC_SPOT") == "1"
+        remote.provider.poll_interval = 0.05
+        remote.transport.agent_env.update(REMOTEMAGIC_IMDS_URL=imds.url, REMOTEMAGIC_SPOT_POLL="0.1")
+        remote._conn.close()  # the next request starts an agent (and its workers) with that environment
+        yield SimpleNamespace(ip=shell, magics=magics, imds=imds, env=ec2_env)
+    finally:
+        imds.stop()
+
+
+def _reclaim(spot: Any, started: Path, back: bool = True, gate: Path | None = None) -> None:
+    """AWS's side of a reclaim, in step with what the client shows: the notice once the job runs;
+    the instance stopped (its processes gone) once the client waits; started again once the
+    client has seen it stopped."""
+    from .conftest import wait_for
+    from .test_spot import NOTICE, final_notice
+    from .workers import stop_workers
+
+    remote = spot.magics.remote
+    root, session = spot.env.root, remote.session
+    wait_for("the job to start", started.exists, timeout=60)
+    wait_for("the spot watcher to poll", lambda: spot.imds.count("GET", 404) >= 1, timeout=30)
+    spot.imds.notice = NOTICE
+    wait_for("the checkpoint at the notice", lambda: final_notice(root, session), timeout=60)
+    wait_for("the client to wait for the instance", lambda: remote.waiting, timeout=60)
+    stop_workers(root)
+    spot.imds.notice = None  # a restarted instance has no notice pending
+    ec2 = boto3.client("ec2", region_name=REGION)
+    iid = remote.instance.instance_id
+    ec2.stop_instances(InstanceIds=[iid])
+    wait_for("the client to see the instance stopped", lambda: (remote.waiting or {}).get("state") == "stopped",
+             timeout=60)
+    if gate is not None:
+        gate.touch()
+    if back:
+        ec2.start_instances(InstanceIds=[iid])
+
+
+def _cell_jobs(remote: Any) -> list[dict[str, Any]]:
+    return [j for j in remote.jobs() if j.get("kind", "cell") == "cell"]
+
+
+def test_spot_reclaim_waits_for_capacity_then_resubmits(spot_shell: Any, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    import threading
+
+    from .conftest import plain, run_ok, wait_for
+    from .test_recover import checkpointed_after
+
+    ip, remote = spot_shell.ip, spot_shell.magics.remote
+    run_ok(ip, "%%ec2 run\na = 41")
+    first = remote.last_job
+    wait_for("the checkpoint after the first cell",
+             lambda: checkpointed_after(spot_shell.env.root, remote.session, first.id), timeout=60)
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    aws_side = threading.Thread(target=_reclaim, args=(spot_shell, started), kwargs={"gate": gate})
+    aws_side.start()
+    capsys.readouterr()
+    try:
+        run_ok(ip, "%%ec2 run --retry 1 -o a\n" + GATED.format(started=str(started), gate=str(gate)))
+    finally:
+        aws_side.join()
+    out = capsys.readouterr()
+    text = plain(out.out + out.err)
+    assert ip.user_ns["a"] == 42  # from the attempt that finished, on the checkpoint's a = 41
+    assert text.count("attempt starts, a = 41") == 2, text  # both attempts' output, in the cell
+    assert text.count("finished with a = 42") == 1, text
+    assert "spot instance reclaim notice: stop at 2026-11-22T04:10:00Z" in text
+    iid = remote.instance.instance_id
+    waiting = f"spot instance spotty ({iid}) reclaimed, waiting for capacity since "
+    assert waiting in text and "(stopped; AWS starts it again when capacity returns)" in text, text
+    assert re.search(rf"spot instance spotty \({iid}\) was reclaimed at \d\d:\d\d and is back since \d\d:\d\d", text)
+    notes = [ln for ln in text.splitlines() if "attempt 2 of 2" in ln]
+    assert len(notes) == 1, text
+    assert "attempt 2 of 2: spot reclaim (stop at 2026-11-22T04:10:00Z); restored " in notes[0], notes
+    assert re.search(r"restored (\w+, )*a(, \w+)* from the checkpoint of", notes[0]), notes
+    assert remote.waiting is None and remote.instance.state == "running"
+    jobs = _cell_jobs(remote)
+    assert [j["state"] for j in jobs[-2:]] == ["interrupted", "done"]
+    reclaimed = remotemagic.Job(remote, jobs[-2]["id"])
+    assert reclaimed.wait() == "interrupted" and reclaimed.error().ename == "SpotInterruption"
+    # -o is pulled once, from the attempt that finished (the reclaimed one saved a = 41: not taken)
+    assert remote.last_job.id == jobs[-1]["id"] and remote.last_job.result() == {"a": 42}

@@ -11,6 +11,7 @@ from typing import Any
 
 from ... import notices
 from ... import progress as _progress
+from .comeback import Comeback
 from .errors import (
     AmbiguousInstanceError,
     AwsError,
@@ -39,7 +40,7 @@ from .network import public_ip_from_checkip
 log = logging.getLogger(__name__)
 
 
-class Ec2Provider(Launcher):
+class Ec2Provider(Launcher, Comeback):
     """Launch, attach to, stop, resize and terminate remotemagic's EC2 instances in one region.
 
     ``region``/``profile`` (or ``session``, a ``boto3.Session``) pick the AWS account and region
@@ -48,7 +49,8 @@ class Ec2Provider(Launcher):
     instance may sit without jobs or SSH connections before it stops itself (0: never).
 
     Its parts: :class:`~.client.Ec2Client` (clients, lookups, waits), :class:`~.pricing.Pricing`,
-    :class:`~.network.Network` (security group) and :class:`~.launch.Launcher`.
+    :class:`~.network.Network` (security group), :class:`~.launch.Launcher` and
+    :class:`~.comeback.Comeback` (a reclaimed spot instance started again by AWS).
 
     Attributes worth overriding: ``ami_ssm_parameter`` (architecture -> public SSM parameter of
     the default AMI), ``public_ip_lookup`` (callable returning this machine's public IP),
