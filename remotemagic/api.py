@@ -411,8 +411,8 @@ class Remote:
         session = job.meta.get("session") or self.session
         if any(s["name"] == session and s.get("alive") for s in self.sessions()):
             return  # its worker lived through (not a machine stop): its namespace is whole
-        try:
-            self.restore_checkpoint(session, on_event)
+        try:  # (auto_restore: the agent leaves the "namespace lost" notice to this restore)
+            self._internal_job("restore_checkpoint", [], session, on_event, auto_restore=True)
         except errors.RemoteError as exc:
             notices.notify(f"session '{session}' was not restored after the reclaim ({exc.ename}: {exc.evalue}); "
                            "it starts from a fresh namespace", logger=log)

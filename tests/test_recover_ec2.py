@@ -12,7 +12,7 @@ import boto3
 import pytest
 
 import remotemagic
-from remotemagic import retry
+from remotemagic import errors, retry
 from remotemagic.agent.recover import size
 
 from .test_ec2_provider import REGION, aws, moto_url, provider  # noqa: F401 (fixtures)
@@ -260,3 +260,82 @@ def test_spot_reclaim_waits_for_capacity_then_resubmits(spot_shell: Any, tmp_pat
     assert reclaimed.wait() == "interrupted" and reclaimed.error().ename == "SpotInterruption"
     # -o is pulled once, from the attempt that finished (the reclaimed one saved a = 41: not taken)
     assert remote.last_job.id == jobs[-1]["id"] and remote.last_job.result() == {"a": 42}
+
+
+def test_wait_follows_a_reclaimed_job_and_restores_the_session(spot_shell: Any, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    import threading
+
+    from .conftest import plain, run_ok, wait_for
+    from .test_recover import checkpointed_after
+
+    ip, remote = spot_shell.ip, spot_shell.magics.remote
+    run_ok(ip, "%%ec2 run\na = 41")
+    first = remote.last_job
+    wait_for("the checkpoint after the first cell",
+             lambda: checkpointed_after(spot_shell.env.root, remote.session, first.id), timeout=60)
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    run_ok(ip, "%%ec2 run --bg\n" + GATED.format(started=str(started), gate=str(gate)))
+    job = remote.last_job
+    aws_side = threading.Thread(target=_reclaim, args=(spot_shell, started))
+    aws_side.start()
+    capsys.readouterr()
+    try:
+        result = ip.run_cell(f"%ec2 wait {job.id}")
+    finally:
+        aws_side.join()
+    out = capsys.readouterr()
+    text = plain(out.out + out.err)
+    err = result.error_in_exec
+    assert isinstance(err, errors.RemoteError) and err.ename == "SpotInterruption", err  # the job's own end
+    iid = remote.instance.instance_id
+    assert f"spot instance spotty ({iid}) reclaimed, waiting for capacity since " in text, text
+    assert re.search(rf"spot instance spotty \({iid}\) was reclaimed at \d\d:\d\d and is back since", text), text
+    assert re.search(r"Restored 1 value\(s\) from the checkpoint of [\d-]+ [\d:]+: a\n", text), text
+    assert "namespace was lost" not in text, text  # the restore says what came back
+    assert len(_cell_jobs(remote)) == 2  # %ec2 wait does not run the job again
+    run_ok(ip, "%%ec2 run -o b\nb = a + 1")  # the session resumes from the checkpoint at the notice
+    assert ip.user_ns["b"] == 42
+
+
+@pytest.mark.parametrize("minutes", [0, 0.005])
+def test_reclaim_wait_is_bounded(spot_shell: Any, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                 minutes: float) -> None:
+    """0: not waiting at all; else at the bound (the instance never stopped) a notice ends the wait
+    and the job's own error stands; nothing is resubmitted."""
+    import threading
+
+    from .conftest import plain, run_ok, wait_for
+    from .test_spot import NOTICE
+
+    ip, remote = spot_shell.ip, spot_shell.magics.remote
+    run_ok(ip, f"%config Ec2Magics.reclaim_wait_minutes = {minutes}")
+    run_ok(ip, "%%ec2 run\na = 41")
+    started, gate = tmp_path / "started", tmp_path / "gate"
+
+    def notice() -> None:
+        wait_for("the job to start", started.exists, timeout=60)
+        wait_for("the spot watcher to poll", lambda: spot_shell.imds.count("GET", 404) >= 1, timeout=30)
+        spot_shell.imds.notice = NOTICE
+
+    aws_side = threading.Thread(target=notice)
+    aws_side.start()
+    capsys.readouterr()
+    try:
+        result = ip.run_cell("%%ec2 run --retry 2 -o a\n" + GATED.format(started=str(started), gate=str(gate)))
+    finally:
+        aws_side.join()
+    out = capsys.readouterr()
+    text = plain(out.out + out.err)
+    err = result.error_in_exec
+    assert isinstance(err, errors.RemoteError) and err.ename == "SpotInterruption", err
+    iid = remote.instance.instance_id
+    if minutes:
+        assert (f"[remotemagic] warning: spot instance spotty ({iid}) did not come back within {minutes:g} min "
+                "(Ec2Magics.reclaim_wait_minutes; it is running): the job is not resubmitted.") in text, text
+    else:
+        assert (f"[remotemagic] warning: spot instance spotty ({iid}) was reclaimed (spot reclaim (stop at "
+                f"{NOTICE['time']})); not waiting for it to come back (reclaim_wait_minutes = 0)") in text, text
+        assert "waiting for capacity" not in text
+    assert text.count("attempt starts, a = 41") == 1 and "attempt 2" not in text, text
+    assert remote.waiting is None and len(_cell_jobs(remote)) == 2
