@@ -353,6 +353,8 @@ class Remote:
             why = retry.why_retry(job.status)
             if why is None:
                 break
+            if job.reclaimed_under:
+                why = "spot reclaim (the instance was stopped under the job)"
             if reclaim.reclaimed(job.status) and reclaim.can_wait(self):
                 if not reclaim.wait_for_return(self, on_event, why, since=job.status.get("finished")):
                     break  # a notice said why; the reclaimed attempt's error stands
@@ -375,6 +377,7 @@ class Remote:
                 raise
             if not reclaim.wait_for_return(self, on_event, "the link was lost as AWS stopped the instance"):
                 raise
+        job.reclaimed_under = True
         try:
             job.follow(on_event)
         except errors.UnknownJobError:  # it never reached the target: this attempt again

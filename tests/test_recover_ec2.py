@@ -339,3 +339,102 @@ def test_reclaim_wait_is_bounded(spot_shell: Any, tmp_path: Path, capsys: pytest
         assert "waiting for capacity" not in text
     assert text.count("attempt starts, a = 41") == 1 and "attempt 2" not in text, text
     assert remote.waiting is None and len(_cell_jobs(remote)) == 2
+
+
+class MachineLink:
+    """The way to the "instance": a TCP forwarder to the loopback sshd that can go down like a
+    stopped machine (live connections cut, new ones refused) and come back."""
+
+    def __init__(self, port: int):
+        from .sshd import TCPProxy
+
+        self.proxy = TCPProxy(port)
+        self.proxy.target = ("127.0.0.1", port)
+        self.up_port = port
+
+    def down(self) -> None:
+        self.proxy.target = ("127.0.0.1", _closed_port())  # new connections are refused upstream
+        self.proxy.cut()
+
+    def up(self) -> None:
+        self.proxy.target = ("127.0.0.1", self.up_port)
+
+    def close(self) -> None:
+        self.proxy.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_link_lost_as_aws_stops_the_instance_then_resubmitted(ec2_env: Any, tmp_path: Path) -> None:  # noqa: F811
+    """No notice reached us: the link drops as the instance stops. With --retry the client asks
+    AWS, sees the instance down, waits for it, follows the job to its end (its worker went with
+    the machine) and runs it again on the last checkpoint."""
+    import threading
+
+    from .conftest import wait_for
+    from .ssh_fixtures import TEST_PYTHON
+    from .test_recover import checkpointed_after
+    from .test_spot import FakeIMDS
+    from .workers import stop_workers
+
+    link = MachineLink(ec2_env.sshd.port)
+    imds = FakeIMDS()  # never sends a notice (and keeps the spot watcher on loopback)
+    known = tmp_path / "known_hosts_link"
+    key = ec2_env.sshd.host_key_line.split(" ", 1)[1]
+    known.write_text(f"[127.0.0.1]:{link.proxy.port} {key}\n")
+    cfg = tmp_path / "ssh_config_link"
+    cfg.write_text(f"Host i-*\n  HostName 127.0.0.1\n  Port {link.proxy.port}\n  User {ec2_env.sshd.user}\n"
+                   f"  IdentityFile {ec2_env.sshd.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known}\n")
+    p = provider()
+    r = remotemagic.connect_ec2("lost", provider=p, spot=True, instance_type="t3.micro", ami="al2023",
+                                ssh_config=str(cfg), python=TEST_PYTHON, root=str(ec2_env.root),
+                                show_progress=False, reconnect_timeout=1.0)
+    try:
+        r.transport.agent_env.update(REMOTEMAGIC_IMDS_URL=imds.url, REMOTEMAGIC_SPOT_POLL="0.1")
+        r._conn.close()
+        first = r.run("a = 41")
+        wait_for("the checkpoint", lambda: checkpointed_after(ec2_env.root, r.session, first.id), timeout=60)
+        started, gate = tmp_path / "started", tmp_path / "gate"
+        iid = r.instance.instance_id
+        ec2 = boto3.client("ec2", region_name=REGION)
+
+        def aws_stops_it() -> None:
+            wait_for("the job to start", started.exists, timeout=60)
+            ec2.stop_instances(InstanceIds=[iid])
+            stop_workers(ec2_env.root)
+            link.down()
+            wait_for("the client to see the instance stopped", lambda: (r.waiting or {}).get("state") == "stopped",
+                     timeout=60)
+            gate.touch()
+            link.up()
+            ec2.start_instances(InstanceIds=[iid])
+
+        aws_side = threading.Thread(target=aws_stops_it)
+        aws_side.start()
+        events: list[dict[str, Any]] = []
+        try:
+            job = r.run(GATED.format(started=str(started), gate=str(gate)), pull=["a"], retries=1,
+                        on_event=events.append)
+        finally:
+            aws_side.join()
+        assert job.result() == {"a": 42}
+        streams = "".join(e.get("text", "") for e in events if e["type"] == "stream")
+        assert streams.count("attempt starts, a = 41") == 2 and "finished with a = 42" in streams, streams
+        shown = [e["data"]["text/plain"] for e in events if e["type"] in ("display_data", "update_display_data")]
+        assert any(f"spot instance lost ({iid}) reclaimed, waiting for capacity since" in s and "(stopped;" in s
+                   for s in shown), shown
+        notes = [e["text"] for e in events if e["type"] == "notice"]
+        assert len(notes) == 1 and notes[0].startswith(
+            "attempt 2 of 2: spot reclaim (the instance was stopped under the job); restored a from the checkpoint of"
+        ), notes
+        assert [j["state"] for j in r.jobs()[-2:]] == ["failed", "done"]
+    finally:
+        r.close()
+        imds.stop()
+        link.close()
