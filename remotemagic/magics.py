@@ -12,7 +12,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from traitlets import Bool, Dict, Enum, Float, Int, List, Unicode, observe
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, observe, validate
 
 from . import api, envsync, errors, interrupts, magic_parsers, notebook, notices, state, storemagic, tables
 from .agent import files
@@ -129,6 +129,12 @@ class Ec2Magics(Magics):
         self.close()
         self.where = None
         self.use_error = None
+
+    @validate("reclaim_wait_minutes")
+    def _check_reclaim_wait(self, proposal: Any) -> float:
+        if not proposal["value"] >= 0:
+            raise TraitError(f"reclaim_wait_minutes must be >= 0 (0: do not wait), not {proposal['value']!r}")
+        return float(proposal["value"])
 
     @observe("worker_idle_hours")
     def _idle_changed(self, change: Any) -> None:
@@ -282,7 +288,7 @@ class Ec2Magics(Magics):
             raise UsageError("--retry applies to jobs in the foreground, not with --bg")
         render = Renderer(remote=remote)
         remote.last_job = None
-        remote.reclaim_wait_minutes = max(0.0, self.reclaim_wait_minutes)
+        remote.reclaim_wait_minutes = self.reclaim_wait_minutes
         origin = notebook.current_origin(self.ip)
         watch = notebook.FrontendWatch(origin, root=remote.state_root)
         try:
@@ -385,7 +391,7 @@ class Ec2Magics(Magics):
         render = Renderer(remote=remote)
         for event in job.events():
             render(event)
-        remote.reclaim_wait_minutes = max(0.0, self.reclaim_wait_minutes)
+        remote.reclaim_wait_minutes = self.reclaim_wait_minutes
         try:
             remote.wait_through_reclaim(job, timeout=args.timeout, on_event=render)
         except TimeoutError as exc:

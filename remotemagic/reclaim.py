@@ -99,7 +99,7 @@ def wait_for_return(remote: Any, on_event: EventHandler | None, why: str, since:
     ``why`` says what ended the job (``spot reclaim (stop at ...)``, ``connection lost``);
     ``since`` is when the reclaim was noticed (default: now). True once reconnected; False --
     after a notice saying why -- if the wait is off (``reclaim_wait_minutes = 0``), reached its
-    bound, or the instance will not come back."""
+    bound, or the instance will not come back, or the user pressed Ctrl-C."""
     instance = remote.instance
     name = f"{instance.name} ({instance.instance_id})"
     minutes = float(getattr(remote, "reclaim_wait_minutes", 0) or 0)
@@ -109,6 +109,15 @@ def wait_for_return(remote: Any, on_event: EventHandler | None, why: str, since:
         _say(on_event, f"spot instance {name} was reclaimed ({why}); not waiting for it to come back "
                        f"(reclaim_wait_minutes = 0): %ec2 start --name {instance.name} starts it again")
         return False
+    try:
+        return _wait_and_reattach(remote, on_event, name, minutes, since, start)
+    finally:
+        remote.waiting = None
+
+
+def _wait_and_reattach(remote: Any, on_event: EventHandler | None, name: str, minutes: float, since: float,
+                       start: float) -> bool:
+    instance = remote.instance
     head = f"spot instance {name} reclaimed, waiting for capacity since {_clock(since)}"
     line = StatusLine(on_event)
     last = {"state": "running", "down": ""}
@@ -126,17 +135,20 @@ def wait_for_return(remote: Any, on_event: EventHandler | None, why: str, since:
     try:
         back = remote.provider.wait_until_back(instance.instance_id, timeout=minutes * 60, since=since,
                                                on_state=on_state)
+    except KeyboardInterrupt:  # Ctrl-C: stop waiting, the reclaimed job's end stands
+        line.show(f"{head}: stopped waiting (Ctrl-C)")
+        _say(on_event, f"stopped waiting for spot instance {name}: nothing is run again. "
+                       f"%ec2 start --name {instance.name} starts it again once AWS has capacity")
+        return False
     except TimeoutError:
-        remote.waiting = None
         line.show(f"{head}: gave up after {minutes:g} min")
         _say(on_event, f"spot instance {name} did not come back within {minutes:g} min "
-                       f"(Ec2Magics.reclaim_wait_minutes; it is {last['state']}): the job is not resubmitted. "
+                       f"(Ec2Magics.reclaim_wait_minutes; it is {last['state']}): nothing is run again. "
                        f"%ec2 start --name {instance.name} starts it again, or --spot --fallback on a new instance")
         return False
     except ProviderError as exc:
-        remote.waiting = None
-        line.show(f"{head}: it will not come back")
-        _say(on_event, f"spot instance {name} will not come back: {exc}")
+        line.show(f"{head}: stopped waiting")
+        _say(on_event, f"stopped waiting for spot instance {name}: {type(exc).__name__}: {exc}")
         return False
     back.user = instance.user
     remote.waiting = {"since": since, "state": "reconnecting", "text": f"{head} (running again; reconnecting)",
@@ -145,11 +157,9 @@ def wait_for_return(remote: Any, on_event: EventHandler | None, why: str, since:
     try:
         remote.reattach(back, timeout=max(remote.reconnect_timeout, minutes * 60 - (time.time() - start)))
     except (errors.RemoteMagicError, OSError) as exc:
-        remote.waiting = None
         line.show(f"{head}: running again, but reconnecting failed")
         _say(on_event, f"spot instance {name} runs again but reconnecting to it failed: {exc}")
         return False
-    remote.waiting = None
     took = (time.time() - since) / 60
     line.show(f"spot instance {name} was reclaimed at {_clock(since)} and is back since {_clock(time.time())} "
               f"({took:.0f} min), at {back.host}")

@@ -332,7 +332,7 @@ def test_reclaim_wait_is_bounded(spot_shell: Any, tmp_path: Path, capsys: pytest
     iid = remote.instance.instance_id
     if minutes:
         assert (f"[remotemagic] warning: spot instance spotty ({iid}) did not come back within {minutes:g} min "
-                "(Ec2Magics.reclaim_wait_minutes; it is running): the job is not resubmitted.") in text, text
+                "(Ec2Magics.reclaim_wait_minutes; it is running): nothing is run again.") in text, text
     else:
         assert (f"[remotemagic] warning: spot instance spotty ({iid}) was reclaimed (spot reclaim (stop at "
                 f"{NOTICE['time']})); not waiting for it to come back (reclaim_wait_minutes = 0)") in text, text
@@ -438,3 +438,30 @@ def test_link_lost_as_aws_stops_the_instance_then_resubmitted(ec2_env: Any, tmp_
         r.close()
         imds.stop()
         link.close()
+
+
+def test_wait_until_back_follows_the_instance_states(aws) -> None:  # noqa: F811
+    """The provider's side alone: down and up again, a bound, and an instance that will not come back."""
+    from remotemagic.providers.ec2 import InstanceStateError, WaitTimeoutError
+
+    p = provider()
+    info = p.start("comeback", instance_type="t3.micro", spot=True, progress=False)
+    assert info.lifecycle == "spot"
+    ec2 = boto3.client("ec2", region_name=REGION)
+    seen: list[str] = []
+
+    def aws_meanwhile(state: str) -> None:  # called at each poll: AWS stops it, then starts it again
+        seen.append(state)
+        if state == "running" and len(seen) == 1:
+            ec2.stop_instances(InstanceIds=[info.instance_id])
+        elif state == "stopped":
+            ec2.start_instances(InstanceIds=[info.instance_id])
+
+    back = p.wait_until_back(info.instance_id, timeout=30, on_state=aws_meanwhile)
+    assert back.state == "running" and back.instance_id == info.instance_id
+    assert seen == ["running", "stopped", "running"], seen
+    with pytest.raises(WaitTimeoutError, match="is still running after"):
+        p.wait_until_back(info.instance_id, timeout=0.1)  # never stopped: the bound ends the wait
+    p.terminate(info.instance_id, wait=True, progress=False)
+    with pytest.raises(InstanceStateError, match="is terminated.*will not come back"):
+        p.wait_until_back(info.instance_id, timeout=30)
