@@ -179,7 +179,7 @@ def spot_shell(shell: Any, ec2_env: Any) -> Any:  # noqa: F811
         run_ok(shell, "%ec2 start --name spotty --spot")
         remote = magics.remote
         assert remote.instance.lifecycle == "spot" and remote.transport.agent_env.get("REMOTEMAGIC_SPOT") == "1"
-        remote.provider.poll_interval = 0.05
+        remote.provider.reclaim_poll_interval = 0.05
         remote.transport.agent_env.update(REMOTEMAGIC_IMDS_URL=imds.url, REMOTEMAGIC_SPOT_POLL="0.1")
         remote._conn.close()  # the next request starts an agent (and its workers) with that environment
         yield SimpleNamespace(ip=shell, magics=magics, imds=imds, env=ec2_env)
@@ -371,12 +371,10 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_link_lost_as_aws_stops_the_instance_then_resubmitted(ec2_env: Any, tmp_path: Path) -> None:  # noqa: F811
-    """No notice reached us: the link drops as the instance stops. With --retry the client asks
-    AWS, sees the instance down, waits for it, follows the job to its end (its worker went with
-    the machine) and runs it again on the last checkpoint."""
-    import threading
-
+@pytest.fixture
+def lost_link(ec2_env: Any, tmp_path: Path) -> Any:  # noqa: F811
+    """A spot instance reached through a :class:`MachineLink`, with a first cell (``a = 41``)
+    checkpointed; ``stop()`` is AWS stopping it under a job without a notice reaching us."""
     from .conftest import wait_for
     from .ssh_fixtures import TEST_PYTHON
     from .test_recover import checkpointed_after
@@ -386,12 +384,12 @@ def test_link_lost_as_aws_stops_the_instance_then_resubmitted(ec2_env: Any, tmp_
     link = MachineLink(ec2_env.sshd.port)
     imds = FakeIMDS()  # never sends a notice (and keeps the spot watcher on loopback)
     known = tmp_path / "known_hosts_link"
-    key = ec2_env.sshd.host_key_line.split(" ", 1)[1]
-    known.write_text(f"[127.0.0.1]:{link.proxy.port} {key}\n")
+    known.write_text(f"[127.0.0.1]:{link.proxy.port} {ec2_env.sshd.host_key_line.split(' ', 1)[1]}\n")
     cfg = tmp_path / "ssh_config_link"
     cfg.write_text(f"Host i-*\n  HostName 127.0.0.1\n  Port {link.proxy.port}\n  User {ec2_env.sshd.user}\n"
                    f"  IdentityFile {ec2_env.sshd.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known}\n")
     p = provider()
+    p.reclaim_poll_interval = 0.05
     r = remotemagic.connect_ec2("lost", provider=p, spot=True, instance_type="t3.micro", ami="al2023",
                                 ssh_config=str(cfg), python=TEST_PYTHON, root=str(ec2_env.root),
                                 show_progress=False, reconnect_timeout=1.0)
@@ -400,11 +398,12 @@ def test_link_lost_as_aws_stops_the_instance_then_resubmitted(ec2_env: Any, tmp_
         r._conn.close()
         first = r.run("a = 41")
         wait_for("the checkpoint", lambda: checkpointed_after(ec2_env.root, r.session, first.id), timeout=60)
-        started, gate = tmp_path / "started", tmp_path / "gate"
         iid = r.instance.instance_id
         ec2 = boto3.client("ec2", region_name=REGION)
 
-        def aws_stops_it() -> None:
+        def stop(started: Path, gate: Path) -> None:
+            """Once the job runs: the instance stops (its processes and link with it); started
+            again once the client shows it waiting for the stopped instance."""
             wait_for("the job to start", started.exists, timeout=60)
             ec2.stop_instances(InstanceIds=[iid])
             stop_workers(ec2_env.root)
@@ -415,29 +414,62 @@ def test_link_lost_as_aws_stops_the_instance_then_resubmitted(ec2_env: Any, tmp_
             link.up()
             ec2.start_instances(InstanceIds=[iid])
 
-        aws_side = threading.Thread(target=aws_stops_it)
-        aws_side.start()
-        events: list[dict[str, Any]] = []
-        try:
-            job = r.run(GATED.format(started=str(started), gate=str(gate)), pull=["a"], retries=1,
-                        on_event=events.append)
-        finally:
-            aws_side.join()
-        assert job.result() == {"a": 42}
-        streams = "".join(e.get("text", "") for e in events if e["type"] == "stream")
-        assert streams.count("attempt starts, a = 41") == 2 and "finished with a = 42" in streams, streams
-        shown = [e["data"]["text/plain"] for e in events if e["type"] in ("display_data", "update_display_data")]
-        assert any(f"spot instance lost ({iid}) reclaimed, waiting for capacity since" in s and "(stopped;" in s
-                   for s in shown), shown
-        notes = [e["text"] for e in events if e["type"] == "notice"]
-        assert len(notes) == 1 and notes[0].startswith(
-            "attempt 2 of 2: spot reclaim (the instance was stopped under the job); restored a from the checkpoint of"
-        ), notes
-        assert [j["state"] for j in r.jobs()[-2:]] == ["failed", "done"]
+        yield SimpleNamespace(remote=r, stop=stop, iid=iid)
     finally:
         r.close()
         imds.stop()
         link.close()
+
+
+def _waiting_lines(events: list[dict[str, Any]]) -> list[str]:
+    return [e["data"]["text/plain"] for e in events if e["type"] in ("display_data", "update_display_data")]
+
+
+def test_link_lost_as_aws_stops_the_instance_then_resubmitted(lost_link: Any, tmp_path: Path) -> None:
+    """No notice reached us: the link drops as the instance stops. With --retry the client asks
+    AWS, sees the instance down, waits for it, follows the job to its end (its worker went with
+    the machine) and runs it again on the last checkpoint."""
+    import threading
+
+    r, started, gate = lost_link.remote, tmp_path / "started", tmp_path / "gate"
+    aws_side = threading.Thread(target=lost_link.stop, args=(started, gate))
+    aws_side.start()
+    events: list[dict[str, Any]] = []
+    try:
+        job = r.run(GATED.format(started=str(started), gate=str(gate)), pull=["a"], retries=1, on_event=events.append)
+    finally:
+        aws_side.join()
+    assert job.result() == {"a": 42}
+    streams = "".join(e.get("text", "") for e in events if e["type"] == "stream")
+    assert streams.count("attempt starts, a = 41") == 2 and "finished with a = 42" in streams, streams
+    assert any(f"spot instance lost ({lost_link.iid}) reclaimed, waiting for capacity since" in s and "(stopped;" in s
+               for s in _waiting_lines(events)), events
+    notes = [e["text"] for e in events if e["type"] == "notice"]
+    assert len(notes) == 1 and notes[0].startswith(
+        "attempt 2 of 2: spot reclaim (the instance was stopped under the job); restored a from the checkpoint of"
+    ), notes
+    assert [j["state"] for j in r.jobs()[-2:]] == ["failed", "done"]
+
+
+def test_wait_through_a_lost_link_restores_the_session(lost_link: Any, tmp_path: Path) -> None:
+    """``Remote.wait_through_reclaim`` (``%ec2 wait``): the link drops as the instance stops; it
+    waits, follows the job to its end (failed with its machine) and restores the checkpoint."""
+    import threading
+
+    r, started, gate = lost_link.remote, tmp_path / "started", tmp_path / "gate"
+    job = r.run(GATED.format(started=str(started), gate=str(gate)), background=True)
+    aws_side = threading.Thread(target=lost_link.stop, args=(started, gate))
+    aws_side.start()
+    events: list[dict[str, Any]] = []
+    try:
+        state = r.wait_through_reclaim(job, on_event=events.append)
+    finally:
+        aws_side.join()
+    assert state == "failed" and job.error().ename == "WorkerDied"
+    assert any("(stopped;" in s for s in _waiting_lines(events)), events
+    streams = "".join(e.get("text", "") for e in events if e["type"] == "stream")
+    assert re.search(r"Restored 1 value\(s\) from the checkpoint of [\d-]+ [\d:]+: a\n", streams), streams
+    assert r.run("b = a + 1", pull=["b"]).result() == {"b": 42}
 
 
 def test_wait_until_back_follows_the_instance_states(aws) -> None:  # noqa: F811
@@ -445,6 +477,7 @@ def test_wait_until_back_follows_the_instance_states(aws) -> None:  # noqa: F811
     from remotemagic.providers.ec2 import InstanceStateError, WaitTimeoutError
 
     p = provider()
+    p.reclaim_poll_interval = 0.02
     info = p.start("comeback", instance_type="t3.micro", spot=True, progress=False)
     assert info.lifecycle == "spot"
     ec2 = boto3.client("ec2", region_name=REGION)

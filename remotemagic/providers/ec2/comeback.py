@@ -49,7 +49,7 @@ class Comeback(Ec2Client):
 
         An instance still ``running`` counts as not yet stopped (a reclaim notice comes up to two
         minutes ahead) unless EC2's LaunchTime shows it was started again after ``since``.
-        ``on_state`` gets every state seen (each poll). :class:`InstanceStateError` if it is
+        ``on_state`` gets every state seen (each poll, every ``reclaim_poll_interval`` s). :class:`InstanceStateError` if it is
         terminated (a one-time request, or it was terminated meanwhile: it never comes back);
         :class:`WaitTimeoutError` after ``timeout`` seconds.
         """
@@ -72,4 +72,4 @@ class Comeback(Ec2Client):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeoutError(f"{instance_id} is still {state} after {timeout / 60:g} min")
-            time.sleep(min(self.poll_interval, left))
+            time.sleep(min(self.reclaim_poll_interval, left))

@@ -54,7 +54,8 @@ class Ec2Provider(Launcher, Comeback):
 
     Attributes worth overriding: ``ami_ssm_parameter`` (architecture -> public SSM parameter of
     the default AMI), ``public_ip_lookup`` (callable returning this machine's public IP),
-    ``poll_interval`` (seconds between state polls).
+    ``poll_interval`` (seconds between state polls), ``reclaim_poll_interval`` (the same while a
+    reclaimed spot instance is awaited).
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class Ec2Provider(Launcher, Comeback):
         self.public_ip_lookup = public_ip_lookup or public_ip_from_checkip
         self.ami_ssm_parameter = dict(ami_ssm_parameter or UBUNTU_SSM)
         self.poll_interval = 3.0
+        self.reclaim_poll_interval = 10.0  # a reclaimed spot instance comes back in minutes or hours
         self.console_poll_interval = 10.0
         self.pricing_timeout = 3.0
         self._session = session
