@@ -355,7 +355,7 @@ class Remote:
                 break
             if job.reclaimed_under:
                 why = "spot reclaim (the instance was stopped under the job)"
-            if reclaim.reclaimed(job.status) and reclaim.can_wait(self):
+            if reclaim.reclaimed(job.status) and not job.reclaimed_under and reclaim.can_wait(self):
                 if not reclaim.wait_for_return(self, on_event, why, since=job.status.get("finished")):
                     break  # a notice said why; the reclaimed attempt's error stands
             job = self._attempt(code, push, pull, background, session, on_event,
