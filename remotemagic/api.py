@@ -19,9 +19,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from . import envsync, errors, notices, progress, retry, state, transfer, values
+from . import envsync, errors, notices, progress, reclaim, retry, state, transfer, values
 from .agent import files
 from .connection import AgentConnection, CallReader, read_streamed_object
 from .jobs import EventHandler, Job, OutputPrefetch, parse_events
@@ -38,6 +38,7 @@ CHECKPOINT_LIMIT = 64 * 1024**2
 HEARTBEAT_EVERY = 60.0  # seconds, while a tunnel is open
 WORKER_IDLE_HOURS = 24.0
 STOP_GRACE = 5.0  # seconds between interrupt, SIGTERM and SIGKILL when a worker is stopped
+RECLAIM_WAIT_MINUTES = 60.0  # how long to wait for a reclaimed spot instance to come back
 
 
 class Remote:
@@ -61,11 +62,23 @@ class Remote:
         package_sync: str = "auto",
         offline_install: bool = False,
         auto_restore: bool = False,
+        reclaim_wait_minutes: float = RECLAIM_WAIT_MINUTES,
     ):
         self.transport = transport
         #: After the session's worker died (or the machine restarted), the next cell first loads
         #: the last checkpoint into the new worker and says what came back (a notice in its log).
         self.auto_restore = bool(auto_restore)
+        if not reclaim_wait_minutes >= 0:
+            raise ValueError(f"reclaim_wait_minutes must be >= 0 (0: do not wait), not {reclaim_wait_minutes!r}")
+        #: How long ``run(..., retries=N)`` and :meth:`wait_through_reclaim` wait for a reclaimed
+        #: spot instance to be started again by AWS (see :mod:`remotemagic.reclaim`; 0: not at all).
+        self.reclaim_wait_minutes = float(reclaim_wait_minutes)
+        #: While waiting for a reclaimed spot instance: ``{"since", "state", "text", "instance"}``
+        #: (what the cell's waiting line shows); None otherwise.
+        self.waiting: dict[str, Any] | None = None
+        #: Builds the transport to the same machine after it came back with a new address (set by
+        #: the ``ec2`` kind; None: this target's machine does not come back by itself).
+        self.reopen_transport: Callable[[Any], Transport] | None = None
         self.target = transport.name
         self.session = files.check_name("session", session)
         self.cwd = cwd
@@ -225,6 +238,30 @@ class Remote:
                 self._conn = None
             self.transport.close()
 
+    def reattach(self, instance: Any, timeout: float | None = None) -> None:
+        """The machine came back as ``instance`` (a new address): drop the old link and transport,
+        connect through a new one (the same agent environment), retrying for up to ``timeout`` s
+        while its SSH server starts."""
+        if self.reopen_transport is None:
+            raise ValueError(f"{self.target}: no way to reach its machine again")
+        with self._lock:
+            old = self.transport
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            old.close()
+            self.transport = self.reopen_transport(instance)
+            self.transport.agent_env.update(old.agent_env)
+            self.transport.offline_install = self.offline_install
+            self.instance = instance
+            self._known.clear()  # the object cache survives a stop, but ask again rather than assume
+            saved, self.reconnect_timeout = self.reconnect_timeout, max(self.reconnect_timeout, timeout or 0)
+            try:
+                self.connection()
+            finally:
+                self.reconnect_timeout = saved
+        log.warning("reconnected to %s at %s", self.target, getattr(instance, "host", "?"))
+
     # -- values --------------------------------------------------------------------------------
     def _push(self, items: dict[str, Any], code: str = "") -> dict[str, str]:
         """Pickle and upload the values the target does not have yet; return name -> hash.
@@ -291,7 +328,9 @@ class Remote:
         out-of-memory killer's SIGKILL, or its machine went away), run it again -- up to
         ``retries`` more times -- in a fresh worker that first restores the session's last
         checkpoint (see :mod:`remotemagic.retry`). The returned :class:`Job` is the last
-        attempt's. Not for background jobs; never when the cell itself raises.
+        attempt's. Not for background jobs; never when the cell itself raises. On a spot instance
+        that AWS reclaims, the next attempt first waits (up to ``reclaim_wait_minutes``) for AWS to
+        start the instance again and reconnects (see :mod:`remotemagic.reclaim`).
         """
         session = files.check_name("session", session or self.session)
         if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
@@ -307,17 +346,79 @@ class Remote:
                                  "stdin": bool(stdin and not background)}
         if origin:
             extra["origin"] = dict(origin)
-        job = self._run_once(code, push, pull, background, session, on_event, extra)
+        job = self._attempt(code, push, pull, background, session, on_event, extra, retries)
         if not background:
             retry.tell_memory(job, self)
         for n in range(2, retries + 2):
             why = retry.why_retry(job.status)
             if why is None:
                 break
-            job = self._run_once(code, push, pull, background, session, on_event,
-                                 {**extra, "attempt": {"n": n, "of": retries + 1, "why": why}})
+            if job.reclaimed_under:
+                why = "spot reclaim (the instance was stopped under the job)"
+            if reclaim.reclaimed(job.status) and not job.reclaimed_under and reclaim.can_wait(self):
+                if not reclaim.wait_for_return(self, on_event, why, since=job.status.get("finished")):
+                    break  # a notice said why; the reclaimed attempt's error stands
+            job = self._attempt(code, push, pull, background, session, on_event,
+                                {**extra, "attempt": {"n": n, "of": retries + 1, "why": why}}, retries)
             retry.tell_memory(job, self)
         return job
+
+    def _attempt(self, code: str, push: dict[str, Any] | None, pull: list[str], background: bool, session: str,
+                 on_event: EventHandler | None, extra: dict[str, Any], retries: int) -> Job:
+        """One attempt (:meth:`_run_once`). With ``retries``, a link lost because AWS stopped the
+        spot instance under the job is waited through: once the instance runs again, the job is
+        followed to its end (failed: its worker went with the machine) for the next attempt."""
+        try:
+            return self._run_once(code, push, pull, background, session, on_event, extra)
+        except errors.ConnectionLostError:
+            job = self.last_job
+            if not retries or background or job is None or not reclaim.can_wait(self) \
+                    or not reclaim.machine_down(self):
+                raise
+            if not reclaim.wait_for_return(self, on_event, "the link was lost as AWS stopped the instance"):
+                raise
+        job.reclaimed_under = True
+        try:
+            job.follow(on_event)
+        except errors.UnknownJobError:  # it never reached the target: this attempt again
+            return self._run_once(code, push, pull, background, session, on_event, extra)
+        return job
+
+    def wait_through_reclaim(self, job: Job, timeout: float | None = None,
+                             on_event: EventHandler | None = None) -> str:
+        """:meth:`Job.wait`, through a spot reclaim: if the job's spot instance is reclaimed while it
+        runs (the reclaim notice ends the job, or the link is lost as AWS stops the instance), wait
+        (up to ``reclaim_wait_minutes``) until AWS starts it again, reconnect, follow the job to its
+        end and restore the session's checkpoint -- taken at the reclaim notice -- into the fresh
+        worker. Returns the job's final state (the reclaimed job stays ``interrupted``/``failed``:
+        only ``run(..., retries=N)`` runs it again)."""
+        ended = job.meta.get("state") in files.TERMINAL or job.status.get("state") in files.TERMINAL
+        try:
+            job.wait(timeout, on_event)
+        except errors.ConnectionLostError:
+            if ended or not reclaim.can_wait(self) or not reclaim.machine_down(self):
+                raise
+            if not reclaim.wait_for_return(self, on_event, "the link was lost as AWS stopped the instance"):
+                raise
+            job.follow(on_event)
+            self._restore_after_reclaim(job, on_event)
+            return job.state
+        if not ended and reclaim.reclaimed(job.status) and reclaim.can_wait(self):
+            why = retry.why_retry(job.status) or "spot reclaim"
+            if reclaim.wait_for_return(self, on_event, why, since=job.status.get("finished")):
+                self._restore_after_reclaim(job, on_event)
+        return job.state
+
+    def _restore_after_reclaim(self, job: Job, on_event: EventHandler | None) -> None:
+        """After the instance came back: the job's session starts from its last checkpoint."""
+        session = job.meta.get("session") or self.session
+        if any(s["name"] == session and s.get("alive") for s in self.sessions()):
+            return  # its worker lived through (not a machine stop): its namespace is whole
+        try:  # (auto_restore: the agent leaves the "namespace lost" notice to this restore)
+            self._internal_job("restore_checkpoint", [], session, on_event, auto_restore=True)
+        except errors.RemoteError as exc:
+            notices.notify(f"session '{session}' was not restored after the reclaim ({exc.ename}: {exc.evalue}); "
+                           "it starts from a fresh namespace", logger=log)
 
     def _run_once(self, code: str, push: dict[str, Any] | None, pull: list[str], background: bool, session: str,
                   on_event: EventHandler | None, extra: dict[str, Any]) -> Job:

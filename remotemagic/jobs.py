@@ -154,6 +154,9 @@ class Job:
         self._values: dict[str, Any] = {}
         self._status: dict[str, Any] | None = None
         self._prefetch: dict[str, OutputPrefetch] = {}
+        #: set by ``Remote.run`` when its machine was stopped under this job (a spot reclaim that
+        #: cut the link) and came back: the job's end is put down to the reclaim
+        self.reclaimed_under = False
 
     def __repr__(self) -> str:
         return f"<Job {self.id} on {self.remote.target} [{self.state}]>"

@@ -12,7 +12,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from traitlets import Bool, Dict, Enum, Float, Int, List, Unicode, observe
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, observe, validate
 
 from . import api, envsync, errors, interrupts, magic_parsers, notebook, notices, state, storemagic, tables
 from .agent import files
@@ -67,6 +67,9 @@ class Ec2Magics(Magics):
     retries = Int(0, help="Default --retry for %%ec2 run: run a cell again (up to this many more times) when its "
                   "worker dies under it (SIGKILL, out of memory, its machine went away), first restoring the "
                   "checkpoint taken before it. Never when the cell itself raises (0: no retries).").tag(config=True)
+    reclaim_wait_minutes = Float(api.RECLAIM_WAIT_MINUTES, help="EC2 spot: when AWS reclaims the instance, "
+                                 "%%ec2 run --retry and %ec2 wait wait this many minutes for AWS to start it again "
+                                 "(a waiting line in the cell), then reconnect and resume (0: do not wait).").tag(config=True)
     auto_restore = Bool(False, help="After a session's worker died (or its machine restarted), the next cell first "
                         "restores the last checkpoint and says which values came back.").tag(config=True)
     show_progress = Bool(True, help="Progress bars for transfers above 16 MiB.").tag(config=True)
@@ -134,6 +137,12 @@ class Ec2Magics(Magics):
         self.close()
         self.where = None
         self.use_error = None
+
+    @validate("reclaim_wait_minutes")
+    def _check_reclaim_wait(self, proposal: Any) -> float:
+        if not proposal["value"] >= 0:
+            raise TraitError(f"reclaim_wait_minutes must be >= 0 (0: do not wait), not {proposal['value']!r}")
+        return float(proposal["value"])
 
     @observe("worker_idle_hours")
     def _idle_changed(self, change: Any) -> None:
@@ -287,6 +296,7 @@ class Ec2Magics(Magics):
             raise UsageError("--retry applies to jobs in the foreground, not with --bg")
         render = Renderer(remote=remote)
         remote.last_job = None
+        remote.reclaim_wait_minutes = self.reclaim_wait_minutes
         origin = notebook.current_origin(self.ip)
         watch = notebook.FrontendWatch(origin, root=remote.state_root)
         try:
@@ -386,11 +396,13 @@ class Ec2Magics(Magics):
 
     def _cmd_wait(self, args: argparse.Namespace) -> None:
         job = self._job(args.job)
-        render = Renderer(remote=job.remote)
+        remote = self.get_remote()
+        render = Renderer(remote=remote)
         for event in job.events():
             render(event)
+        remote.reclaim_wait_minutes = self.reclaim_wait_minutes
         try:
-            job.wait(timeout=args.timeout, on_event=render)
+            remote.wait_through_reclaim(job, timeout=args.timeout, on_event=render)
         except TimeoutError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:

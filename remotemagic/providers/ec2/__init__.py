@@ -12,7 +12,8 @@ The package's modules, one job each: :mod:`.errors` (errors, botocore translatio
 :mod:`.model` (tags, :class:`InstanceInfo`), :mod:`.userdata` (idle auto-stop; the check itself
 is ``idle_check.sh``), :mod:`.hostkeys` (console host keys, known_hosts), :mod:`.client` (boto3
 clients, lookups, waits), :mod:`.pricing`, :mod:`.network` (security group), :mod:`.launch`,
-:mod:`.provider` (:class:`Ec2Provider`) and :mod:`.kind` (the ``ec2`` target kind of the magics).
+:mod:`.comeback` (a reclaimed spot instance coming back), :mod:`.provider` (:class:`Ec2Provider`)
+and :mod:`.kind` (the ``ec2`` target kind of the magics).
 Every public name stays importable from here.
 """
 

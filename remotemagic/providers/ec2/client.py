@@ -41,6 +41,7 @@ class Ec2Client:
     public_ip_lookup: Callable[[], str]
     ami_ssm_parameter: dict[str, str]
     poll_interval: float
+    reclaim_poll_interval: float
     console_poll_interval: float
     pricing_timeout: float
     _session: Any

@@ -69,6 +69,13 @@ def connect_ec2(name: str, *, session: str | None = None, root: str | None = Non
     remote.instance = info
     remote.provider = provider
     remote.notices[:0] = early
+
+    def reopen(back: Any) -> Ec2Transport:
+        """The transport to the same instance after AWS started it again (a new address)."""
+        return Ec2Transport(provider, back, state_dir=Path(options.get("state_root") or state.state_dir()),
+                            root=root, progress=progress, **ssh_options)
+
+    remote.reopen_transport = reopen  # a reclaimed spot instance that comes back (remotemagic.reclaim)
     return remote
 
 

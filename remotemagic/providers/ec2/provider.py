@@ -11,6 +11,7 @@ from typing import Any
 
 from ... import notices
 from ... import progress as _progress
+from .comeback import Comeback
 from .errors import (
     AmbiguousInstanceError,
     AwsError,
@@ -39,7 +40,7 @@ from .network import public_ip_from_checkip
 log = logging.getLogger(__name__)
 
 
-class Ec2Provider(Launcher):
+class Ec2Provider(Launcher, Comeback):
     """Launch, attach to, stop, resize and terminate remotemagic's EC2 instances in one region.
 
     ``region``/``profile`` (or ``session``, a ``boto3.Session``) pick the AWS account and region
@@ -48,11 +49,13 @@ class Ec2Provider(Launcher):
     instance may sit without jobs or SSH connections before it stops itself (0: never).
 
     Its parts: :class:`~.client.Ec2Client` (clients, lookups, waits), :class:`~.pricing.Pricing`,
-    :class:`~.network.Network` (security group) and :class:`~.launch.Launcher`.
+    :class:`~.network.Network` (security group), :class:`~.launch.Launcher` and
+    :class:`~.comeback.Comeback` (a reclaimed spot instance started again by AWS).
 
     Attributes worth overriding: ``ami_ssm_parameter`` (architecture -> public SSM parameter of
     the default AMI), ``public_ip_lookup`` (callable returning this machine's public IP),
-    ``poll_interval`` (seconds between state polls).
+    ``poll_interval`` (seconds between state polls), ``reclaim_poll_interval`` (the same while a
+    reclaimed spot instance is awaited).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Ec2Provider(Launcher):
         self.public_ip_lookup = public_ip_lookup or public_ip_from_checkip
         self.ami_ssm_parameter = dict(ami_ssm_parameter or UBUNTU_SSM)
         self.poll_interval = 3.0
+        self.reclaim_poll_interval = 10.0  # a reclaimed spot instance comes back in minutes or hours
         self.console_poll_interval = 10.0
         self.pricing_timeout = 3.0
         self._session = session
