@@ -12,7 +12,7 @@ PKG = Path(remotemagic.__file__).parent
 
 #: modules (dotted, relative to the package) and packages that sit below ``api``
 BELOW_API_MODULES = {"jobs", "transfer", "connection", "state", "values", "notices", "render", "retry", "errors",
-                     "progress", "cellsync", "notebook", "fidelity"}
+                     "reclaim", "progress", "cellsync", "notebook", "fidelity"}
 BELOW_API_PACKAGES = {"agent", "transport", "providers", "envsync"}
 ABOVE = {"api", "magics"}
 #: the target kinds build a ``Remote`` (they sit beside ``connecting``, above api): the registry,
