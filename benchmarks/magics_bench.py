@@ -169,7 +169,8 @@ def kernel_drive(kernel_env: dict[str, str], use_line: str, spec: dict[str, Any]
         line = [x for x in text.splitlines() if x.startswith("RESULT ")][-1]
         out = json.loads(line[len("RESULT "):])
         out["_round_trip"] = {"magics_ms": _median_ms(trips["magics"]), "local_ms": _median_ms(trips["local"])}
-        _execute(kc, "_m = get_ipython().magics_manager.registry['Ec2Magics']\n_m.get_remote().stop_session()\n_m.close()", 60)
+        _execute(kc, "_m = get_ipython().magics_manager.registry['Ec2Magics']\n"
+                     "_m.get_remote().stop_session()\n_m.close()", 60)
         return out
     finally:
         kc.stop_channels()

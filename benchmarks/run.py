@@ -140,7 +140,8 @@ def run_cmd(cmd: list[str], stdin: Any = None, stdout: Any = subprocess.DEVNULL,
     proc = subprocess.run([str(c) for c in cmd], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, timeout=timeout)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-1000:]}")
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}): "
+                           f"{proc.stderr.decode(errors='replace')[-1000:]}")
     return elapsed
 
 
@@ -312,7 +313,8 @@ class Bench:
         self.tree_bytes = make_tree(self.tree, self.args.files)
         settle()
         print(f"data: {self.size / MiB:.0f} MiB random file, {self.size / MiB:.0f} MiB arange file, "
-              f"{self.args.files} files ({self.tree_bytes / MB:.1f} MB) in {time.perf_counter() - t0:.1f} s", flush=True)
+              f"{self.args.files} files ({self.tree_bytes / MB:.1f} MB) in {time.perf_counter() - t0:.1f} s",
+              flush=True)
 
     # -- OpenSSH ---------------------------------------------------------------------------------
     def openssh(self, link: str) -> None:
@@ -353,18 +355,21 @@ class Bench:
 
         setup = min(run_cmd(self.ssh(host, "true")) for _ in range(3))
         t = setup
-        res.add(Row(link, "latency: new connection + command", "OpenSSH ssh host true (fresh, best of 3)", t * 1000, "ms", t,
-                    note="includes key exchange and the login shell's rc files on this host"))
+        res.add(Row(link, "latency: new connection + command", "OpenSSH ssh host true (fresh, best of 3)",
+                    t * 1000, "ms", t, note="includes key exchange and the login shell's rc files on this host"))
         transfer("upload file", "OpenSSH scp", self.scp(self.src, f"{host}:{up}"), up)
         transfer("download file", "OpenSSH scp", self.scp(f"{host}:{self.src}", down), down)
         transfer("upload file", "OpenSSH ssh 'cat > f'", self.ssh(host, f"cat > {up}"), up, stdin=self.src)
         transfer("download file", "OpenSSH ssh 'cat f'", self.ssh(host, f"cat {self.src}"), down, stdout=down)
         if link == "lo":
-            transfer("upload file", "OpenSSH scp -c aes128-gcm", self.scp("-c", "aes128-gcm@openssh.com", self.src, f"{host}:{up}"), up)
+            transfer("upload file", "OpenSSH scp -c aes128-gcm",
+                     self.scp("-c", "aes128-gcm@openssh.com", self.src, f"{host}:{up}"), up)
         if link == "wan":
             # the compressible case: OpenSSH's own compression (zlib) as the baseline
-            transfer("upload compressible (arange)", "OpenSSH scp -C", self.scp("-C", self.comp_src, f"{host}:{up}"), up)
-            transfer("download compressible (arange)", "OpenSSH scp -C", self.scp("-C", f"{host}:{self.comp_src}", down), down)
+            transfer("upload compressible (arange)", "OpenSSH scp -C",
+                     self.scp("-C", self.comp_src, f"{host}:{up}"), up)
+            transfer("download compressible (arange)", "OpenSSH scp -C",
+                     self.scp("-C", f"{host}:{self.comp_src}", down), down)
         self.folders_openssh(link)
         self.latency_openssh(link)
 
@@ -404,7 +409,8 @@ class Bench:
         # tar through ssh: one stream, no per-file round trips (what remotemagic does too)
         dest = self.remote_files / "tar-tree"
         settle()
-        with subprocess.Popen(["tar", "-C", str(self.tree.parent), "-cf", "-", self.tree.name], stdout=subprocess.PIPE) as tar:
+        with subprocess.Popen(["tar", "-C", str(self.tree.parent), "-cf", "-", self.tree.name],
+                              stdout=subprocess.PIPE) as tar:
             t = run_cmd(self.ssh(host, f"mkdir -p {dest} && tar -C {dest} -xf -"), stdin=tar.stdout)
         assert sum(1 for _ in dest.rglob("*.bin")) == n
         remove(dest)
@@ -441,7 +447,8 @@ class Bench:
                 run_cmd(cmd)
             times = [run_cmd(cmd) for _ in range(n)]
             res.add(Row(link, "latency: command on open connection", "OpenSSH ssh -S sock host true (median)",
-                        statistics.median(times) * 1000, "ms", extra={"p10_ms": _pct(times, 10), "p90_ms": _pct(times, 90)},
+                        statistics.median(times) * 1000, "ms",
+                        extra={"p10_ms": _pct(times, 10), "p90_ms": _pct(times, 90)},
                         note="a new ssh process, a session channel and the login shell (bash rc files) per command"))
         finally:
             subprocess.run(["ssh", "-F", str(self.cfg), "-o", f"ControlPath={sock}", "-O", "exit", host],
@@ -451,8 +458,7 @@ class Bench:
             except subprocess.TimeoutExpired:
                 master.terminate()
                 master.wait()
-        from remotemagic.sshconfig import resolve
-        from remotemagic.transport.ssh import open_link
+        from remotemagic.transport.ssh import open_link, resolve
 
         lk = open_link(resolve(host, config_path=str(self.cfg)), keepalive=0)
         try:
@@ -472,7 +478,8 @@ class Bench:
                 exec_true()
             times = [exec_true() for _ in range(n)]
             res.add(Row(link, "latency: command on open connection", "paramiko exec_command('true') (median)",
-                        statistics.median(times) * 1000, "ms", extra={"p10_ms": _pct(times, 10), "p90_ms": _pct(times, 90)},
+                        statistics.median(times) * 1000, "ms",
+                        extra={"p10_ms": _pct(times, 10), "p90_ms": _pct(times, 90)},
                         note="open transport with TCP_NODELAY; each exec starts the login shell"))
             # the floor: one small message echoed on an already-open channel
             ch = t.open_session()
@@ -569,7 +576,8 @@ class Bench:
             base = res.get(link, "latency: command on open connection", "OpenSSH ssh -S sock host true (median)")
             res.add(Row(link, "latency: warm cell r.run('pass')", "remotemagic (median)", med, "ms",
                         baseline="ssh -S sock true" if base else None, ratio=med / base.value if base else None,
-                        target=f"<= {limit:g} ms" + (" (1.5 RTT + 20)" if link == "wan" else ""), status=status_of(med <= limit),
+                        target=f"<= {limit:g} ms" + (" (1.5 RTT + 20)" if link == "wan" else ""),
+                        status=status_of(med <= limit),
                         note=f"p10 {_pct(times, 10):.1f} ms, p90 {_pct(times, 90):.1f} ms over {len(times)} runs",
                         extra={"p10_ms": _pct(times, 10), "p90_ms": _pct(times, 90), "runs": len(times)}))
             pings = []
@@ -625,12 +633,12 @@ class Bench:
             r.run("pass", push={"x": arr})
             t_re = time.perf_counter() - t0
             wire_re = conn.bytes_sent - sent0
-            res.add(Row(link, "re-push unchanged array (dedup)", "remotemagic (time vs first push)", t_re * 1000, "ms", t_re,
-                        baseline="first push", ratio=t_re / t_push, target="<= 5 % of first push",
+            res.add(Row(link, "re-push unchanged array (dedup)", "remotemagic (time vs first push)", t_re * 1000, "ms",
+                        t_re, baseline="first push", ratio=t_re / t_push, target="<= 5 % of first push",
                         status=status_of(t_re <= 0.05 * t_push),
                         note=f"{wire_re} bytes sent on the wire (first push: {wire_push:,})"))
-            res.add(Row(link, "re-push unchanged array (dedup)", "remotemagic (bytes vs first push)", wire_re / MB, "MB",
-                        baseline="first push", ratio=wire_re / max(1, wire_push), target="<= 5 % of first push",
+            res.add(Row(link, "re-push unchanged array (dedup)", "remotemagic (bytes vs first push)", wire_re / MB,
+                        "MB", baseline="first push", ratio=wire_re / max(1, wire_push), target="<= 5 % of first push",
                         status=status_of(wire_re <= 0.05 * wire_push)))
             pull_times = []
             previous = None
@@ -648,9 +656,9 @@ class Bench:
                 assert y.nbytes == size and bool(np.array_equal(y[:4096], arr[:4096]))
                 assert bool(np.array_equal(y[-4096:], arr[-4096:]))
                 del y
-            self.vs_scp(link, "download array / file", "remotemagic pull array (.result())", size, pull_times, "download",
-                        note=f"{wire_pull / MB:.0f} MB on the wire; includes the worker writing y to disk (fsync), "
-                        "streamed while it is written, and unpickling here")
+            self.vs_scp(link, "download array / file", "remotemagic pull array (.result())", size, pull_times,
+                        "download", note=f"{wire_pull / MB:.0f} MB on the wire; includes the worker writing y to disk "
+                        "(fsync), streamed while it is written, and unpickling here")
             r.run("del x, y")
             del arr
 
@@ -716,8 +724,8 @@ class Bench:
         r.run("pass", push={"z": z})
         t = time.perf_counter() - t0
         wire = conn.bytes_sent - sent0
-        self.vs_compressible(link, "upload compressible (arange)", "remotemagic push (compression=auto)", z.nbytes, t, wire,
-                             "upload")
+        self.vs_compressible(link, "upload compressible (arange)", "remotemagic push (compression=auto)", z.nbytes, t,
+                             wire, "upload")
         settle()
         recv0 = conn.bytes_received
         t0 = time.perf_counter()
@@ -726,8 +734,8 @@ class Bench:
         wire = conn.bytes_received - recv0
         assert back.nbytes == z.nbytes and back[-1] == z[-1]
         del back
-        self.vs_compressible(link, "download compressible (arange)", "remotemagic pull (compression=auto)", z.nbytes, t, wire,
-                             "download")
+        self.vs_compressible(link, "download compressible (arange)", "remotemagic pull (compression=auto)", z.nbytes, t,
+                             wire, "download")
         r.run("del z, w")
 
     def vs_scp(self, link: str, what: str, contender: str, nbytes: int, times: list[float], way: str,
@@ -739,19 +747,21 @@ class Bench:
         if base and base.extra.get("setup_s") and base.seconds:
             net = nbytes / MB / (base.seconds - base.extra["setup_s"])
             note = (note + "; " if note else "") + f"x{rate / net:.2f} of scp with its connection setup taken out"
-        self.results.add(Row(link, what, contender, rate, "MB/s", t, baseline=f"scp {way}" if base else None, ratio=ratio,
-                             target=">= 0.80 x scp", status=status_of(ratio >= 0.8) if ratio is not None else None,
+        self.results.add(Row(link, what, contender, rate, "MB/s", t, baseline=f"scp {way}" if base else None,
+                             ratio=ratio, target=">= 0.80 x scp",
+                             status=status_of(ratio >= 0.8) if ratio is not None else None,
                              note=note, extra={"times_s": times}))
 
     def vs_folder(self, link: str, what: str, contender: str, n: int, t: float) -> None:
-        base = next((r for r in self.results.rows if r.link == link and r.what == what and r.contender.startswith("OpenSSH scp -r")), None)
+        base = next((r for r in self.results.rows
+                     if r.link == link and r.what == what and r.contender.startswith("OpenSSH scp -r")), None)
         rate = n / t
         ratio = rate / base.value if base else None
         tar = next((r for r in self.results.rows if r.link == link and r.what == what and "tar" in r.contender), None)
         note = f"{rate / tar.value:.2f}x the tar-over-ssh baseline ({tar.value:,.0f} files/s)" if tar else ""
-        self.results.add(Row(link, what, contender, rate, "files/s", t, baseline="scp -r" if base else None, ratio=ratio,
-                             target=">= 0.80 x scp -r", status=status_of(ratio >= 0.8) if ratio is not None else None,
-                             note=note))
+        self.results.add(Row(link, what, contender, rate, "files/s", t, baseline="scp -r" if base else None,
+                             ratio=ratio, target=">= 0.80 x scp -r",
+                             status=status_of(ratio >= 0.8) if ratio is not None else None, note=note))
 
     def vs_compressible(self, link: str, what: str, contender: str, nbytes: int, t: float, wire: int, way: str) -> None:
         base = self.results.get(link, what, "OpenSSH scp -C")
@@ -811,7 +821,8 @@ class Bench:
             self.results.add(Row(link, f"{way} {self.args.magics_mb} MiB file", "OpenSSH scp", scp[way], "MB/s",
                                  statistics.median(times), extra={"times_s": times}))
         array_mb = self.args.size_mb
-        namespaces = [[key, code.replace("{array_bytes}", str(array_mb * MiB))] for key, _, code in magics_bench.NAMESPACES]
+        namespaces = [[key, code.replace("{array_bytes}", str(array_mb * MiB))]
+                      for key, _, code in magics_bench.NAMESPACES]
         shown = f"{array_mb} MiB" if array_mb < 1024 else f"{array_mb / 1024:g} GiB"
         labels = {key: label.replace("{array_label}", shown) for key, label, _ in magics_bench.NAMESPACES}
         root = self.root("magics")
@@ -843,7 +854,8 @@ class Bench:
         self.results.add(Row(link, "kernel round trip: execute -> idle", "Jupyter client, %%ec2 run pass (median)",
                              trip["magics_ms"], "ms", baseline="a local 'pass' cell",
                              ratio=trip["magics_ms"] / trip["local_ms"],
-                             note=f"a local 'pass' cell: {trip['local_ms']:.1f} ms (the kernel's and the client's own cost)"))
+                             note=f"a local 'pass' cell: {trip['local_ms']:.1f} ms "
+                             "(the kernel's and the client's own cost)"))
         self.magics_rows(link, "Jupyter kernel", got, labels, scp)
         print(f"  (magics in a Jupyter kernel took {time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -855,7 +867,8 @@ class Bench:
             cell, api, empty = r["cell_ms"], r["api_ms"], r["empty_ms"]
             ok = cell <= 10.0 and cell <= 1.2 * empty
             res.add(Row(link, f"warm cell, namespace: {labels[key]}", f"%%ec2 run pass, {where} (median)", cell, "ms",
-                        baseline="an empty session, interleaved", ratio=cell / empty, target="<= 10 ms and <= 1.2x empty",
+                        baseline="an empty session, interleaved", ratio=cell / empty,
+                        target="<= 10 ms and <= 1.2x empty",
                         status=status_of(ok), note=f"p90 {r['cell_p90_ms']:.1f} ms; an empty session's cell "
                         f"{empty:.1f} ms and API r.run('pass') on this session {api:.1f} ms, interleaved with it; "
                         f"namespace set up in {r['setup_s']:.1f} s",
@@ -902,9 +915,10 @@ class Bench:
         t_cache = time.perf_counter() - t0
         del a, b
         remove(path)
-        self.results.add(Row("env", f"fresh memory, first touch ({when})", "numpy.ones 256 MiB", n / MB / t_anon, "MB/s",
-                             note=f"copy into fresh memory {n / MB / t_copy2:,.0f} MB/s, into touched memory "
-                             f"{n / MB / t_copy:,.0f} MB/s, write to a new file (page cache) {n / MB / t_cache:,.0f} MB/s"))
+        self.results.add(Row("env", f"fresh memory, first touch ({when})", "numpy.ones 256 MiB", n / MB / t_anon,
+                             "MB/s", note=f"copy into fresh memory {n / MB / t_copy2:,.0f} MB/s, into touched memory "
+                             f"{n / MB / t_copy:,.0f} MB/s, write to a new file (page cache) "
+                             f"{n / MB / t_cache:,.0f} MB/s"))
 
     # -- the whole run -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -981,7 +995,8 @@ def fill_wheelhouse() -> Path:
 
 def _git(*args: str) -> str:
     try:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -1013,8 +1028,9 @@ def memory_child(spec: dict[str, Any]) -> None:
         reset_peak(pid)
         reset_peak(worker)
         r.run("pass", push={"x": arr})
-        out["local_push"] = {"base": with_array, "base_what": "with the array in memory", "peak": vm_field(pid, "VmHWM"),
-                             "before_array": base_local, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        out["local_push"] = {"base": with_array, "base_what": "with the array in memory",
+                             "peak": vm_field(pid, "VmHWM"), "before_array": base_local,
+                             "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         out["worker_push"] = {"base": base_worker, "base_what": "idle worker", "peak": vm_field(worker, "VmHWM"),
                               "after": vm_field(worker, "VmRSS")}
         del arr
@@ -1024,7 +1040,8 @@ def memory_child(spec: dict[str, Any]) -> None:
         reset_peak(worker)
         y = r.run("y = x", pull=["y"]).result()["y"]
         assert y.nbytes == spec["size"]
-        out["local_pull"] = {"base": before_pull, "base_what": "before the pull, array freed", "peak": vm_field(pid, "VmHWM")}
+        out["local_pull"] = {"base": before_pull, "base_what": "before the pull, array freed",
+                             "peak": vm_field(pid, "VmHWM")}
         out["worker_pull"] = {"base": worker_before, "base_what": "worker holding x", "peak": vm_field(worker, "VmHWM")}
         del y
         r.stop_session()
@@ -1078,8 +1095,9 @@ def main(argv: list[str] | None = None) -> int:
         bench.stop()
     bench.meta["seconds"] = time.perf_counter() - t0
     header = (f"remotemagic benchmark -- {args.size_mb} MiB array/file, {args.files} files, WAN = "
-              f"{args.rtt_ms:g} ms RTT / {args.rate_mbit:g} Mbit/s; MB = 10^6 bytes; medians of {args.repeat} (loopback) / "
-              f"{args.wan_repeat} (WAN) bulk transfers; {bench.meta['seconds']:.0f} s; git {bench.meta.get('git_head')}"
+              f"{args.rtt_ms:g} ms RTT / {args.rate_mbit:g} Mbit/s; MB = 10^6 bytes; "
+              f"medians of {args.repeat} (loopback) / {args.wan_repeat} (WAN) bulk transfers; "
+              f"{bench.meta['seconds']:.0f} s; git {bench.meta.get('git_head')}"
               + (" + uncommitted changes" if bench.meta.get("git_dirty") else ""))
     print_table(bench.results, header)
     out = Path(args.json)

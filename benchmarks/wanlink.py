@@ -388,7 +388,8 @@ def selftest(delay: float = 0.020, rate_mbit: float = 200.0, seconds: float = 4.
         say(f"  ping-pong RTT (64 B, n={len(rtts)}): median {res['rtt_median_ms']:.2f} ms "
             f"(min {res['rtt_min_ms']:.2f}, max {res['rtt_max_ms']:.2f})")
         say(f"  bulk upload   {nbytes / 1e6:.0f} MB: {up_rate:.1f} Mbit/s ({nbytes / (up - 2 * delay) / 1e6:.1f} MB/s)")
-        say(f"  bulk download {nbytes / 1e6:.0f} MB: {down_rate:.1f} Mbit/s ({nbytes / (down - 2 * delay) / 1e6:.1f} MB/s)")
+        say(f"  bulk download {nbytes / 1e6:.0f} MB: {down_rate:.1f} Mbit/s "
+            f"({nbytes / (down - 2 * delay) / 1e6:.1f} MB/s)")
         say(f"  ping-pong RTT during an upload: median {res['rtt_loaded_median_ms']:.2f} ms")
         return res
     finally:
@@ -397,7 +398,8 @@ def selftest(delay: float = 0.020, rate_mbit: float = 200.0, seconds: float = 4.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--selftest", action="store_true", help="measure RTT and throughput through the link and exit")
     p.add_argument("--target", type=int, help="port on 127.0.0.1 to forward to")
     p.add_argument("--port", type=int, default=0, help="port to listen on (127.0.0.1; default: any free port)")

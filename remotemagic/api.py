@@ -11,8 +11,6 @@ and everything works the same from a script::
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import os
@@ -23,271 +21,24 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from . import envsync, errors, notices, progress, retry, state, values
+from . import envsync, errors, notices, progress, reclaim, retry, state, transfer, values
 from .agent import files, protocol
-from .connection import AgentConnection, Call
-from .transport.base import Transport
+from .connection import AgentConnection, CallReader, read_streamed_object
+from .jobs import EventHandler, Job, OutputPrefetch, parse_events
+from .transport.base import Forward, Transport
 
-log = logging.getLogger("remotemagic")
+log = logging.getLogger(__name__)
 
-EventHandler = Callable[[dict[str, Any]], None]
+__all__ = ["Remote", "Job", "OutputPrefetch", "CallReader", "EventHandler", "parse_events", "connect", "connect_ec2",
+           "default_session", "default_local_root"]
+
 INLINE_LIMIT = 1024 * 1024
 OBJECT_CACHE_LIMIT = 20 * 1024**3
 CHECKPOINT_LIMIT = 64 * 1024**2
 HEARTBEAT_EVERY = 60.0  # seconds, while a tunnel is open
 WORKER_IDLE_HOURS = 24.0
 STOP_GRACE = 5.0  # seconds between interrupt, SIGTERM and SIGKILL when a worker is stopped
-
-
-class CallReader(io.RawIOBase):
-    """A file-like view of a streaming call's data frames (to unpickle without a second copy)."""
-
-    def __init__(self, call: Call, on_bytes: Callable[[int], None] | None = None):
-        self.it = iter(call)
-        self.buf = memoryview(b"")
-        self.on_bytes = on_bytes
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        while not self.buf:
-            try:
-                _, payload = next(self.it)
-            except StopIteration:
-                return 0
-            self.buf = memoryview(payload)
-            if self.on_bytes:
-                self.on_bytes(len(payload))
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
-        return n
-
-    def drain(self) -> None:
-        for _ in self.it:
-            pass
-
-
-class OutputPrefetch:
-    """One ``-o`` value streamed while the target is still writing it to disk.
-
-    Started by the job's ``output`` event (its name and size): the worker's write (and fsync)
-    and the transfer overlap instead of running one after the other. The value is only used
-    if the job's final status lists the output with the same size; on any failure
-    :meth:`Job.result` reads the finished file the usual way."""
-
-    def __init__(self, remote: "Remote", job_id: str, name: str, size: int):
-        self.remote, self.job_id, self.name, self.size = remote, job_id, name, size
-        self.received = 0
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.call: Call | None = None
-        self.cancelled = False
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name=f"remotemagic-prefetch-{name}", daemon=True)
-        self.thread.start()
-
-    def _count(self, n: int) -> None:
-        self.received += n
-
-    def cancel(self) -> None:
-        """Nobody will take the value (Ctrl-C, the job failed): stop the transfer, free the memory."""
-        with self.lock:
-            self.cancelled = True
-            call = self.call
-        if call is not None:
-            call.close()
-
-    def _run(self) -> None:
-        try:
-            call = self.remote.connection().start(protocol.OP_READ_OUTPUT, job=self.job_id, name=self.name, follow=True,
-                                                  size=self.size, z=self.remote.codec)
-            with self.lock:
-                self.call = call
-                if self.cancelled:
-                    call.close()
-            reader = CallReader(call, self._count)
-            self.value = files.read_object(reader)
-            reader.drain()
-        except BaseException as exc:  # reported by take(); the caller falls back to a plain read
-            self.error = exc
-
-    def take(self) -> Any:
-        """Wait for the rest (with a progress bar for what is left); the value, or raise."""
-        if self.thread.is_alive():
-            update, close = progress.bar(self.size, f"pull {self.name}", self.remote.show_progress)
-            try:
-                shown = self.received
-                update(shown)
-                while self.thread.is_alive():
-                    self.thread.join(0.1)
-                    update(self.received - shown)
-                    shown = self.received
-            finally:
-                close()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-def parse_events(data: bytes) -> Iterator[dict[str, Any]]:
-    for line in data.splitlines():
-        if line:
-            yield json.loads(line)
-
-
-class Job:
-    """A cell submitted to a target. Its log is mirrored locally as it streams."""
-
-    def __init__(self, remote: "Remote", job_id: str):
-        self.remote = remote
-        self.id = job_id
-        self.record = state.JobRecord(remote.state_root, job_id)
-        self._values: dict[str, Any] = {}
-        self._status: dict[str, Any] | None = None
-        self._prefetch: dict[str, OutputPrefetch] = {}
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id} on {self.remote.target} [{self.state}]>"
-
-    # -- status --------------------------------------------------------------------------------
-    @property
-    def meta(self) -> dict[str, Any]:
-        return self.record.meta
-
-    @property
-    def state(self) -> str:
-        """queued, running, done, error, interrupted, timeout, cancelled or failed."""
-        if self._status and self._status.get("state") in protocol.TERMINAL:
-            return self._status["state"]
-        meta = self.meta
-        if meta.get("state") in protocol.TERMINAL:
-            return meta["state"]
-        try:
-            self._status = self.remote.request(protocol.OP_STATUS, job=self.id)["status"]
-            return self._status.get("state", "unknown")
-        except errors.ConnectionLostError:
-            return meta.get("state", "unknown")
-
-    @property
-    def done(self) -> bool:
-        return self.state in protocol.TERMINAL
-
-    # -- events --------------------------------------------------------------------------------
-    def events(self, start: int = 0) -> Iterator[dict[str, Any]]:
-        """Every event mirrored so far, from byte ``start`` (no network)."""
-        return self.record.events(start)
-
-    def follow(self, on_event: EventHandler | None = None, timeout: float | None = None) -> str:
-        """Stream events after the mirror's end until the job ends; return its final state."""
-        return self.remote._follow(self, None, on_event, timeout)
-
-    def wait(self, timeout: float | None = None, on_event: EventHandler | None = None) -> str:
-        """Block until the job ends (``TimeoutError`` after ``timeout`` s); return its state."""
-        if self.meta.get("state") in protocol.TERMINAL and self._status is None:
-            self._status = self.meta.get("status")
-        if self._status and self._status.get("state") in protocol.TERMINAL:
-            return self._status["state"]
-        return self.follow(on_event, timeout)
-
-    def sync(self) -> None:
-        """Fetch whatever the target has logged beyond the mirror, without waiting for more."""
-        call = self.remote.connection().start(protocol.OP_EVENTS, job=self.id, offset=self.record.offset, follow=False)
-        for header, payload in call:
-            self.record.append(header["offset"], payload)
-        status = (call.result or {}).get("status") or {}
-        if status.get("state") in protocol.TERMINAL:
-            self._status = status
-            self.record.update(state=status["state"], finished=status.get("finished"), status=status)
-
-    def cancel(self, kill: bool = False, reason: str | None = None) -> str:
-        """Interrupt the job if running (KeyboardInterrupt on the target), drop it if queued.
-
-        ``kill=True``: kill the worker running it (its whole process group) at once -- for code
-        that ignores KeyboardInterrupt. The job ends ``cancelled``; the session's namespace is
-        lost (a notice says so); ``reason`` is recorded as the job's error."""
-        ans = self.remote.request(protocol.OP_CANCEL, job=self.id, kill=bool(kill),
-                                  **({"reason": reason} if reason else {}))
-        self.remote._notice(ans)
-        return ans["state"]
-
-    def answer_input(self, seq: int, value: str | None = None, error: BaseException | None = None) -> bool:
-        """Answer the job's ``input_request`` number ``seq`` with ``value`` (or make the remote
-        ``input()`` raise ``error``'s type and message). False if it no longer waits for it."""
-        answer: dict[str, Any] = ({"error": {"ename": type(error).__name__, "evalue": str(error)}}
-                                  if error is not None else {"value": str(value or "")})
-        return bool(self.remote.request(protocol.OP_STDIN, job=self.id, seq=int(seq), answer=answer).get("waiting"))
-
-    def input_pending(self, seq: int) -> bool:
-        """Whether the job still waits for the answer to its ``input_request`` number ``seq``."""
-        return bool(self.remote.request(protocol.OP_STDIN, job=self.id, seq=int(seq)).get("waiting"))
-
-    # -- results -------------------------------------------------------------------------------
-    def error(self) -> errors.RemoteError | None:
-        """The job's failure as an exception (with the remote traceback), or None."""
-        st = self._status or self.meta.get("status") or {}
-        stt = st.get("state")
-        if stt in (None, protocol.DONE):
-            return None
-        err = dict(st.get("error") or {})
-        tb: list[str] = []
-        for ev in self.events():
-            if ev.get("type") == "error":
-                tb = ev.get("traceback") or []
-                if not err:
-                    err = ev
-                if ev.get("ename") == err.get("ename") and ev.get("emodule"):
-                    err.setdefault("emodule", ev["emodule"])  # where the type lives: re-raised as that type
-        return errors.remote_error(self.id, stt, err.get("ename", stt), err.get("evalue", ""), tb, err.get("emodule"))
-
-    def result(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait, then return the pulled ``-o`` values by name.
-
-        Raises :class:`RemoteError` if the code failed, :class:`MissingOutputError` (carrying
-        the values that did arrive) if some names were not defined, could not be pickled or saved.
-        """
-        self.wait(timeout)
-        exc = self.error()
-        if exc is not None:
-            raise exc
-        st = self._status or {}
-        got: dict[str, Any] = {}
-        for name, meta in (st.get("outputs") or {}).items():
-            if name not in self._values:
-                self._values[name] = self._take_prefetched(name, meta.get("size", 0))
-            got[name] = self._values[name]
-        self._prefetch.clear()
-        problems = []
-        if st.get("missing"):
-            problems.append("not defined by the cell: " + ", ".join(st["missing"]))
-        for name, why in (st.get("unpicklable") or {}).items():
-            problems.append(f"{name!r} {why}")
-        if problems:
-            raise errors.MissingOutputError(f"job {self.id}: some outputs did not arrive -- " + "; ".join(problems), got)
-        return got
-
-
-    def _prefetch_output(self, event: dict[str, Any]) -> None:
-        """An ``output`` event: start streaming that value if it is too big to come inline."""
-        name, size = event.get("name"), event.get("size")
-        if (isinstance(name, str) and isinstance(size, int) and size > self.remote.inline_limit
-                and name not in self._prefetch and name not in self._values):
-            self._prefetch[name] = OutputPrefetch(self.remote, self.id, name, size)
-
-    def _cancel_prefetch(self) -> None:
-        for pf in self._prefetch.values():
-            pf.cancel()
-        self._prefetch.clear()
-
-    def _take_prefetched(self, name: str, size: int) -> Any:
-        pf = self._prefetch.pop(name, None)
-        if pf is not None and pf.size == size:
-            try:
-                return pf.take()
-            except Exception as exc:
-                log.debug("streaming %s of job %s while it was written failed (%s); reading it again", name, self.id, exc)
-        return self.remote._read_output(self, name, size)
+RECLAIM_WAIT_MINUTES = 60.0  # how long to wait for a reclaimed spot instance to come back
 
 
 class Remote:
@@ -311,11 +62,23 @@ class Remote:
         package_sync: str = "auto",
         offline_install: bool = False,
         auto_restore: bool = False,
+        reclaim_wait_minutes: float = RECLAIM_WAIT_MINUTES,
     ):
         self.transport = transport
         #: After the session's worker died (or the machine restarted), the next cell first loads
         #: the last checkpoint into the new worker and says what came back (a notice in its log).
         self.auto_restore = bool(auto_restore)
+        if not reclaim_wait_minutes >= 0:
+            raise ValueError(f"reclaim_wait_minutes must be >= 0 (0: do not wait), not {reclaim_wait_minutes!r}")
+        #: How long ``run(..., retries=N)`` and :meth:`wait_through_reclaim` wait for a reclaimed
+        #: spot instance to be started again by AWS (see :mod:`remotemagic.reclaim`; 0: not at all).
+        self.reclaim_wait_minutes = float(reclaim_wait_minutes)
+        #: While waiting for a reclaimed spot instance: ``{"since", "state", "text", "instance"}``
+        #: (what the cell's waiting line shows); None otherwise.
+        self.waiting: dict[str, Any] | None = None
+        #: Builds the transport to the same machine after it came back with a new address (set by
+        #: the ``ec2`` kind; None: this target's machine does not come back by itself).
+        self.reopen_transport: Callable[[Any], Transport] | None = None
         self.target = transport.name
         self.session = protocol.check_name("session", session)
         self.cwd = cwd
@@ -339,17 +102,17 @@ class Remote:
         #: Ship wheels from here even if the target could reach a package index.
         self.offline_install = offline_install
         self._pushed_modules: dict[str, list[str]] = {}
-        if hasattr(transport, "offline_install"):
-            transport.offline_install = offline_install  # bootstrap ships wheels too
+        transport.offline_install = offline_install  # bootstrap ships wheels too
         self.info: dict[str, Any] = {}
         self._conn: AgentConnection | None = None
         self._lock = threading.RLock()
         self._known: set[str] = set()
         self.last_job: Job | None = None
-        self.tunnels: dict[int, Any] = {}
+        self.tunnels: dict[int, Forward] = {}
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
-        #: For EC2 targets: the instance (a ``providers.ec2.InstanceInfo``) and its provider.
+        #: For a target on a machine that a provider starts and stops (EC2): the machine (a
+        #: ``providers.ec2.InstanceInfo``) and its provider (a ``providers.base.Provider``).
         self.instance: Any = None
         self.provider: Any = None
         #: The user notices raised while connecting (also shown: see :mod:`remotemagic.notices`).
@@ -420,7 +183,7 @@ class Remote:
         if self.compression == "none" or not common:
             return None
         if self.compression == "auto":
-            if self.transport.name.startswith("local:") or rtt < 0.005:
+            if self.transport.is_local or rtt < 0.005:
                 return None
             return common[0]
         if self.compression not in common:
@@ -475,6 +238,30 @@ class Remote:
                 self._conn = None
             self.transport.close()
 
+    def reattach(self, instance: Any, timeout: float | None = None) -> None:
+        """The machine came back as ``instance`` (a new address): drop the old link and transport,
+        connect through a new one (the same agent environment), retrying for up to ``timeout`` s
+        while its SSH server starts."""
+        if self.reopen_transport is None:
+            raise ValueError(f"{self.target}: no way to reach its machine again")
+        with self._lock:
+            old = self.transport
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            old.close()
+            self.transport = self.reopen_transport(instance)
+            self.transport.agent_env.update(old.agent_env)
+            self.transport.offline_install = self.offline_install
+            self.instance = instance
+            self._known.clear()  # the object cache survives a stop, but ask again rather than assume
+            saved, self.reconnect_timeout = self.reconnect_timeout, max(self.reconnect_timeout, timeout or 0)
+            try:
+                self.connection()
+            finally:
+                self.reconnect_timeout = saved
+        log.warning("reconnected to %s at %s", self.target, getattr(instance, "host", "?"))
+
     # -- values --------------------------------------------------------------------------------
     def _push(self, items: dict[str, Any], code: str = "") -> dict[str, str]:
         """Pickle and upload the values the target does not have yet; return name -> hash.
@@ -505,17 +292,6 @@ class Remote:
         if sent:
             self.request(protocol.OP_EVICT_OBJECTS, limit=self.object_cache_limit, keep=sorted(set(digests.values())))
         return digests
-
-    def _read_output(self, job: Job, name: str, size: int) -> Any:
-        update, close = progress.bar(size, f"pull {name}", self.show_progress)
-        try:
-            call = self.connection().start(protocol.OP_READ_OUTPUT, job=job.id, name=name, z=self.codec)
-            reader = CallReader(call, update)
-            value = files.read_object(reader)
-            reader.drain()
-            return value
-        finally:
-            close()
 
     # -- jobs ----------------------------------------------------------------------------------
     def run(
@@ -552,7 +328,9 @@ class Remote:
         out-of-memory killer's SIGKILL, or its machine went away), run it again -- up to
         ``retries`` more times -- in a fresh worker that first restores the session's last
         checkpoint (see :mod:`remotemagic.retry`). The returned :class:`Job` is the last
-        attempt's. Not for background jobs; never when the cell itself raises.
+        attempt's. Not for background jobs; never when the cell itself raises. On a spot instance
+        that AWS reclaims, the next attempt first waits (up to ``reclaim_wait_minutes``) for AWS to
+        start the instance again and reconnects (see :mod:`remotemagic.reclaim`).
         """
         session = protocol.check_name("session", session or self.session)
         if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
@@ -564,29 +342,91 @@ class Remote:
         for name in pull:
             if not name.isidentifier():
                 raise ValueError(f"cannot pull {name!r}: not a Python identifier")
-        extra = {"timeout": timeout, "execution_count": execution_count, "colors": colors,
-                 "stdin": bool(stdin and not background)}
+        extra: dict[str, Any] = {"timeout": timeout, "execution_count": execution_count, "colors": colors,
+                                 "stdin": bool(stdin and not background)}
         if origin:
             extra["origin"] = dict(origin)
-        job = self._run_once(code, push, pull, background, session, on_event, extra)
+        job = self._attempt(code, push, pull, background, session, on_event, extra, retries)
         if not background:
             retry.tell_memory(job, self)
         for n in range(2, retries + 2):
-            why = retry.why_retry(job._status or {})
+            why = retry.why_retry(job.status)
             if why is None:
                 break
-            job = self._run_once(code, push, pull, background, session, on_event,
-                                 {**extra, "attempt": {"n": n, "of": retries + 1, "why": why}})
+            if job.reclaimed_under:
+                why = "spot reclaim (the instance was stopped under the job)"
+            if reclaim.reclaimed(job.status) and not job.reclaimed_under and reclaim.can_wait(self):
+                if not reclaim.wait_for_return(self, on_event, why, since=job.status.get("finished")):
+                    break  # a notice said why; the reclaimed attempt's error stands
+            job = self._attempt(code, push, pull, background, session, on_event,
+                                {**extra, "attempt": {"n": n, "of": retries + 1, "why": why}}, retries)
             retry.tell_memory(job, self)
         return job
+
+    def _attempt(self, code: str, push: dict[str, Any] | None, pull: list[str], background: bool, session: str,
+                 on_event: EventHandler | None, extra: dict[str, Any], retries: int) -> Job:
+        """One attempt (:meth:`_run_once`). With ``retries``, a link lost because AWS stopped the
+        spot instance under the job is waited through: once the instance runs again, the job is
+        followed to its end (failed: its worker went with the machine) for the next attempt."""
+        try:
+            return self._run_once(code, push, pull, background, session, on_event, extra)
+        except errors.ConnectionLostError:
+            job = self.last_job
+            if not retries or background or job is None or not reclaim.can_wait(self) \
+                    or not reclaim.machine_down(self):
+                raise
+            if not reclaim.wait_for_return(self, on_event, "the link was lost as AWS stopped the instance"):
+                raise
+        job.reclaimed_under = True
+        try:
+            job.follow(on_event)
+        except errors.UnknownJobError:  # it never reached the target: this attempt again
+            return self._run_once(code, push, pull, background, session, on_event, extra)
+        return job
+
+    def wait_through_reclaim(self, job: Job, timeout: float | None = None,
+                             on_event: EventHandler | None = None) -> str:
+        """:meth:`Job.wait`, through a spot reclaim: if the job's spot instance is reclaimed while it
+        runs (the reclaim notice ends the job, or the link is lost as AWS stops the instance), wait
+        (up to ``reclaim_wait_minutes``) until AWS starts it again, reconnect, follow the job to its
+        end and restore the session's checkpoint -- taken at the reclaim notice -- into the fresh
+        worker. Returns the job's final state (the reclaimed job stays ``interrupted``/``failed``:
+        only ``run(..., retries=N)`` runs it again)."""
+        ended = job.meta.get("state") in protocol.TERMINAL or job.status.get("state") in protocol.TERMINAL
+        try:
+            job.wait(timeout, on_event)
+        except errors.ConnectionLostError:
+            if ended or not reclaim.can_wait(self) or not reclaim.machine_down(self):
+                raise
+            if not reclaim.wait_for_return(self, on_event, "the link was lost as AWS stopped the instance"):
+                raise
+            job.follow(on_event)
+            self._restore_after_reclaim(job, on_event)
+            return job.state
+        if not ended and reclaim.reclaimed(job.status) and reclaim.can_wait(self):
+            why = retry.why_retry(job.status) or "spot reclaim"
+            if reclaim.wait_for_return(self, on_event, why, since=job.status.get("finished")):
+                self._restore_after_reclaim(job, on_event)
+        return job.state
+
+    def _restore_after_reclaim(self, job: Job, on_event: EventHandler | None) -> None:
+        """After the instance came back: the job's session starts from its last checkpoint."""
+        session = job.meta.get("session") or self.session
+        if any(s["name"] == session and s.get("alive") for s in self.sessions()):
+            return  # its worker lived through (not a machine stop): its namespace is whole
+        try:  # (auto_restore: the agent leaves the "namespace lost" notice to this restore)
+            self._internal_job("restore_checkpoint", [], session, on_event, auto_restore=True)
+        except errors.RemoteError as exc:
+            notices.notify(f"session '{session}' was not restored after the reclaim ({exc.ename}: {exc.evalue}); "
+                           "it starts from a fresh namespace", logger=log)
 
     def _run_once(self, code: str, push: dict[str, Any] | None, pull: list[str], background: bool, session: str,
                   on_event: EventHandler | None, extra: dict[str, Any]) -> Job:
         """Submit one attempt of a cell; ``extra`` goes into its spec (``timeout``, ``attempt``...)."""
         for attempt_push in (1, 2):
             inputs = self._push(dict(push or {}), code)
-            spec = {"id": state.new_job_id(), "session": session, "kind": protocol.KIND_CELL, "code": code,
-                    "inputs": inputs, "outputs": pull, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
+            spec = {"id": state.new_job_id(), "session": session, "kind": "cell", "code": code, "inputs": inputs,
+                    "outputs": pull, "cwd": self.cwd, "checkpoint_limit": self.checkpoint_limit,
                     "worker_idle_hours": self.worker_idle_hours, **extra}
             if self.auto_restore:
                 spec["auto_restore"] = True
@@ -602,96 +442,8 @@ class Remote:
     def _submit(self, spec: dict[str, Any], background: bool, on_event: EventHandler | None) -> Job:
         job = Job(self, spec["id"])
         self.last_job = job
-        job.record.create(target=self.target, session=spec["session"], kind=spec["kind"],
-                          code=spec.get("code", ""), outputs=spec.get("outputs", []),
-                          submitted=time.time(), state=protocol.QUEUED, origin=spec.get("origin") or {},
-                          reconnect=self.connect_args)
-        if background:
-            ans = self.request(protocol.OP_RUN, spec=spec, follow=False)
-            self._notice(ans)
-            return job
-        self._follow(job, spec, on_event, None)
+        job.submit(spec, background, on_event)
         return job
-
-    def _notice(self, answer: dict[str, Any]) -> None:
-        """A notice the agent sent outside a job's log (a background submission's answer)."""
-        if answer.get("notice"):
-            self.notices.append(notices.notify(answer["notice"], logger=log))
-
-    def _follow(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
-                timeout: float | None) -> str:
-        """Submit (if ``spec``) and/or stream the job's log into the mirror until it ends."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        job.record.update(follower=os.getpid())  # someone mirrors it: the Jupyter extension need not
-        try:
-            return self._follow_until_done(job, spec, on_event, deadline)
-        except BaseException:  # Ctrl-C, a wait timeout: nobody takes streamed outputs now
-            job._cancel_prefetch()
-            raise
-        finally:
-            if job.record.meta.get("follower") == os.getpid():
-                job.record.update(follower=None)
-
-    def _follow_until_done(self, job: Job, spec: dict[str, Any] | None, on_event: EventHandler | None,
-                           deadline: float | None) -> str:
-        while True:
-            conn = self.connection()
-            try:
-                if spec is not None:
-                    call = conn.start(protocol.OP_RUN, spec=spec, follow=True, inline=self.inline_limit, z=self.codec)
-                else:
-                    call = conn.start(protocol.OP_EVENTS, job=job.id, offset=job.record.offset, follow=True,
-                                      inline=self.inline_limit, z=self.codec)
-                self._consume(job, call, on_event, deadline)
-                return job.state
-            except errors.ConnectionLostError as exc:
-                log.warning("connection to %s lost while following job %s (%s); resuming", self.target, job.id, exc)
-                if spec is not None:
-                    try:
-                        self.connection().request(protocol.OP_STATUS, job=job.id)
-                        spec = None  # it was submitted; just resume the log
-                    except errors.UnknownJobError:
-                        pass  # never arrived: submit again
-            except errors.UnknownJobError:
-                raise errors.UnknownJobError(f"job {job.id} is not on {self.target} (was its folder removed?)") from None
-
-    def _consume(self, job: Job, call: Call, on_event: EventHandler | None, deadline: float | None) -> None:
-        if deadline is not None:
-            timer = threading.Timer(max(0.0, deadline - time.monotonic()), _expire, args=(call,))
-            timer.daemon = True
-            timer.start()
-        try:
-            for header, payload in call:
-                if header.get("expired"):
-                    call.abandon()
-                    raise TimeoutError(f"job {job.id} still running after the wait timeout")
-                if "notice" in header:
-                    self._notice(header)
-                    continue
-                new = job.record.append(header["offset"], payload)
-                for event in parse_events(new) if new else ():
-                    if event.get("type") == "output" and self.prefetch_outputs:
-                        job._prefetch_output(event)
-                    if on_event is not None:
-                        on_event(event)
-                    elif notices.is_notice(event):  # nobody renders this job: still tell the user
-                        self.notices.append(event)
-                        notices.deliver(event)
-        finally:
-            if deadline is not None:
-                timer.cancel()
-        result = call.result or {}
-        if result.get("detached"):
-            return
-        status = result.get("status") or {}
-        job._status = status
-        if status.get("state") != protocol.DONE:
-            job._cancel_prefetch()  # result() raises the job's error: streamed outputs go unused
-        offset = 0
-        for name, size in (result.get("inline") or {}).items():
-            job._values[name] = values.decode(memoryview(call.payload)[offset : offset + size])
-            offset += size
-        job.record.update(state=status.get("state"), finished=status.get("finished"), status=status)
 
     def job(self, job_id: str) -> Job:
         """A job by id (or unique suffix/prefix), from the local index or the target."""
@@ -720,7 +472,7 @@ class Remote:
     def _adopt(self, job_id: str, spec: dict[str, Any], status: dict[str, Any]) -> None:
         """Index a job that another kernel submitted, so it can be waited on and mirrored here."""
         state.JobRecord(self.state_root, job_id).create(
-            target=self.target, session=spec.get("session"), kind=spec.get("kind", protocol.KIND_CELL),
+            target=self.target, session=spec.get("session"), kind=spec.get("kind", "cell"),
             code=spec.get("code", ""), outputs=spec.get("outputs", []), submitted=spec.get("submitted"),
             state=status.get("state"), origin=spec.get("origin") or {}, reconnect=self.connect_args,
         )
@@ -753,8 +505,9 @@ class Remote:
                             grace=float(grace))
 
     def status(self) -> dict[str, Any]:
-        """The target, its sessions and recent jobs; for EC2 also every instance of ours in the
-        region with its hourly price and cost so far."""
+        """The target, its sessions and recent jobs; on a provider's machine (EC2) also every
+        machine of ours (``provider.status()``: every instance in the region with its hourly
+        price and cost so far)."""
         recent = self.request(protocol.OP_JOBS, limit=20, active=True)
         out = {"target": self.target, "agent": self.info, "sessions": self.sessions(), "jobs": recent["jobs"],
                "active": recent["active"]}
@@ -762,35 +515,34 @@ class Remote:
             out["instances"] = self.provider.status()
         return out
 
-    # -- the instance (EC2 targets) ------------------------------------------------------------------
+    # -- the machine (targets a provider starts and stops: EC2) --------------------------------------
     def _need_instance(self) -> Any:
         if self.provider is None or self.instance is None:
-            raise ValueError(f"{self.target} is not an EC2 instance")
+            raise ValueError(f"{self.target} is not an EC2 instance (nor another machine a provider starts and stops)")
         return self.provider
+
+    def _machine_id(self) -> str:
+        """How the provider names the machine: its id where it has one (EC2), else its name."""
+        return str(getattr(self.instance, "instance_id", None) or self.instance.name)
 
     def stop_instance(self, wait: bool = True) -> Any:
         """Stop the instance (its disk, sessions' checkpoints and job logs stay); closes the link."""
         provider = self._need_instance()
         self.close()
-        self.instance = provider.stop(self.instance.instance_id, wait=wait, progress=self.show_progress)
+        self.instance = provider.stop(self._machine_id(), wait=wait, progress=self.show_progress)
         return self.instance
 
     def terminate_instance(self, wait: bool = True) -> str:
         """Terminate the instance (its disk and everything on it are gone); return its id."""
         provider = self._need_instance()
         self.close()
-        return provider.terminate(self.instance.instance_id, wait=wait, progress=self.show_progress)
+        return provider.terminate(self._machine_id(), wait=wait, progress=self.show_progress)
 
     # -- tunnels and the remote environment -------------------------------------------------------
-    def tunnel(self, remote_port: int, local_port: int = 0) -> Any:
+    def tunnel(self, remote_port: int, local_port: int = 0) -> Forward:
         """Forward ``127.0.0.1:local_port`` here to ``remote_port`` on the target (an SSH or EC2
-        target; the local backend's ports are already here). Returns a :class:`~remotemagic.tunnel.Tunnel`."""
-        link = getattr(self.transport, "link", None)
-        if link is None:
-            raise ValueError(f"{self.target} is this machine: port {remote_port} needs no tunnel")
-        from .tunnel import Tunnel
-
-        t = Tunnel(link().transport, remote_port, local_port)
+        target; the local backend's ports are already here: ValueError)."""
+        t = self.transport.open_forward(remote_port, local_port)
         self.tunnels[t.local_port] = t
         if self._heartbeat is None or not self._heartbeat.is_alive():
             self._closing.clear()
@@ -811,6 +563,7 @@ class Remote:
                 log.debug("heartbeat to %s failed: %s", self.target, exc)
 
     def close_tunnel(self, local_port: int) -> None:
+        """Close the tunnel whose local end is ``local_port`` (KeyError: there is none)."""
         t = self.tunnels.pop(local_port, None)
         if t is None:
             raise KeyError(f"no tunnel on local port {local_port}")
@@ -837,15 +590,15 @@ class Remote:
     def push(self, local: str | os.PathLike[str], dest: str | None = None) -> dict[str, Any]:
         """Copy a file or folder to the target (relative ``dest`` is under the session's folder).
         Resumes an interrupted file; for a folder sends only files that are missing or differ."""
-        from . import transfer
-
-        return transfer.push(self, local, dest)
+        return transfer.push(self._endpoint(), local, dest)
 
     def pull(self, path: str, local: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Copy a file or folder from the target; resumes and skips like :meth:`push`."""
-        from . import transfer
+        return transfer.pull(self._endpoint(), path, local)
 
-        return transfer.pull(self, path, local)
+    def _endpoint(self) -> transfer.Endpoint:
+        return transfer.Endpoint(self.connection(), cwd=self.cwd, codec=self.codec, show_progress=self.show_progress,
+                                 same_machine=self.transport.is_local)
 
     # -- the store -----------------------------------------------------------------------------
     def store_put(self, name: str, value: Any) -> dict[str, Any]:
@@ -866,15 +619,7 @@ class Remote:
 
     def store_get(self, name: str) -> Any:
         """Load a stored value (``KeyError`` if there is none)."""
-        call = self.connection().start(protocol.OP_STORE_GET, name=name, z=self.codec)
-        reader = CallReader(call)
-        try:
-            value = files.read_object(reader)
-        except ValueError:
-            reader.drain()
-            raise
-        reader.drain()
-        return value
+        return read_streamed_object(self.connection().start(protocol.OP_STORE_GET, name=name, z=self.codec))
 
     def store_list(self) -> list[dict[str, Any]]:
         """Stored names with type, size in bytes and a short preview."""
@@ -889,8 +634,8 @@ class Remote:
     def store_from_session(self, names: Iterable[str], session: str | None = None,
                            on_event: EventHandler | None = None) -> dict[str, Any]:
         """Store values that exist only in a remote session's namespace (they never travel here)."""
-        job = self._internal_job(protocol.KIND_STORE, list(names), session, on_event)
-        return job._status or {}
+        job = self._internal_job("store", list(names), session, on_event)
+        return job.status
 
     def restore_to_session(self, names: Iterable[str], session: str | None = None) -> dict[str, Any]:
         """Load stored values straight into a remote session's namespace."""
@@ -899,20 +644,20 @@ class Remote:
         modules = {m for v in self.store_list() if v.get("name") in wanted for m in v.get("modules") or ()}
         if modules:
             envsync.before_upload(self, extra=modules)
-        job = self._internal_job(protocol.KIND_RESTORE, list(names), session, None)
-        return job._status or {}
+        job = self._internal_job("restore", list(names), session, None)
+        return job.status
 
     def checkpoint(self, session: str | None = None, limit: int = 0,
                    on_event: EventHandler | None = None) -> dict[str, Any]:
         """Save the session's picklable variables (each at most ``limit`` bytes; 0: any size) on
         the target, so they can be restored after the worker dies. Returns the checkpoint index."""
-        job = self._internal_job(protocol.KIND_CHECKPOINT, [], session, on_event, limit=limit)
-        return (job._status or {}).get("checkpoint", {})
+        job = self._internal_job("checkpoint", [], session, on_event, limit=limit)
+        return job.status.get("checkpoint", {})
 
     def restore_checkpoint(self, session: str | None = None, on_event: EventHandler | None = None) -> list[str]:
         """Load the session's last checkpoint into its (new) worker; return the names restored."""
-        job = self._internal_job(protocol.KIND_RESTORE_CHECKPOINT, [], session, on_event)
-        return (job._status or {}).get("restored", [])
+        job = self._internal_job("restore_checkpoint", [], session, on_event)
+        return job.status.get("restored", [])
 
     def _internal_job(self, kind: str, names: list[str], session: str | None, on_event: EventHandler | None,
                       **extra: Any) -> Job:
@@ -929,118 +674,5 @@ class Remote:
         return job
 
 
-def _expire(call: Call) -> None:
-    try:
-        call.queue.put_nowait(({"more": True, "expired": True}, b""))
-    except Exception:
-        pass
-
-
-def default_session() -> str:
-    """The notebook's file name when Jupyter tells us (``JPY_SESSION_NAME``), else ``default``."""
-    name = os.environ.get("JPY_SESSION_NAME", "")
-    stem = Path(name).stem if name else ""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")[:64]
-    return stem or "default"
-
-
-def default_local_root() -> Path:
-    env = os.environ.get("REMOTEMAGIC_LOCAL_ROOT")
-    return Path(env) if env else state.state_dir() / "local-target"
-
-
-def connect(target: str = "local", *, session: str | None = None, root: str | None = None, **options: Any) -> Remote:
-    """Connect to a target and return a :class:`Remote`.
-
-    ``target`` is ``"local"`` (a worker process on this machine under ``root``), more to come:
-    ``"ssh://user@host:port"`` or an SSH config alias, ``"ec2:NAME"``. ``session`` names the
-    remote namespace (default: the notebook's name, else ``default``).
-    """
-    from .transport.local import LocalTransport
-
-    session = session or default_session()
-    if target == "local" or target.startswith("local:"):
-        path = root or (target[6:] if target.startswith("local:") else None) or default_local_root()
-        remote = Remote(LocalTransport(path), session=session, cwd=options.pop("cwd", os.getcwd()), **options)
-        remote.connect_args = {"target": "local", "root": str(Path(path).resolve()), "cwd": remote.cwd}
-        return remote
-    if target == "ssh" or target.startswith(("ssh:", "ssh ")):
-        # "ssh://user@host:port", "ssh:alias" (from ~/.ssh/config), "ssh HOST", or "ssh" + host=...
-        from .transport.ssh import SSHTransport
-
-        host = options.pop("host", None)
-        spec = target[4:].strip() if target.startswith("ssh ") else target
-        if target == "ssh":
-            if not host:
-                raise ValueError("connect('ssh', host=...) needs a host: an ssh_config alias or user@host[:port]")
-            spec = host
-        ssh_keys = ("ssh_config", "known_hosts", "trust_on_first_use", "python", "connect_timeout",
-                    "user", "port", "identity_file", "keepalive")
-        ssh_options = {k: options.pop(k) for k in ssh_keys if k in options}
-        transport = SSHTransport(spec, root=root, **ssh_options)
-        try:
-            remote = Remote(transport, session=session, cwd=options.pop("cwd", None), **options)
-        except BaseException:
-            transport.close()
-            raise
-        remote.connect_args = {"target": "ssh", "host": spec, "root": root, "cwd": remote.cwd,
-                               **{k: v for k, v in ssh_options.items()
-                                  if k != "trust_on_first_use" and isinstance(v, (str, int, float))}}
-        return remote
-    if target == "ec2" or target.startswith("ec2:"):
-        return connect_ec2(target[4:] or options.pop("name", None) or "remotemagic", session=session, root=root,
-                           **options)
-    raise ValueError(f"unknown target {target!r}: use 'local', 'ssh://user@host[:port]' or 'ec2:NAME'")
-
-
-EC2_OPTIONS = ("region", "profile", "ssh_cidrs", "idle_stop_minutes", "key_name", "instance_type")
-LAUNCH_OPTIONS = ("instance_type", "spot", "ami", "disk_gb", "key_name", "fallback")
-
-
-def connect_ec2(name: str, *, session: str | None = None, root: str | None = None, start: bool = True,
-                provider: Any = None, **options: Any) -> Remote:
-    """Attach to our instance ``name`` -- starting it if stopped, launching it if there is none
-    (``start=False``: only attach to a running one) -- and connect over SSH.
-
-    Options: ``region``, ``profile``, ``instance_type``, ``spot`` (``fallback``: on-demand when
-    there is no spot capacity), ``ami``, ``disk_gb``,
-    ``key_name``, ``key_file``, ``user``, ``ssh_cidrs``, ``idle_stop_minutes``, and the SSH
-    options of :func:`connect` (``ssh_config``, ``known_hosts``, ``python``...)."""
-    from .providers.ec2 import Ec2Provider, InstanceNotFoundError
-    from .transport.ec2 import Ec2Transport
-
-    def take(keys: tuple[str, ...]) -> dict[str, Any]:
-        got = {k: options.pop(k) for k in keys if k in options}
-        return {k: v for k, v in got.items() if v is not None}
-
-    ec2_opts = take(EC2_OPTIONS)
-    launch = {k: v for k, v in {**ec2_opts, **take(LAUNCH_OPTIONS)}.items() if k in LAUNCH_OPTIONS}
-    progress = options.get("show_progress", True)
-    with notices.collect(propagate=True) as early:  # kept in Remote.notices too
-        if provider is None:
-            provider = Ec2Provider(**ec2_opts)
-        if start:
-            info = provider.start(name, user=options.get("user"), progress=progress, **launch)
-        else:
-            info = provider.find(name)
-            if info is None:
-                raise InstanceNotFoundError(f"no instance named {name!r} of ours in {provider.region}: "
-                                            f"%ec2 start --name {name} launches one")
-            if info.state != "running":
-                raise InstanceNotFoundError(f"instance {name!r} ({info.instance_id}) is {info.state}: "
-                                            "%ec2 start starts it")
-    ssh_keys = ("ssh_config", "known_hosts", "python", "connect_timeout", "key_file", "user", "keepalive")
-    ssh_options = take(ssh_keys)
-    transport = Ec2Transport(provider, info, state_dir=Path(options.get("state_root") or state.state_dir()),
-                             root=root, progress=progress, **ssh_options)
-    if info.lifecycle == "spot":
-        transport.agent_env["REMOTEMAGIC_SPOT"] = "1"
-    try:
-        remote = Remote(transport, session=session or default_session(), cwd=options.pop("cwd", None), **options)
-    except BaseException:
-        transport.close()
-        raise
-    remote.instance = info
-    remote.provider = provider
-    remote.notices[:0] = early
-    return remote
+# connecting to a target lives in remotemagic.connecting (the kinds in remotemagic.providers.registry)
+from .connecting import connect, connect_ec2, default_local_root, default_session  # noqa: E402,F401

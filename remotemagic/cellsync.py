@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import state
-from .agent import files
+from .agent import protocol
 
 RUN_PREFIX = "%%ec2 run"
 
@@ -35,9 +35,9 @@ def outputs_from_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]
             continue
         if kind == "update_display_data":
             did = (ev.get("transient") or {}).get("display_id")
-            for o in by_display.get(did, []):
-                o["data"] = ev.get("data") or {}
-                o["metadata"] = ev.get("metadata") or {}
+            for shown in by_display.get(did, []) if did else []:
+                shown["data"] = ev.get("data") or {}
+                shown["metadata"] = ev.get("metadata") or {}
             continue
         if clear_pending:
             outs.clear()
@@ -54,7 +54,8 @@ def outputs_from_events(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]
             outs.append({"output_type": "error", "ename": ev.get("ename", ""), "evalue": ev.get("evalue", ""),
                          "traceback": list(ev.get("traceback") or [])})
         else:
-            o: dict[str, Any] = {"output_type": kind, "data": ev.get("data") or {}, "metadata": ev.get("metadata") or {}}
+            o: dict[str, Any] = {"output_type": kind, "data": ev.get("data") or {},
+                                 "metadata": ev.get("metadata") or {}}
             if kind == "execute_result":
                 o["execution_count"] = ev.get("execution_count")
             outs.append(o)
@@ -93,7 +94,7 @@ def cell_view(root: Path, meta: dict[str, Any], have_offset: int | None = None) 
     rec = state.JobRecord(root, meta["id"])
     offset = rec.offset
     view: dict[str, Any] = {"job": meta["id"], "state": meta.get("state"), "offset": offset,
-                            "finished": meta.get("state") in files.TERMINAL, "code": meta.get("code", ""),
+                            "finished": meta.get("state") in protocol.TERMINAL, "code": meta.get("code", ""),
                             "client": (meta.get("origin") or {}).get("client", ""),
                             "detached": bool(meta.get("detached"))}
     if have_offset != offset:

@@ -7,6 +7,7 @@ a large value never buffers more than a few MiB in memory.
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import queue
@@ -14,7 +15,7 @@ import threading
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from . import errors
-from .agent import protocol, wire
+from .agent import files, protocol, wire
 
 log = logging.getLogger("remotemagic")
 
@@ -161,15 +162,17 @@ class AgentConnection:
         for call in pending:
             _wake(call.queue)
 
-    def start(self, op: str, payload: bytes = b"", **args: Any) -> Call:
+    def start(self, op: str, **args: Any) -> Call:
+        """Send request ``op`` with ``args``; iterate the returned :class:`Call` for its answer."""
         if self.lost:
             raise errors.ConnectionLostError(f"connection to {self.name} lost")
         call = Call(self, next(self.ids))
         self.calls[call.id] = call
-        self.writer.send({"id": call.id, "op": op, **args}, payload)
+        self.writer.send({"id": call.id, "op": op, **args})
         return call
 
     def request(self, op: str, **args: Any) -> Any:
+        """Send request ``op`` and wait for its answer (the result of a call without data frames)."""
         return self.start(op, **args).wait()
 
     def upload(self, begin: dict[str, Any], chunks: Iterable[Any], progress: Callable[[int], None] | None = None,
@@ -200,3 +203,48 @@ class AgentConnection:
             self.stream.close()
         except Exception:
             pass
+
+
+class CallReader(io.RawIOBase):
+    """A file-like view of a streaming call's data frames (to unpickle without a second copy)."""
+
+    def __init__(self, call: Call, on_bytes: Callable[[int], None] | None = None):
+        self.it = iter(call)
+        self.buf = memoryview(b"")
+        self.on_bytes = on_bytes
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.buf:
+            try:
+                _, payload = next(self.it)
+            except StopIteration:
+                return 0
+            self.buf = memoryview(payload)
+            if self.on_bytes:
+                self.on_bytes(len(payload))
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+    def drain(self) -> None:
+        """Read the call to its end (its final answer: raises the agent's error, if any)."""
+        for _ in self.it:
+            pass
+
+
+def read_streamed_object(call: Call, on_bytes: Callable[[int], None] | None = None) -> Any:
+    """Unpickle the value a call streams as data frames (an object file, see
+    :func:`remotemagic.agent.files.read_object`), then read the call to its end. If the bytes
+    are not a value, the rest of the call is read first: the agent's own error wins."""
+    reader = CallReader(call, on_bytes)
+    try:
+        value = files.read_object(reader)
+    except ValueError:
+        reader.drain()
+        raise
+    reader.drain()
+    return value

@@ -85,7 +85,7 @@ class RemoteError(RemoteMagicError):
 
 
 _NOT_INHERITED = (SyntaxError,)  # IPython shows these from their attributes, not _render_traceback_
-_typed: dict[tuple[str, str | None, type | None], type] = {}
+_typed: dict[tuple[str, str | None, type | None], type[RemoteError]] = {}
 
 
 def _local_type(ename: str, module: str | None) -> type[BaseException] | None:
@@ -114,7 +114,9 @@ def remote_error(job_id: str, state: str, ename: str, evalue: str, traceback: li
     key = (ename, module, base)
     cls = _typed.get(key)
     if cls is None:
-        bases: tuple[type, ...] = (base, RemoteError) if base is not None and base is not RemoteError else (RemoteError,)
+        bases: tuple[type, ...] = (RemoteError,)
+        if base is not None and base is not RemoteError:
+            bases = (base, RemoteError)
 
         def __init__(self: Any, job_id: str, state: str, ename: str, evalue: str, traceback: list[str]) -> None:
             RemoteError.__init__(self, job_id, state, ename, evalue, traceback)
@@ -132,7 +134,7 @@ def remote_error(job_id: str, state: str, ename: str, evalue: str, traceback: li
         _typed[key] = cls
     try:
         exc = cls.__new__(cls, evalue)
-        exc.__init__(job_id, state, ename, evalue, traceback)
+        cls.__init__(exc, job_id, state, ename, evalue, traceback)
     except Exception:  # a base whose constructor insists on other arguments
         exc = RemoteError(job_id, state, ename, evalue, traceback)
     return exc

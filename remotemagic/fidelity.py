@@ -15,6 +15,8 @@ from __future__ import annotations
 import getpass
 from typing import Any, Callable
 
+from .jobs import Job
+
 
 class RemoteValue:
     """The value of a remote cell's last expression, as the target rendered it.
@@ -106,8 +108,6 @@ def answer_input(remote: Any, event: dict[str, Any]) -> None:
     """Ask this frontend's user what the remote code asks; send the answer (or the error) back.
 
     A Ctrl-C while asking propagates: the magic interrupts the remote job, as locally."""
-    from .api import Job
-
     job_id, seq = event.get("job"), event.get("seq")
     if not job_id or not isinstance(seq, int):
         return

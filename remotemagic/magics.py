@@ -4,45 +4,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import logging
-import math
-import os
-import shlex
 import sys
-import time
-import unicodedata
 from typing import Any
 
 from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
-from traitlets import Bool, Enum, Float, Int, List, Unicode, observe
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, observe, validate
 
-from . import api, envsync, errors, notebook, notices, state
-from .agent import files
+from . import api, envsync, errors, interrupts, magic_parsers, notebook, notices, state, storemagic, tables
+from .agent import protocol
+from .formatting import transfer_summary
+from .providers import registry
+from .providers.base import ProviderError
 from .render import Renderer
 
-log = logging.getLogger("remotemagic")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().strip()}")
-
-    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
-        if message:
-            raise UsageError(message)
-        raise UsageError(self.format_help())
-
-
-def _names(text: str | None) -> list[str]:
-    # NFKC: what Python itself does to identifiers (``ℌ = 1`` binds ``H``)
-    names = [unicodedata.normalize("NFKC", n.strip()) for n in (text or "").split(",") if n.strip()]
-    for n in names:
-        if not n.isidentifier():
-            raise UsageError(f"{n!r} is not a variable name")
-    return names
+log = logging.getLogger(__name__)
 
 
 def _showing_notices(method: Any) -> Any:
@@ -55,159 +34,6 @@ def _showing_notices(method: Any) -> Any:
             return method(self, *args, **kwargs)
 
     return wrapper
-
-
-def _split(line: str, magic: str) -> list[str]:
-    """The words of a magic line, or a UsageError saying what is wrong with its quoting."""
-    try:
-        return shlex.split(line)
-    except ValueError as exc:  # "No closing quotation", "No escaped character"
-        raise UsageError(f"{magic}: cannot read the line ({exc}): close the quote, or escape it with \\") from None
-
-
-def _session_name(text: str) -> str:
-    try:
-        return files.check_name("session", text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number")
-    return value
-
-
-def _parsers() -> dict[str, _Parser]:
-    p: dict[str, _Parser] = {}
-    use = p["use"] = _Parser(prog="%ec2 use", add_help=False)
-    use.add_argument("kind", choices=["local", "ssh", "ec2"], help="where cells run")
-    use.add_argument("host", nargs="?", help="ssh: an ~/.ssh/config alias or user@host[:port]; ec2: the instance name")
-    use.add_argument("--root", help="the agent's folder on the target")
-    use.add_argument("--session", type=_session_name, help="session (remote namespace) to use")
-    use.add_argument("--python", help="ssh: the remote interpreter to build the environment from")
-    use.add_argument("--workdir", help="folder on the target that cells run in and relative paths start from "
-                     "(default: the home folder; for local, this kernel's folder)")
-    use.add_argument("--ssh-config", help="ssh: OpenSSH config file (default: Ec2Magics.ssh_config)")
-    use.add_argument("--trust-new-host", action="store_true",
-                     help="ssh: accept and record the host key of a host never seen before")
-    tun = p["tunnel"] = _Parser(prog="%ec2 tunnel", add_help=False)
-    tun.add_argument("remote_port", nargs="?", type=int, help="port on the target")
-    tun.add_argument("local_port", nargs="?", type=int, default=0, help="port here (default: a free one)")
-    tun.add_argument("--close", type=int, metavar="LOCAL_PORT", help="close the tunnel on this local port")
-    p["pip"] = _Parser(prog="%ec2 pip", add_help=False)
-    start = p["start"] = _Parser(prog="%ec2 start", add_help=False)
-    start.add_argument("--name", help="instance name (default: Ec2Magics.instance_name)")
-    start.add_argument("--type", dest="instance_type", help="instance type, e.g. c7i.4xlarge")
-    start.add_argument("--spot", action="store_true", help="a spot instance (stops, not terminates, when reclaimed)")
-    start.add_argument("--fallback", action="store_true", help="with --spot: launch on-demand if there is no spot "
-                       "capacity (a notice says so, with the price difference)")
-    start.add_argument("--ami", help="AMI id or alias (ubuntu, al2023); default: current Ubuntu LTS")
-    start.add_argument("--disk", type=int, dest="disk_gb", help="root volume size in GB")
-    start.add_argument("--key", dest="key_name", help="EC2 key pair name (default: EC2 Instance Connect)")
-    for name in ("stop", "terminate"):
-        q = p[name] = _Parser(prog=f"%ec2 {name}", add_help=False)
-        q.add_argument("--name", help="instance name (default: the current target)")
-        if name == "terminate":
-            q.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    resize = p["resize"] = _Parser(prog="%ec2 resize", add_help=False)
-    resize.add_argument("instance_type", help="the new instance type")
-    resize.add_argument("--name", help="instance name (default: the current target)")
-    run = p["run"] = _Parser(prog="%%ec2 run", add_help=False)
-    run.add_argument("-i", "--push", default="", help="comma-separated local variables to send")
-    run.add_argument("-o", "--pull", default="", help="comma-separated variables to bring back")
-    run.add_argument("--bg", action="store_true", help="return at once; the job runs on")
-    run.add_argument("--session", type=_session_name, help="session (remote namespace) to run in")
-    run.add_argument("--timeout", type=_seconds, help="interrupt the job after this many seconds")
-    run.add_argument("--retry", type=int, metavar="N", help="if the worker dies under the job, run it again up to N "
-                     "times on a fresh worker restored from the last checkpoint (default: Ec2Magics.retries)")
-    for name in ("output", "wait", "cancel"):
-        q = p[name] = _Parser(prog=f"%ec2 {name}", add_help=False)
-        q.add_argument("job", nargs="?" if name != "cancel" else None, help="job id or its unique end")
-        if name == "wait":
-            q.add_argument("--timeout", type=_seconds)
-        if name == "cancel":
-            q.add_argument("--kill", action="store_true", help="kill the job's worker at once (the namespace is lost)")
-    push = p["push"] = _Parser(prog="%ec2 push", add_help=False)
-    push.add_argument("local", help="file or folder here")
-    push.add_argument("dest", nargs="?", help="where on the target (default: same name, in the session's folder)")
-    pull = p["pull"] = _Parser(prog="%ec2 pull", add_help=False)
-    pull.add_argument("path", help="file or folder on the target")
-    pull.add_argument("local", nargs="?", help="where here (default: same name, in the current folder)")
-    jobs = p["jobs"] = _Parser(prog="%ec2 jobs", add_help=False)
-    jobs.add_argument("-n", type=_count, default=20, help="how many (newest last)")
-    p["status"] = _Parser(prog="%ec2 status", add_help=False)
-    sync = p["sync"] = _Parser(prog="%ec2 sync", add_help=False)
-    sync.add_argument("packages", nargs="*", help="local distributions to sync (default: what the notebook imports)")
-    sync.add_argument("--all", action="store_true", help="every distribution of this kernel's environment")
-    sync.add_argument("--dry-run", action="store_true", help="show what would be installed; install nothing")
-    ck = p["checkpoint"] = _Parser(prog="%ec2 checkpoint", add_help=False)
-    ck.add_argument("--restore", action="store_true", help="load the last checkpoint into the session")
-    ck.add_argument("--session", type=_session_name)
-    ck.add_argument("--max-bytes", type=int, default=0, help="skip values whose pickle is larger (0: none)")
-    restart = p["restart"] = _Parser(prog="%ec2 restart", add_help=False)
-    restart.add_argument("--session", type=_session_name)
-    restart.add_argument("--all", action="store_true", help="stop the workers of every session on the target")
-    p["sessions"] = _Parser(prog="%ec2 sessions", add_help=False)
-    store = p["store"] = _Parser(prog="%ec2_store", add_help=False)
-    store.add_argument("names", nargs="*")
-    store.add_argument("-r", action="store_true", help="restore (all, or the names given)")
-    store.add_argument("-d", metavar="NAME", action="append", help="delete a stored value")
-    store.add_argument("-z", action="store_true", help="delete every stored value")
-    store.add_argument("--remote", action="store_true",
-                       help="act on the remote session's namespace instead of this kernel's")
-    store.add_argument("--session", type=_session_name, help="with --remote: which session")
-    return p
-
-
-PARSERS = _parsers()
-
-
-def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return datetime.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
-
-
-def _duration(start: float | None, end: float | None) -> str:
-    if not start:
-        return "-"
-    secs = (end or time.time()) - start
-    return f"{secs:.1f}s" if secs < 120 else f"{secs / 60:.1f}m"
-
-
-def _size(n: int | None) -> str:
-    n = int(n or 0)
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"
-
-
-def _transfer_summary(verb: str, done: dict[str, Any]) -> str:
-    text = f"{verb} {_size(done.get('bytes'))}"
-    if "files" in done:
-        text += f" in {done['files']} file(s)"
-    if done.get("skipped"):
-        text += f", {done['skipped']} unchanged file(s) skipped"
-    if done.get("resumed_from"):
-        text += f", resumed after {_size(done['resumed_from'])}"
-    return text + f" -> {done.get('path')}"
 
 
 @contextlib.contextmanager
@@ -232,13 +58,19 @@ class Ec2Magics(Magics):
     local_root = Unicode("", help="Folder of the local backend (default: <state dir>/local-target).").tag(config=True)
     timeout = Float(0.0, help="Default --timeout for %%ec2 run, in seconds (0: none).").tag(config=True)
     reconnect_timeout = Float(60.0, help="How long to keep reconnecting after the link drops, in s.").tag(config=True)
-    inline_limit = Int(api.INLINE_LIMIT, help="Outputs up to this size come back with the job's status.").tag(config=True)
-    object_cache_limit = Int(api.OBJECT_CACHE_LIMIT, help="Bytes of pushed values the target keeps (LRU).").tag(config=True)
+    inline_limit = Int(api.INLINE_LIMIT,
+                       help="Outputs up to this size come back with the job's status.").tag(config=True)
+    object_cache_limit = Int(api.OBJECT_CACHE_LIMIT,
+                             help="Bytes of pushed values the target keeps (LRU).").tag(config=True)
     checkpoint_max_bytes = Int(api.CHECKPOINT_LIMIT, help="After each cell, checkpoint the session's variables "
                                "whose pickle is at most this size (0: no automatic checkpoints).").tag(config=True)
     retries = Int(0, help="Default --retry for %%ec2 run: run a cell again (up to this many more times) when its "
                   "worker dies under it (SIGKILL, out of memory, its machine went away), first restoring the "
                   "checkpoint taken before it. Never when the cell itself raises (0: no retries).").tag(config=True)
+    reclaim_wait_minutes = Float(api.RECLAIM_WAIT_MINUTES, help="EC2 spot: when AWS reclaims the instance, "
+                                 "%%ec2 run --retry and %ec2 wait wait this many minutes for AWS to start it again "
+                                 "(a waiting line in the cell), then reconnect and resume (0: do not wait)."
+                                 ).tag(config=True)
     auto_restore = Bool(False, help="After a session's worker died (or its machine restarted), the next cell first "
                         "restores the last checkpoint and says which values came back.").tag(config=True)
     show_progress = Bool(True, help="Progress bars for transfers above 16 MiB.").tag(config=True)
@@ -247,17 +79,20 @@ class Ec2Magics(Magics):
                           "else ~/.ssh/known_hosts).").tag(config=True)
     trust_on_first_use = Bool(False, help="Accept and record the key of an SSH host never seen before "
                               "(a changed key is always refused).").tag(config=True)
-    remote_python = Unicode("python3", help="Interpreter on SSH hosts that the remote venv is built from.").tag(config=True)
+    remote_python = Unicode("python3",
+                            help="Interpreter on SSH hosts that the remote venv is built from.").tag(config=True)
     remote_root = Unicode("", help="The agent's folder on SSH hosts (default ~/.remotemagic).").tag(config=True)
     interrupt_grace = Float(1.0, help="Seconds between Ctrl-C and interrupting the remote job. Jupyter "
                             "interrupts a kernel before every restart or shutdown; if the kernel is shut "
                             "down within this time, the remote job is left running.").tag(config=True)
-    worker_idle_hours = Float(api.WORKER_IDLE_HOURS, help="A session's worker exits after this many hours without a "
+    worker_idle_hours = Float(api.WORKER_IDLE_HOURS,
+                              help="A session's worker exits after this many hours without a "
                               "job, checkpointing its namespace first (%ec2 checkpoint --restore brings it back; "
                               "0: never).").tag(config=True)
     stop_grace = Float(api.STOP_GRACE, help="Seconds %ec2 restart and %ec2 cancel give a job at each step (interrupt, "
                        "then SIGTERM, then SIGKILL of the worker's process group) before the next.").tag(config=True)
-    instance_name = Unicode("remotemagic", help="EC2: name of the instance %ec2 start/use ec2 work on.").tag(config=True)
+    instance_name = Unicode("remotemagic",
+                            help="EC2: name of the instance %ec2 start/use ec2 work on.").tag(config=True)
     instance_type = Unicode("t3.large", help="EC2: instance type for new instances.").tag(config=True)
     region = Unicode("", help="EC2: AWS region (default: boto3's chain, e.g. AWS_DEFAULT_REGION).").tag(config=True)
     profile = Unicode("", help="EC2: AWS profile (default: boto3's chain).").tag(config=True)
@@ -265,16 +100,21 @@ class Ec2Magics(Magics):
                      "address /32).").tag(config=True)
     idle_stop_minutes = Int(60, help="EC2: the instance stops itself after this many idle minutes "
                             "(no job, no connection); 0 disables.").tag(config=True)
-    key_name = Unicode("", help="EC2: key pair for new instances (default: none, EC2 Instance Connect).").tag(config=True)
+    key_name = Unicode("",
+                       help="EC2: key pair for new instances (default: none, EC2 Instance Connect).").tag(config=True)
     key_file = Unicode("", help="EC2: private key of key_name (default: the SSH config's IdentityFile, "
                        "else ssh-agent).").tag(config=True)
     ami = Unicode("", help="EC2: AMI id or alias (ubuntu, al2023) for new instances.").tag(config=True)
     ec2_user = Unicode("", help="EC2: login user (default: from the AMI, ubuntu or ec2-user).").tag(config=True)
+    fleets = Dict(help="SSH fleets by name: {'lab': ['gpu1', 'me@10.0.0.5:2222']} (also read from "
+                  "<state dir>/fleets.json); %ec2 start|use|stop fleet NAME.").tag(config=True)
     compression = Unicode("auto", help="Compress values and files on the wire: auto (on links with a round "
-                          "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent raw.").tag(config=True)
-    package_sync = Enum(list(envsync.MODES), default_value="auto", help="Before a cell runs on an SSH/EC2 target, install there the packages it "
-                           "imports and its -i values need, at this kernel's versions: auto (keeps a different version "
-                           "already there, with a warning), exact (replaces it) or off.").tag(config=True)
+                          "trip over 5 ms), zstd, zlib or none. Incompressible data is always sent "
+                          "raw.").tag(config=True)
+    package_sync = Enum(list(envsync.MODES), default_value="auto",
+                        help="Before a cell runs on an SSH/EC2 target, install there the packages it "
+                        "imports and its -i values need, at this kernel's versions: auto (keeps a different version "
+                        "already there, with a warning), exact (replaces it) or off.").tag(config=True)
     offline_install = Bool(False, help="Ship wheels from here instead of letting the target use a package index "
                            "(hosts without internet are detected by themselves).").tag(config=True)
 
@@ -299,6 +139,12 @@ class Ec2Magics(Magics):
         self.where = None
         self.use_error = None
 
+    @validate("reclaim_wait_minutes")
+    def _check_reclaim_wait(self, proposal: Any) -> float:
+        if not proposal["value"] >= 0:
+            raise TraitError(f"reclaim_wait_minutes must be >= 0 (0: do not wait), not {proposal['value']!r}")
+        return float(proposal["value"])
+
     @observe("worker_idle_hours")
     def _idle_changed(self, change: Any) -> None:
         if self.remote is not None:  # sent with every job: the session's worker takes it from the next one
@@ -314,6 +160,12 @@ class Ec2Magics(Magics):
     def _sync_changed(self, change: Any) -> None:
         if self.remote is not None:
             setattr(self.remote, change["name"], change["new"])
+
+    @property
+    def ip(self) -> InteractiveShell:
+        """The shell these magics are registered in."""
+        assert self.shell is not None, "Ec2Magics used without a shell"
+        return self.shell
 
     def close(self) -> None:
         if self.remote is not None:
@@ -358,6 +210,8 @@ class Ec2Magics(Magics):
     def _connect(self, kind: str, host: str | None, root: str | None, session: str | None,
                  python: str | None = None, trust: bool = False, ssh_config: str | None = None,
                  workdir: str | None = None, start: bool = False, launch: dict[str, Any] | None = None) -> api.Remote:
+        """Connect to a target of ``kind`` (see :mod:`remotemagic.providers.registry`): the kind
+        builds its options from this object's settings."""
         opts: dict[str, Any] = dict(
             reconnect_timeout=self.reconnect_timeout, inline_limit=self.inline_limit,
             object_cache_limit=self.object_cache_limit, show_progress=self.show_progress,
@@ -367,98 +221,35 @@ class Ec2Magics(Magics):
         session = session or self.session or None
         if workdir:
             opts["cwd"] = workdir
+        with self._provider_errors():
+            return registry.get(kind).connect(self, host, root=root, session=session, options=opts, python=python,
+                                              trust=trust, ssh_config=ssh_config, start=start, launch=launch)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _provider_errors() -> Any:
+        """Bad input (ValueError) and a provider's refusals (ProviderError: AWS said no, a fleet
+        is down...) become one-line usage errors: what and why, no traceback."""
         try:
-            if kind == "local":
-                return api.connect("local", session=session, root=root or self.local_root or None, **opts)
-            if kind == "ssh":
-                if not host:
-                    raise UsageError("%ec2 use ssh HOST: name the host (an ~/.ssh/config alias or user@host[:port])")
-                opts.update(ssh_config=os.path.expanduser(ssh_config or self.ssh_config), python=python or self.remote_python,
-                            trust_on_first_use=trust or self.trust_on_first_use)
-                if self.known_hosts:
-                    opts["known_hosts"] = os.path.expanduser(self.known_hosts)
-                return api.connect("ssh", host=host, session=session, root=root or self.remote_root or None, **opts)
-            if kind == "ec2":
-                opts.update(self._ec2_options(python))
-                if workdir:
-                    opts["cwd"] = workdir
-                opts.update(launch or {})  # --type, --ami ... of %ec2 start win over the configured defaults
-                return api.connect_ec2(host or self.instance_name, session=session,
-                                       root=root or self.remote_root or None, start=start, **opts)
-            raise UsageError(f"unknown target kind {kind!r}: use local, ssh HOST or ec2 [NAME]")
+            yield
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        except errors.RemoteMagicError as exc:
-            if type(exc).__module__.endswith("providers.ec2"):  # AWS said no: say what and why, no traceback
-                raise UsageError(f"{type(exc).__name__}: {exc}") from None
-            raise
-
-    def _ec2_options(self, python: str | None) -> dict[str, Any]:
-        opts: dict[str, Any] = {
-            "ssh_config": os.path.expanduser(self.ssh_config), "python": python or self.remote_python,
-            "idle_stop_minutes": self.idle_stop_minutes, "instance_type": self.instance_type,
-            "region": self.region or None, "profile": self.profile or None, "ssh_cidrs": list(self.ssh_cidrs) or None,
-            "key_name": self.key_name or None, "key_file": os.path.expanduser(self.key_file) if self.key_file else None,
-            "user": self.ec2_user or None, "ami": self.ami or None,
-        }
-        if self.known_hosts:
-            opts["known_hosts"] = os.path.expanduser(self.known_hosts)
-        return opts
+        except ProviderError as exc:
+            raise UsageError(f"{type(exc).__name__}: {exc}") from None
 
     # -- %ec2 ----------------------------------------------------------------------------------
     @line_cell_magic
     @_showing_notices
     def ec2(self, line: str, cell: str | None = None) -> Any:
-        """Run code on a bigger machine, keep every output.
+        command = magic_parsers.parse_ec2(line, is_cell=cell is not None)
+        if command is None:  # -h: the help is printed
+            return None
+        if command.verb == "run":
+            assert cell is not None
+            return self._run(command.args, cell)
+        return getattr(self, "_cmd_" + command.verb)(command.args)
 
-        %ec2 use local [--root PATH] [--session S]   pick the target: the embedded local worker,
-        %ec2 use ssh HOST [--python P] [--trust-new-host]   or any SSH host (~/.ssh/config alias
-                             or user@host[:port]; ProxyJump, keys and known_hosts honoured)
-        %%ec2 run [-i a,b] [-o c,d] [--bg] [--session S] [--timeout T]
-            <code>           runs on the target; -i sends local variables, -o brings results back
-        %ec2 use ec2 [NAME]  or one of our EC2 instances (running)
-        %ec2 start [--name N] [--type T] [--spot] [--ami A] [--disk GB] [--key K]
-                             launch (or start, or attach to) an EC2 instance and use it
-        %ec2 stop | terminate [-y] | resize TYPE   the current EC2 instance
-        %ec2 jobs [-n N]     jobs on the target, newest last
-        %ec2 output [JOB]    show a job's complete output again (works after a kernel restart)
-        %ec2 wait [JOB]      stream the rest of a job's output, then pull its -o values
-        %ec2 cancel [--kill] JOB   interrupt a running job (KeyboardInterrupt there); if it still runs
-                             after Ec2Magics.stop_grace s, or with --kill, kill its worker
-        %ec2 status          target, sessions and recent jobs
-        %ec2 tunnel [REMOTE_PORT [LOCAL_PORT]] [--close LOCAL_PORT]   forward a port (127.0.0.1 only)
-        %ec2 pip install PKG ...     install into the target's Python environment
-        %ec2 sync [PKG ...] [--all] [--dry-run]   put this kernel's packages (what the notebook
-                             imports, the ones named, or --all) on the target at the local versions
-        %ec2 push LOCAL [DEST]   copy a file or folder to the target (resumes; skips unchanged files)
-        %ec2 pull PATH [LOCAL]   copy a file or folder from the target
-        %ec2 restart [--session S | --all]   stop a session's worker (interrupt, SIGTERM, SIGKILL;
-                             its jobs fail), or every session's: the next cell starts fresh
-        %ec2 sessions        sessions on the target: worker pid, memory, idle time
-        %ec2 checkpoint [--max-bytes N]   save the session's variables on the target now
-        %ec2 checkpoint --restore    after a worker died: load its last checkpoint
-
-        JOB is a job id or a unique end of one (its last 4 characters usually do); without
-        JOB, the last job this kernel started, else this notebook's newest job. Output streams
-        live and is also kept on the target and in a local mirror: close the browser, restart
-        the kernel, and ``%ec2 output`` still shows all of it.
-        """
-        words = _split(line, "%ec2")
-        if not words:
-            raise UsageError(self.ec2.__doc__ or "")
-        cmd, rest = words[0], words[1:]
-        if cmd == "pip" and cell is None:
-            return self._cmd_pip(rest)
-        if cmd == "run":
-            if cell is None:
-                raise UsageError("%ec2 run is a cell magic: start the cell with %%ec2 run")
-            return self._run(PARSERS["run"].parse_args(rest), cell)
-        if cell is not None:
-            raise UsageError(f"%%ec2 {cmd} is not a cell command; did you mean %%ec2 run?")
-        if cmd not in PARSERS or cmd == "store":
-            raise UsageError(f"unknown command %ec2 {cmd}\n{self.ec2.__doc__}")
-        args = PARSERS[cmd].parse_args(rest)
-        return getattr(self, "_cmd_" + cmd)(args)
+    ec2.__doc__ = magic_parsers.ec2_doc()  # what %ec2? shows
 
     def _cmd_use(self, args: argparse.Namespace) -> None:
         where = dict(kind=args.kind, host=args.host, root=args.root, session=args.session, python=args.python,
@@ -492,8 +283,8 @@ class Ec2Magics(Magics):
             print(line)
 
     def _run(self, args: argparse.Namespace, cell: str) -> None:
-        ns = self.shell.user_ns
-        push_names, pull = _names(args.push), _names(args.pull)
+        ns = self.ip.user_ns
+        push_names, pull = args.push, args.pull
         missing = [n for n in push_names if n not in ns]
         if missing:
             raise UsageError("-i: no variable named " + ", ".join(repr(n) for n in missing) + " in this namespace")
@@ -506,26 +297,29 @@ class Ec2Magics(Magics):
             raise UsageError("--retry applies to jobs in the foreground, not with --bg")
         render = Renderer(remote=remote)
         remote.last_job = None
-        origin = notebook.current_origin(self.shell)
+        remote.reclaim_wait_minutes = self.reclaim_wait_minutes
+        origin = notebook.current_origin(self.ip)
         watch = notebook.FrontendWatch(origin, root=remote.state_root)
         try:
             with watch:
                 job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
                                  session=args.session, timeout=timeout, on_event=render, origin=origin,
-                                 execution_count=self._cell_number(), colors=str(self.shell.colors),
+                                 execution_count=self._cell_number(), colors=str(self.ip.colors),
                                  stdin=not args.bg, retries=0 if args.bg else retries)
         except (errors.UnpicklableValueError, envsync.PackageSyncError) as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
-            job = remote.last_job
-            if job is None:
+            submitted = remote.last_job
+            if submitted is None:
                 raise
-            if watch.fired and job.meta.get("state") in files.TERMINAL:
+            job = submitted
+            if watch.fired and job.meta.get("state") in protocol.TERMINAL:
                 pass  # the page went away just as the job ended: nothing to let go of
-            elif not self._interrupt(job, render, origin, watch.fired):
+            elif not interrupts.interrupt(job, render, self.ip, self.interrupt_grace, origin, watch.fired):
                 return
         if args.bg:
-            print(f"Job {job.id} runs in the background (session '{remote.session if not args.session else args.session}').\n"
+            session = args.session or remote.session
+            print(f"Job {job.id} runs in the background (session '{session}').\n"
                   f"  %ec2 wait {job.id[-4:]}    stream its output, then pull -o values\n"
                   f"  %ec2 output {job.id[-4:]}  show its output so far")
             return
@@ -534,69 +328,20 @@ class Ec2Magics(Magics):
 
     def _cell_number(self) -> int:
         """The number of the cell running now (IPython 9 counts it before running, 8 after)."""
-        count = getattr(self.shell.displayhook, "prompt_count", None)
-        return count if isinstance(count, int) else self.shell.execution_count
-
-    def _kernel_shutting_down(self) -> bool:
-        """Whether Jupyter is shutting this kernel down (ipykernel records the shutdown request)."""
-        kernel = getattr(self.shell, "kernel", None)
-        return getattr(kernel, "_shutdown_message", None) is not None
-
-    def _interrupt(self, job: api.Job, render: Renderer, origin: dict[str, Any] | None = None,
-                   page_gone: bool = False) -> bool:
-        """First Ctrl-C: interrupt the remote code. Second: detach. True if the job ended.
-
-        Jupyter interrupts a kernel before it restarts or shuts it down; a restart must not
-        kill the remote job, so the interrupt waits ``interrupt_grace`` seconds first.
-        When the page that started the cell is gone (``page_gone``: it was closed or reloaded),
-        or another page is connected too, the interrupt may come from someone who only came
-        back to look: the cell detaches and the job runs on."""
-        origin = origin or {}
-        if page_gone or notebook.starter_gone(origin, job.remote.state_root):
-            return self._detach(job, "the page that ran this cell was closed or reloaded")
-        if notebook.others_connected(origin, job.remote.state_root):
-            return self._detach(job, "interrupted from a page that did not start it")
-        deadline = time.monotonic() + self.interrupt_grace
-        try:
-            while time.monotonic() < deadline:
-                if self._kernel_shutting_down():
-                    log.warning("kernel shutting down: job %s keeps running on the target", job.id)
-                    return False
-                time.sleep(0.05)
-        except KeyboardInterrupt:
-            return self._detach(job)
-        if self._kernel_shutting_down():
-            return False
-        for _ in range(20):
-            try:
-                job.cancel()
-                break
-            except errors.UnknownJobError:  # the submission is still on its way
-                time.sleep(0.05)
-        sys.stderr.write(f"\nInterrupting job {job.id} on the target (Ctrl-C again to detach and leave it running)\n")
-        try:
-            job.follow(render)
-            return True
-        except KeyboardInterrupt:
-            return self._detach(job)
-
-    def _detach(self, job: api.Job, why: str = "") -> bool:
-        job.record.update(detached=True)  # the Jupyter extension may fill the cell from now on
-        sys.stderr.write(f"\nDetached from job {job.id}{f' ({why})' if why else ''}; it keeps running on the target.\n"
-                         f"  %ec2 wait {job.id[-4:]} to reattach, %ec2 cancel {job.id[-4:]} to stop it.\n")
-        return False
+        count = getattr(self.ip.displayhook, "prompt_count", None)
+        return count if isinstance(count, int) else self.ip.execution_count
 
     def _pull_into_namespace(self, job: api.Job) -> None:
         try:
             got = job.result()
         except errors.MissingOutputError as exc:
-            self.shell.user_ns.update(exc.values)
+            self.ip.user_ns.update(exc.values)
             raise
         except errors.RemoteError as exc:
             if exc.ename == "UsageError":  # shown as one "UsageError: ..." line, like a local one
                 raise UsageError(exc.evalue) from None
             raise
-        self.shell.user_ns.update(got)
+        self.ip.user_ns.update(got)
 
     def _job(self, ref: str | None) -> api.Job:
         remote = self.get_remote()
@@ -624,10 +369,11 @@ class Ec2Magics(Magics):
         render = Renderer(replay=True)
         for event in job.events():
             render(event)
-        if job.record.meta.get("state") in files.TERMINAL:
+        if job.record.meta.get("state") in protocol.TERMINAL:
             job.record.update(watched=True)
         else:
-            print(f"[job {job.id} is still {job.record.meta.get('state', 'running')}: %ec2 wait {job.id[-4:]} follows it]")
+            print(f"[job {job.id} is still {job.record.meta.get('state', 'running')}: "
+                  f"%ec2 wait {job.id[-4:]} follows it]")
 
     def _offline_job(self, ref: str | None) -> api.Job:
         """Resolve a job from the local index first, so output works with the target gone."""
@@ -652,11 +398,13 @@ class Ec2Magics(Magics):
 
     def _cmd_wait(self, args: argparse.Namespace) -> None:
         job = self._job(args.job)
-        render = Renderer(remote=job.remote)
+        remote = self.get_remote()
+        render = Renderer(remote=remote)
         for event in job.events():
             render(event)
+        remote.reclaim_wait_minutes = self.reclaim_wait_minutes
         try:
-            job.wait(timeout=args.timeout, on_event=render)
+            remote.wait_through_reclaim(job, timeout=args.timeout, on_event=render)
         except TimeoutError as exc:
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
@@ -677,8 +425,8 @@ class Ec2Magics(Magics):
         try:
             job.wait(timeout=self.stop_grace)
         except TimeoutError:
-            sys.stderr.write(f"Job {job.id} still runs {self.stop_grace:g} s after the interrupt (Ec2Magics.stop_grace): "
-                             "killing its worker\n")
+            sys.stderr.write(f"Job {job.id} still runs {self.stop_grace:g} s after the interrupt "
+                             "(Ec2Magics.stop_grace): killing its worker\n")
             why = f"killed by %ec2 cancel: still running {self.stop_grace:g} s after the interrupt"
             print(f"Job {job.id}: {job.cancel(kill=True, reason=why)}")
             return
@@ -690,15 +438,7 @@ class Ec2Magics(Magics):
         if not rows:
             print(f"No jobs on {remote.target} yet.")
             return
-        width = max(7, *(len(str(j.get("session"))) for j in rows))
-        print(f"{'job':27} {'session':{width}} {'state':11} {'started':8} {'took':>7}  {'notebook / cell':30} code")
-        for j in rows:
-            code = (j.get("code") or f"[{j.get('kind')}]").strip().splitlines()
-            origin = j.get("origin") or {}
-            where = "/".join(filter(None, (origin.get("notebook"), (origin.get("cell_id") or "")[:8]))) or "-"
-            print(f"{j['id']:27} {str(j.get('session')):{width}} {str(j.get('state')):11} "
-                  f"{_ago(j.get('started')):8} {_duration(j.get('started'), j.get('finished')):>7}  "
-                  f"{where:30} {(code[0] if code else '')[:40]}")
+        print(tables.jobs_table(rows))
 
     def _cmd_status(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -707,19 +447,7 @@ class Ec2Magics(Magics):
         print(f"Target:   {remote.target}\n"
               f"Python:   {info.get('python')} ({info.get('executable')}) on {info.get('platform')}, "
               f"{info.get('cpus')} CPUs\nSession:  {remote.session} (this kernel's default)")
-        print("Sessions:")
-        for s in st["sessions"]:
-            what = f"worker pid {s['pid']}, up {_duration(s['started'], None)}" if s["alive"] else "no worker"
-            busy = f", running {s['current']}" if s.get("current") else ""
-            ck = s.get("checkpoint") or {}
-            saved = f", checkpoint {_ago(ck.get('time'))} ({len(ck.get('names', []))} values)" if ck.get("time") else ""
-            print(f"  {s['name']:20} {what}{busy}{saved}")
-            notice = s.get("spot_notice") or {}
-            if notice and (not s.get("started") or notice.get("received", 0) >= s["started"]):
-                ck = notice.get("checkpoint") or {}
-                print(f"    spot reclaim notice ({notice.get('action')} at {notice.get('time')}): "
-                      + (f"checkpointed {len(ck.get('names', []))} value(s); after the instance is started "
-                         "again, %ec2 checkpoint --restore" if ck else "checkpoint not taken yet"))
+        print(tables.status_sessions(st["sessions"]))
         if "instances" in st:
             self._print_instances(st["instances"])
         print(f"Jobs:     {len(st['jobs'])} recent, {len(st['active'])} queued or running (%ec2 jobs lists them)")
@@ -733,73 +461,62 @@ class Ec2Magics(Magics):
                   + (": " + ", ".join(f"{n} {v.get('version')} ({v.get('via')}, {v.get('source')})"
                                       for n, v in sorted(record.items())) if record else ""))
 
-    # -- EC2 ------------------------------------------------------------------------------------
+    # -- machines: start, stop, terminate, resize (EC2 instances, fleets) ---------------------
     def _cmd_start(self, args: argparse.Namespace) -> None:
         self.close()
-        launch = {k: getattr(args, k) for k in ("instance_type", "ami", "disk_gb", "key_name") if getattr(args, k)}
-        if args.spot:
-            launch["spot"] = True
-        if args.fallback:
-            if not args.spot:
-                raise UsageError("%ec2 start --fallback goes with --spot (on-demand when there is no spot capacity)")
-            launch["fallback"] = True
-        name = args.name or self.instance_name
-        remote = self._choosing(f"%ec2 start --name {name}", lambda: self._connect(
-            "ec2", name, None, None, start=True, launch=launch))
-        inst = remote.instance
-        self._switch(dict(kind="ec2", host=inst.name, root=None, session=None), remote)
-        print(f"Using {inst.name} ({inst.instance_id}, {inst.instance_type}, {inst.lifecycle}) at {inst.host}; "
-              f"it stops itself after {self.idle_stop_minutes} idle minutes" if self.idle_stop_minutes else
-              f"Using {inst.name} ({inst.instance_id}, {inst.instance_type}, {inst.lifecycle}) at {inst.host}")
+        # no kind: an EC2 instance (--name, else Ec2Magics.instance_name), as before kinds existed
+        kind, name = self._machine("start", args.kind or registry.DEFAULT_MACHINE_KIND, args.name or args.machine)
+        launch = {k: getattr(args, k) for k in ("instance_type", "ami", "disk_gb", "key_name", "spot", "fallback")
+                  if getattr(args, k)}
+        with self._provider_errors():
+            kind.check_launch(launch)
+        default = kind.name == registry.DEFAULT_MACHINE_KIND
+        what = f"%ec2 start --name {name}" if default else f"%ec2 start {kind.name} {name}"
+        remote = self._choosing(what, lambda: self._connect(kind.name, name, None, None, start=True, launch=launch))
+        self._switch(dict(kind=kind.name, host=kind.machine_name(remote) or name, root=None, session=None), remote)
+        print(kind.started(remote, self))
 
-    def _instance_name(self, name: str | None) -> str:
-        """The instance a stop/terminate/resize is about: --name, else the current EC2 target."""
-        if name:
-            return name
-        if self.remote is not None and self.remote.instance is not None:
-            return self.remote.instance.name
+    def _machine(self, verb: str, kind_name: str | None, name: str | None) -> tuple[registry.TargetKind, str]:
+        """The kind and machine a start/stop/terminate/resize is about: the kind and name given,
+        a ``--name`` alone (an EC2 instance), else the current target."""
+        if kind_name or name:
+            with self._provider_errors():
+                kind = registry.get(kind_name or registry.DEFAULT_MACHINE_KIND)
+                if verb not in kind.verbs:
+                    raise kind.unsupported(verb)
+                return kind, name or kind.default_name(self)
         if self.where is not None:
-            if self.where["kind"] == "ec2":
-                return self.where["host"] or self.instance_name
+            current, host = self.where["kind"], self.where.get("host")
         else:
             words = (self.target or "").split()
-            if words and words[0] == "ec2":
-                return words[1] if len(words) > 1 else self.instance_name
+            current, host = (words[0] if words else ""), (words[1] if len(words) > 1 else None)
+        now = registry.get(current) if current in registry.names() else None
+        if now is not None and verb in now.verbs:
+            with self._provider_errors():
+                return now, now.machine_name(self.remote) or host or now.default_name(self)
+        if now is not None and now.verbs:  # a machine, but not one this verb applies to
+            raise UsageError(str(now.unsupported(verb)))
         target = self.remote.target if self.remote is not None else " ".join(
             str(w) for w in ((self.where or {}).get("kind"), (self.where or {}).get("host")) if w) or self.target
-        raise UsageError(f"{target} is not an EC2 instance: %ec2 use ec2 NAME or %ec2 start first, or give --name")
+        nouns = " or ".join(k.noun for k in registry.with_verb(verb))
+        raise UsageError(f"{target} is not {nouns}: %ec2 use or %ec2 start one first, or give --name")
 
-    def _provider(self) -> Any:
-        if self.remote is not None and self.remote.provider is not None:
-            return self.remote.provider
-        from .providers.ec2 import Ec2Provider
-
-        opts = self._ec2_options(None)
-        return Ec2Provider(**{k: opts[k] for k in api.EC2_OPTIONS if opts.get(k) is not None})
-
-    def _ec2_call(self, fn: Any, *args: Any, **kw: Any) -> Any:
-        try:
-            return fn(*args, **kw)
-        except errors.RemoteMagicError as exc:
-            if type(exc).__module__.endswith("providers.ec2"):
-                raise UsageError(f"{type(exc).__name__}: {exc}") from None
-            raise
-
-    def _drop_connection_to(self, name: str) -> None:
-        if self.remote is not None and self.remote.instance is not None and self.remote.instance.name == name:
+    def _drop_connection_to(self, kind: registry.TargetKind, name: str) -> None:
+        """Close the current connection if it is to the machine ``name`` of ``kind``."""
+        if self.remote is not None and kind.machine_name(self.remote) == name:
+            self.close()
+        elif self.where is not None and self.where["kind"] == kind.name and self.where.get("host") == name:
             self.close()
 
     def _cmd_stop(self, args: argparse.Namespace) -> None:
-        name = self._instance_name(args.name)
-        provider = self._provider()
-        self._drop_connection_to(name)
-        info = self._ec2_call(provider.stop, name, wait=True, progress=self.show_progress)
-        print(f"Stopped {info.name} ({info.instance_id}). Its disk, job logs and checkpoints stay; "
-              f"%ec2 start --name {info.name} brings it back.")
+        kind, name = self._machine("stop", args.kind, args.name or args.machine)
+        current = self.remote
+        self._drop_connection_to(kind, name)
+        with self._provider_errors():
+            print(kind.stop(self, name, current))
 
     def _cmd_terminate(self, args: argparse.Namespace) -> None:
-        name = self._instance_name(args.name)
-        provider = self._provider()
+        kind, name = self._machine("terminate", args.kind, args.name or args.machine)
         if not args.yes:
             try:
                 answer = input(f"Terminate {name}? Its disk and everything on it are deleted. [y/N] ")
@@ -808,21 +525,23 @@ class Ec2Magics(Magics):
             if answer.strip().lower() not in ("y", "yes"):
                 print("Not terminated.")
                 return
-        self._drop_connection_to(name)
-        instance_id = self._ec2_call(provider.terminate, name, wait=True, progress=self.show_progress)
-        print(f"Terminated {name} ({instance_id}).")
+        current = self.remote
+        self._drop_connection_to(kind, name)
+        with self._provider_errors():
+            print(kind.terminate(self, name, current))
 
     def _cmd_resize(self, args: argparse.Namespace) -> None:
-        name = self._instance_name(args.name)
-        provider = self._provider()
+        kind, name = self._machine("resize", None, args.name)
         session = self.remote.session if self.remote is not None else (self.where or {}).get("session")
-        self._drop_connection_to(name)
-        self._ec2_call(provider.resize, name, args.instance_type, progress=self.show_progress)
-        same = self.where is not None and self.where["kind"] == "ec2" and self.where["host"] in (None, name)
-        where = {**(self.where if same else {"root": None}), "kind": "ec2", "host": name, "session": session}
+        current = self.remote
+        self._drop_connection_to(kind, name)
+        with self._provider_errors():
+            said = kind.resize(self, name, args.instance_type, current)
+        same = self.where is not None and self.where["kind"] == kind.name and self.where["host"] in (None, name)
+        where = {**(self.where if same and self.where else {"root": None}), "kind": kind.name, "host": name,
+                 "session": session}
         self._switch(where, self._connect(**where, start=True))
-        assert self.remote is not None
-        print(f"{name} is now a {self.remote.instance.instance_type}; reattached")
+        print(f"{said}; reattached")
 
     def _cmd_tunnel(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -846,7 +565,8 @@ class Ec2Magics(Magics):
             raise UsageError(str(exc)) from None
         print(f"Tunnel open: {t.url} -> port {t.remote_port} on {remote.target} (bound to 127.0.0.1 only)")
 
-    def _cmd_pip(self, words: list[str]) -> None:
+    def _cmd_pip(self, args: argparse.Namespace) -> None:
+        words = args.words
         if not words or words[0] != "install" or len(words) < 2:
             raise UsageError("%ec2 pip install PACKAGE [PACKAGE ...]")
         try:
@@ -863,7 +583,7 @@ class Ec2Magics(Magics):
 
             tm = TransformerManager()
             cells = []
-            for cell in self.shell.user_ns.get("In", []) or []:
+            for cell in self.ip.user_ns.get("In", []) or []:
                 try:
                     cells.append(tm.transform_cell(cell))
                 except Exception:
@@ -884,7 +604,7 @@ class Ec2Magics(Magics):
         remote = self.get_remote()
         with _transfer_errors("push", args.local):
             done = remote.push(args.local, args.dest)
-        print(_transfer_summary("Pushed", done))
+        print(transfer_summary("Pushed", done))
 
     def _cmd_pull(self, args: argparse.Namespace) -> None:
         if not args.path.strip():
@@ -892,7 +612,7 @@ class Ec2Magics(Magics):
         remote = self.get_remote()
         with _transfer_errors("pull", args.path):
             done = remote.pull(args.path, args.local)
-        print(_transfer_summary("Pulled", done))
+        print(transfer_summary("Pulled", done))
 
     def _cmd_checkpoint(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -907,7 +627,7 @@ class Ec2Magics(Magics):
     def _print_instances(self, rows: list[dict[str, Any]]) -> None:
         from IPython.display import display
 
-        display(InstanceTable(rows))
+        display(tables.InstanceTable(rows))
 
     def _cmd_sessions(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -917,14 +637,7 @@ class Ec2Magics(Magics):
             return
         print(f"Sessions on {remote.target} (workers exit after {remote.worker_idle_hours:g} idle hours; "
               "%ec2 restart --all stops them):")
-        print(f"  {'session':20} {'worker':>8} {'memory':>9} {'idle':>7}  state")
-        for s in rows:
-            if not s["alive"]:
-                print(f"  {s['name']:20} {'-':>8} {'-':>9} {'-':>7}  no worker")
-                continue
-            idle = _duration(s["idle_since"], None) if s.get("idle_since") else "-"
-            what = f"running {s['current']}" if s.get("current") else "idle"
-            print(f"  {s['name']:20} {s['pid']:>8} {_size(s.get('rss')) if s.get('rss') else '?':>9} {idle:>7}  {what}")
+        print(tables.sessions_table(rows))
 
     def _cmd_restart(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
@@ -957,117 +670,9 @@ class Ec2Magics(Magics):
     @line_magic
     @_showing_notices
     def ec2_store(self, line: str) -> None:
-        """Like %store, but the values live on the target: any kernel or process using the
-        same target can restore them.
+        storemagic.ec2_store(line, self.get_remote, self.ip.user_ns)
 
-        %ec2_store              list stored names with type, size and a preview
-        %ec2_store a b          store local variables a and b          ("Stored 'a' (int)")
-        %ec2_store -r [a b]     restore all stored values, or the names given, into this kernel
-        %ec2_store -d a         delete a stored value
-        %ec2_store -z           delete all stored values
-        %ec2_store --remote a   store 'a' from the remote session's namespace (it never travels here)
-        %ec2_store -r --remote a   restore 'a' straight into the remote session's namespace
-        """
-        args = PARSERS["store"].parse_args(_split(line, "%ec2_store"))
-        remote = self.get_remote()
-        ns = self.shell.user_ns
-        if args.z:
-            deleted = remote.store_clear()
-            print(f"Deleted {len(deleted)} stored value(s)")
-            return
-        if args.d:
-            for name in args.d:
-                try:
-                    remote.store_delete(name)
-                except KeyError:
-                    raise UsageError(f"Can't delete variable '{name}': it is not stored") from None
-            return
-        if args.remote:
-            self._store_remote(remote, args)
-            return
-        if args.r:
-            names = args.names or [v["name"] for v in remote.store_list()]
-            for name in names:
-                try:
-                    ns[name] = remote.store_get(name)
-                except KeyError:
-                    raise UsageError(f"no stored variable {name!r} (%ec2_store lists them)") from None
-                print(f"Restored '{name}' ({files.type_name(ns[name])})")
-            return
-        if not args.names:
-            self._store_list(remote)
-            return
-        for name in args.names:
-            if name not in ns:
-                raise UsageError(f"Unknown variable '{name}'")
-        for name in args.names:
-            try:
-                meta = remote.store_put(name, ns[name])
-            except errors.UnpicklableValueError as exc:
-                raise UsageError(str(exc)) from None
-            print(f"Stored '{name}' ({meta.get('type', files.type_name(ns[name]))})")
-
-    def _store_remote(self, remote: api.Remote, args: argparse.Namespace) -> None:
-        if not args.names:
-            raise UsageError("--remote needs the names of the remote variables")
-        if args.r:
-            st = remote.restore_to_session(args.names, args.session)
-            for name in st.get("restored", []):
-                print(f"Restored '{name}' into the remote session")
-            if st.get("missing"):
-                raise UsageError("not stored: " + ", ".join(st["missing"]))
-            return
-        st = remote.store_from_session(args.names, args.session, on_event=Renderer())
-        if st.get("missing"):
-            raise UsageError("Unknown variable in the remote session: " + ", ".join(st["missing"]))
-
-    def _store_list(self, remote: api.Remote) -> None:
-        values = remote.store_list()
-        if not values:
-            print(f"No values stored on {remote.target}")
-            return
-        width = max(len(v["name"]) for v in values)
-        print(f"Stored values on {remote.target}:")
-        for v in values:
-            print(f"{v['name']:{width}} {_size(v.get('size')):>9}  {v.get('type', '?'):14} -> {v.get('preview', '')}")
-
-
-class InstanceTable:
-    """Our EC2 instances with their cost: an HTML table in a notebook, text in a terminal."""
-
-    COLUMNS = ("name", "id", "type", "state", "lifecycle", "uptime", "$/h", "so far", "price from")
-
-    def __init__(self, rows: list[dict[str, Any]]):
-        self.rows = [self._cells(r) for r in rows]
-        self.total = sum(r.get("cost_so_far") or 0.0 for r in rows)
-
-    @staticmethod
-    def _cells(r: dict[str, Any]) -> list[str]:
-        up = r.get("uptime")
-        uptime = "-" if up is None else f"{int(up.total_seconds() // 3600)}h{int(up.total_seconds() % 3600 // 60):02d}m"
-        price = r.get("hourly_price")
-        cost = r.get("cost_so_far")
-        return [str(r.get("name", "?")), str(r.get("id", "?")), str(r.get("type", "?")), str(r.get("state", "?")),
-                str(r.get("lifecycle", "?")), uptime, "?" if price is None else f"{price:.4f}",
-                "-" if cost is None else f"{cost:.2f}", str(r.get("price_source") or "-")]
-
-    def __repr__(self) -> str:
-        if not self.rows:
-            return "Instances: none of ours in this region"
-        widths = [max(len(c), *(len(row[i]) for row in self.rows)) for i, c in enumerate(self.COLUMNS)]
-        lines = ["Instances (tagged as ours, this region):",
-                 "  " + "  ".join(c.ljust(w) for c, w in zip(self.COLUMNS, widths, strict=True))]
-        lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in self.rows]
-        lines.append(f"  compute cost so far: ${self.total:.2f}")
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        import html
-
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.rows)
-        return (f"<table><caption>Instances tagged as ours (compute so far: ${self.total:.2f})</caption>"
-                f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    ec2_store.__doc__ = magic_parsers.store_doc()  # what %ec2_store? shows
 
 
 class _MirrorOnlyJob:
@@ -1102,6 +707,8 @@ def unload(ip: Any) -> None:
     if magics is None:
         return
     magics.close()
+    if "remotemagic.providers.fleet.provider" in sys.modules:  # fleets brought up by %ec2 start fleet
+        sys.modules["remotemagic.providers.fleet.provider"].close_all()
     table = ip.magics_manager.magics
     for kind, name in (("line", "ec2"), ("cell", "ec2"), ("line", "ec2_store")):
         table[kind].pop(name, None)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import state
-from .agent import files
+from .agent import files, protocol
 
 
 def notebook_path() -> str:
@@ -71,7 +71,7 @@ def current_origin(shell: Any) -> dict[str, Any]:
 
 # -- which pages are connected (written by the server extension) -------------------------------
 def frontends_file(kid: str, root: Path | None = None) -> Path:
-    return (root or state.state_dir()) / "frontends" / f"{files.check_name('kernel', kid)}.json"
+    return (root or state.state_dir()) / "frontends" / f"{protocol.check_name('kernel', kid)}.json"
 
 
 def write_frontends(kid: str, clients: list[str], root: Path | None = None) -> None:
@@ -100,7 +100,7 @@ def starter_gone(origin: dict[str, Any], root: Path | None = None) -> bool:
 def others_connected(origin: dict[str, Any], root: Path | None = None) -> bool:
     """True when a page other than the one that started this cell is connected to the kernel."""
     clients = connected_clients(origin.get("kernel", ""), root)
-    return bool(clients) and any(c != origin.get("client") for c in clients)
+    return any(c != origin.get("client") for c in clients or ())
 
 
 # -- this notebook's jobs ----------------------------------------------------------------------
@@ -127,7 +127,7 @@ def unwatched_notice(root: Path, told: set[str] | None = None) -> str:
     if told is not None:
         told.update(j["id"] for j in jobs)
     last = jobs[-1]["id"][-4:]
-    running = [j for j in jobs if j.get("state") not in files.TERMINAL]
+    running = [j for j in jobs if j.get("state") not in protocol.TERMINAL]
     what = f"{len(jobs)} job(s) that ran while nobody watched" + (f" ({len(running)} not finished when last seen)"
                                                                   if running else "")
     return (f"remotemagic: {os.path.basename(notebook_path())} has {what}: %ec2 output shows the last ({last}), "
@@ -150,7 +150,9 @@ class FrontendWatch:
         self.fired = False
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._main = threading.main_thread().ident
+        main = threading.main_thread().ident
+        assert main is not None  # the main thread is always running
+        self._main = main
         self._thread = threading.Thread(target=self._run, name="remotemagic-frontend-watch", daemon=True)
 
     def __enter__(self) -> "FrontendWatch":

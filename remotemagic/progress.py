@@ -1,7 +1,10 @@
-"""Progress bars for transfers (tqdm; a notebook widget where ipywidgets is installed)."""
+"""Progress display (tqdm; a notebook widget where ipywidgets is installed): byte bars for transfers,
+one-line status lines for waits (an instance starting, a port opening)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 SHOW_ABOVE = 16 * 1024 * 1024  # bytes: smaller transfers finish before a bar is worth drawing
@@ -34,3 +37,38 @@ def bar(total: int, desc: str, enabled: bool = True) -> tuple[Callable[[int], No
         t.close()
 
     return update, close
+
+
+class Status:
+    """A one-line tqdm status for waits (what is awaited, a message and the elapsed time);
+    silent when disabled. Use through :func:`status`."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self._bar: Any = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=None, desc=desc, bar_format="{desc}{postfix} [{elapsed}]", leave=False)
+        self._last = ""
+
+    def message(self, text: str) -> None:
+        """Show ``text`` (only redraws the elapsed time when it is the same as before)."""
+        if self._bar is not None and text != self._last:
+            self._bar.set_postfix_str(text, refresh=True)
+        elif self._bar is not None:
+            self._bar.refresh()
+        self._last = text
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@contextmanager
+def status(desc: str, enabled: bool = True) -> Iterator[Status]:
+    """``with status("i-123: starting", enabled) as s: ... s.message(state)`` -- closed on exit."""
+    s = Status(desc, enabled)
+    try:
+        yield s
+    finally:
+        s.close()

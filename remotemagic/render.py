@@ -65,7 +65,8 @@ class Renderer:
             sys.stderr.write(format_text(event))
             sys.stderr.flush()
         elif kind == "error" and self.replay:
-            sys.stderr.write("\n".join(event.get("traceback") or [f"{event.get('ename')}: {event.get('evalue')}"]) + "\n")
+            lines = event.get("traceback") or [f"{event.get('ename')}: {event.get('evalue')}"]
+            sys.stderr.write("\n".join(lines) + "\n")
             sys.stderr.flush()
 
     def display(self, event: dict[str, Any], update: bool = False) -> None:

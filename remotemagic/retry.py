@@ -10,6 +10,12 @@ started) and writes one notice in the job's log, e.g. ``attempt 2 of 3: worker d
 (SIGKILL); restored a, b from the checkpoint of 10:42:01`` (see
 :mod:`remotemagic.agent.recover`). Side effects of the cell (files written, requests made) are
 not undone: a cell run with retries should be safe to run again.
+
+A spot reclaim is retried too: the reclaim notice ends the job ``interrupted``
+(``SpotInterruption``) after checkpointing the session; on an EC2 spot instance the next
+attempt first waits for AWS to start the instance again (:mod:`remotemagic.reclaim`), and its
+fresh worker restores that checkpoint -- the namespace as it was at the notice, so the values
+the interrupted attempt had already assigned are there too.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from . import errors, notices
 
 log = logging.getLogger(__name__)
 
-#: Error names (the job's ``status.error.ename``) that mean "the worker died under the job".
-RETRYABLE = {"WorkerDied"}
+#: Error names (the job's ``status.error.ename``) that mean "the worker died under the job" or
+#: "its machine is being taken away".
+RETRYABLE = {"WorkerDied", "SpotInterruption"}
 
 
 def check_retries(retries: Any) -> int:
@@ -46,12 +53,14 @@ def short_cause(evalue: str) -> str:
     m = re.search(r"signal \d+ \((\w+)\)", evalue)
     if m:
         return f"worker died ({m.group(1)})"
+    if evalue.startswith("interrupted: "):  # interrupted: spot reclaim (stop at ...)
+        return evalue[len("interrupted: "):]
     return evalue.split(" -- ")[0] or "worker died"
 
 
 def tell_memory(job: Any, remote: Any) -> None:
     """After a job ended: if its worker was killed near the machine's memory, a notice with advice."""
-    err = (job._status or {}).get("error") or {}
+    err = job.status.get("error") or {}
     advice = memory_advice(err, remote.provider, remote.instance)
     if advice:
         notices.notify(advice, logger=log)

@@ -120,7 +120,7 @@ class _FileLock:
 
 
 def list_jobs(root: Path, target: str | None = None) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     jdir = root / "jobs"
     if not jdir.exists():
         return out

@@ -9,35 +9,36 @@ only what did not arrive.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import queue
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, BinaryIO, Iterator, cast
 
 from . import progress
+from .agent import files, protocol, wire
 from .agent import transfer as tarring
-from .agent import wire
-
-if TYPE_CHECKING:
-    from .api import Remote
+from .connection import AgentConnection, CallReader
 
 CHUNK = wire.CHUNK
 
 
-def _sha256_prefix(path: Path, size: int) -> str:
-    h = hashlib.sha256()
-    left = size
-    with open(path, "rb") as f:
-        while left > 0:
-            chunk = f.read(min(1 << 20, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
+@dataclass
+class Endpoint:
+    """The target end of a transfer: its open agent connection and how to use it."""
+
+    conn: AgentConnection
+    #: the folder on the target that relative paths are under (None: the session's folder)
+    cwd: str | None = None
+    #: the compression codec agreed with the agent (None: none)
+    codec: str | None = None
+    show_progress: bool = True
+    #: the target is this machine: copying a file onto itself is skipped
+    same_machine: bool = False
 
 
-def _file_chunks(path: Path, offset: int) -> Any:
+def _file_chunks(path: Path, offset: int) -> Iterator[memoryview]:
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
         buf = bytearray(CHUNK)
@@ -49,7 +50,28 @@ def _file_chunks(path: Path, offset: int) -> Any:
             yield view[:n]
 
 
-def push(remote: Remote, local: str | os.PathLike[str], dest: str | None = None) -> dict[str, Any]:
+def _tar_frames(src: Path, todo: list[list[Any]]) -> Iterator[bytes]:
+    """The tar stream of ``todo`` (entries of ``tarring.tree``) under ``src``, in frames, written
+    by a thread so that reading the files overlaps sending them."""
+    q: queue.Queue[bytes | None] = queue.Queue(16)
+    sink = tarring.FrameSink(q.put)
+
+    def produce() -> None:
+        try:
+            tarring.write_tar(cast(BinaryIO, sink), str(src), todo)
+            sink.close()
+        finally:
+            q.put(None)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        yield item
+
+
+def push(to: Endpoint, local: str | os.PathLike[str], dest: str | None = None) -> dict[str, Any]:
     """Copy a local file or folder to the target (``dest`` relative to the session's folder
     there; default: the same base name). Returns what was sent."""
     if not str(local).strip():
@@ -58,68 +80,45 @@ def push(remote: Remote, local: str | os.PathLike[str], dest: str | None = None)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     dest = dest or src.name
-    conn = remote.connection()
-    common = {"cwd": remote.cwd}
+    conn, cwd = to.conn, to.cwd
     if src.is_dir():
-        there = conn.request("list_tree", path=dest, missing_ok=True, **common)
+        there = conn.request(protocol.OP_LIST_TREE, path=dest, missing_ok=True, cwd=cwd)
         mine = tarring.tree(str(src))["files"]
         todo = tarring.differing(mine, there["files"])
         total = sum(e[1] for e in todo)
         if not todo:
             return {"path": there["root"], "files": 0, "bytes": 0, "skipped": len(mine)}
-        update, close = progress.bar(total, f"push {src.name}/", remote.show_progress)
-
-        def stream() -> Any:
-            import queue
-            import threading
-
-            q: queue.Queue = queue.Queue(16)
-            sink = tarring.FrameSink(q.put)
-
-            def produce() -> None:
-                try:
-                    tarring.write_tar(sink, str(src), todo)  # type: ignore[arg-type]
-                    sink.close()
-                finally:
-                    q.put(None)
-
-            threading.Thread(target=produce, daemon=True).start()
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                yield item
-
+        update, close = progress.bar(total, f"push {src.name}/", to.show_progress)
         try:
-            ans = conn.upload({"kind": "tar", "dest": dest, "size": 0, **common}, stream(), update, remote.codec)
+            ans = conn.upload({"kind": "tar", "dest": dest, "size": 0, "cwd": cwd}, _tar_frames(src, todo), update,
+                              to.codec)
         finally:
             close()
         return {"path": ans["path"], "files": ans["files"], "bytes": total, "skipped": len(mine) - len(todo)}
     size = src.stat().st_size
-    st = conn.request("stat", path=dest, partial=True, **common)
-    if remote.transport.name.startswith("local:") and st["exists"] and os.path.realpath(st["path"]) == str(src):
+    st = conn.request(protocol.OP_STAT, path=dest, partial=True, cwd=cwd)
+    if to.same_machine and st["exists"] and os.path.realpath(st["path"]) == str(src):
         return {"path": st["path"], "bytes": 0, "skipped": 1}
     offset = 0
     part = st.get("partial")
-    if part and 0 < part["size"] <= size and part["sha256"] == _sha256_prefix(src, part["size"]):
+    if part and 0 < part["size"] <= size and part["sha256"] == files.sha256_prefix(str(src), part["size"])[0]:
         offset = part["size"]
-    update, close = progress.bar(size - offset, f"push {src.name}", remote.show_progress)
+    update, close = progress.bar(size - offset, f"push {src.name}", to.show_progress)
     try:
         mode = src.stat().st_mode & 0o777
         ans = conn.upload({"kind": "file", "dest": dest, "size": size, "offset": offset, "mode": mode,
-                           "mtime": src.stat().st_mtime, **common}, _file_chunks(src, offset), update, remote.codec)
+                           "mtime": src.stat().st_mtime, "cwd": cwd}, _file_chunks(src, offset), update, to.codec)
     finally:
         close()
     return {"path": ans["path"], "bytes": size - offset, "resumed_from": offset}
 
 
-def pull(remote: Remote, path: str, local: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def pull(frm: Endpoint, path: str, local: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Copy a file or folder from the target to ``local`` (default: its base name here)."""
     if not str(path).strip():
         raise ValueError("pull: name the file or folder on the target")
-    conn = remote.connection()
-    common = {"cwd": remote.cwd}
-    there = conn.request("list_tree", path=path, **common)
+    conn, cwd = frm.conn, frm.cwd
+    there = conn.request(protocol.OP_LIST_TREE, path=path, cwd=cwd)
     dest = Path(local if local is not None else Path(there["root"]).name).expanduser().resolve()
     if there["dir"]:
         if dest.exists() and not dest.is_dir():
@@ -131,12 +130,10 @@ def pull(remote: Remote, path: str, local: str | os.PathLike[str] | None = None)
         if not todo:
             return {"path": str(dest), "files": 0, "bytes": 0, "skipped": len(there["files"])}
         total = sum(e[1] for e in todo)
-        update, close = progress.bar(total, f"pull {dest.name}/", remote.show_progress)
-        from .api import CallReader
-
+        update, close = progress.bar(total, f"pull {dest.name}/", frm.show_progress)
         try:
-            reader = CallReader(conn.start("tar_stream", path=path, files=todo, z=remote.codec, **common))
-            count = tarring.extract_tar(reader, str(dest), update)  # type: ignore[arg-type]
+            reader = CallReader(conn.start(protocol.OP_TAR_STREAM, path=path, files=todo, z=frm.codec, cwd=cwd))
+            count = tarring.extract_tar(cast(BinaryIO, reader), str(dest), update)
             reader.drain()
         finally:
             close()
@@ -144,20 +141,21 @@ def pull(remote: Remote, path: str, local: str | os.PathLike[str] | None = None)
     _, size, mode, mtime = there["files"][0]
     if dest.is_dir():
         dest = dest / Path(there["root"]).name
-    if remote.transport.name.startswith("local:") and str(dest) == os.path.realpath(there["root"]):
+    if frm.same_machine and str(dest) == os.path.realpath(there["root"]):
         return {"path": str(dest), "bytes": 0, "skipped": 1}
     part = Path(str(dest) + tarring.PART)
     offset = 0
     if part.exists() and 0 < part.stat().st_size <= size:
         have = part.stat().st_size
-        if conn.request("hash_prefix", path=path, size=have, **common)["sha256"] == _sha256_prefix(part, have):
+        theirs = conn.request(protocol.OP_HASH_PREFIX, path=path, size=have, cwd=cwd)["sha256"]
+        if theirs == files.sha256_prefix(str(part), have)[0]:
             offset = have
-    update, close = progress.bar(size - offset, f"pull {dest.name}", remote.show_progress)
+    update, close = progress.bar(size - offset, f"pull {dest.name}", frm.show_progress)
     try:
         with open(part, "r+b" if offset else "wb") as f:
             f.truncate(offset)
             f.seek(offset)
-            for _, payload in conn.start("read_file", path=path, offset=offset, z=remote.codec, **common):
+            for _, payload in conn.start(protocol.OP_READ_FILE, path=path, offset=offset, z=frm.codec, cwd=cwd):
                 f.write(payload)
                 update(len(payload))
             f.flush()

@@ -23,7 +23,8 @@ from .errors import UnpicklableValueError
 
 _INSTALLED = tuple(
     os.path.realpath(p)
-    for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")} | {sys.prefix, sys.base_prefix}
+    for p in ({sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+              | {sys.prefix, sys.base_prefix})
     if p
 )
 
@@ -33,7 +34,8 @@ def _is_local_module(module: Any) -> bool:
     if not path or not path.endswith(".py"):
         return False
     real = os.path.realpath(path)
-    return not real.startswith(_INSTALLED) and "site-packages" not in real and not module.__name__.startswith("remotemagic")
+    return (not real.startswith(_INSTALLED) and "site-packages" not in real
+            and not module.__name__.startswith("remotemagic"))
 
 
 def register_local_modules() -> list[str]:
@@ -77,7 +79,7 @@ def imported_names(code: str) -> set[str]:
         tree = ast.parse(code)
     except SyntaxError:
         return set()
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what the test suite needs and run all of it: lint, then every test.
+# Install what the test suite needs and run all of it: lint, type check, then every test.
 #   bash tests/run.sh            (the README's test command; .ci/run calls exactly this)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +41,5 @@ python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-bin
   "${PINS[@]}" pip uv setuptools wheel
 
 python3 -m ruff check .
+python3 -m mypy remotemagic
 python3 -m pytest "$@"

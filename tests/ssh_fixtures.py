@@ -63,7 +63,8 @@ def wheelhouse_env() -> dict[str, str]:
 
 
 def require_wheelhouse() -> None:
-    if not any(name.startswith("cloudpickle-") for name in (os.listdir(WHEELHOUSE) if os.path.isdir(WHEELHOUSE) else [])):
+    names = os.listdir(WHEELHOUSE) if os.path.isdir(WHEELHOUSE) else []
+    if not any(name.startswith("cloudpickle-") for name in names):
         pytest.skip(f"no wheelhouse at {WHEELHOUSE}: bash tests/run.sh fills it (the tests themselves stay offline)")
 
 
@@ -130,8 +131,8 @@ def ssh_remote_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_workers(root)
 
 
-__all__ = ["TEST_PYTHON", "bare_sshd", "jump_sshd", "make_bare_python", "offline_sshd", "ssh_remote_root", "sshd_server", "stop_workers", "tcp_proxy",
-           "wheel_sources", "wheelhouse_env"]
+__all__ = ["TEST_PYTHON", "bare_sshd", "jump_sshd", "make_bare_python", "offline_sshd", "ssh_remote_root",
+           "sshd_server", "stop_workers", "tcp_proxy", "wheel_sources", "wheelhouse_env"]
 
 
 def make_bare_python(folder: str | os.PathLike[str]) -> str:

@@ -83,7 +83,8 @@ class SSHServer:
         self.host_key = host_key or self.folder / "ssh_host_ed25519_key"
         if not self.host_key.exists():
             keygen(self.host_key, comment="test-host")
-        self.host_key_type, self.host_key_b64 = self.host_key.with_name(self.host_key.name + ".pub").read_text().split()[:2]
+        public = self.host_key.with_name(self.host_key.name + ".pub").read_text()
+        self.host_key_type, self.host_key_b64 = public.split()[:2]
         self.client_key = client_key or self.folder / "id_ed25519"
         if not self.client_key.exists():
             keygen(self.client_key)

@@ -34,7 +34,8 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 LABEXT = Path(__file__).resolve().parent.parent / "remotemagic" / "jupyter" / "labextension"
 FIRST = 8  # lines the job prints before it waits for the test's go-ahead
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (tests/run.sh installs it)")
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason="needs Debian's chromium (tests/run.sh installs it)")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 

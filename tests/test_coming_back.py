@@ -165,7 +165,8 @@ def test_interrupt_from_another_page_detaches_and_says_how_to_cancel(nb: dict[st
     assert target_state(nb["root"], job["id"]) == "running"
     out, errs = k.execute(f"%ec2 cancel {job['id'][-4:]}")
     assert not errs and f"Job {job['id']}:" in out
-    wait_for("the job to end after %ec2 cancel", lambda: target_state(nb["root"], job["id"]) in ("interrupted", "cancelled"))
+    wait_for("the job to end after %ec2 cancel",
+             lambda: target_state(nb["root"], job["id"]) in ("interrupted", "cancelled"))
 
 
 def test_interrupt_from_the_only_page_still_interrupts(nb: dict[str, Any]) -> None:

@@ -134,7 +134,7 @@ def test_large_output_streams_while_it_is_written(remote: remotemagic.Remote) ->
 
 
 def _follow_output(remote: remotemagic.Remote, job_id: str, size: int, got: list) -> threading.Thread:
-    from remotemagic.api import CallReader
+    from remotemagic.connection import CallReader
 
     def run() -> None:
         try:

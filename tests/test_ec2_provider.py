@@ -484,7 +484,7 @@ CONSOLE_TEMPLATE = """\
 {rsa} root@ip-172-31-22-17\r
 -----END SSH HOST KEY KEYS-----\r
 [   15.903312] cloud-init[921]: Cloud-init v. 24.1.3-0ubuntu3.3 finished at Tue, 06 Aug 2024 09:14:07 +0000. Datasource DataSourceEc2Local.  Up 15.89 seconds
-"""
+"""  # noqa: E501 (a console captured as it is: its lines are as long as the kernel printed them)
 
 
 def test_host_keys_from_a_realistic_cloud_init_console():
@@ -495,13 +495,15 @@ def test_host_keys_from_a_realistic_cloud_init_console():
 
     # the last complete block wins (a later boot printed newer keys); a truncated block does not count
     newer = _public_keys()
-    two_boots = console + "\n-----BEGIN SSH HOST KEY KEYS-----\n" + newer["ed25519"] + " root@x\n-----END SSH HOST KEY KEYS-----\n"
+    two_boots = (console + "\n-----BEGIN SSH HOST KEY KEYS-----\n" + newer["ed25519"]
+                 + " root@x\n-----END SSH HOST KEY KEYS-----\n")
     assert host_keys_from_console(two_boots) == [newer["ed25519"]]
     assert host_keys_from_console(console.split("-----END SSH HOST KEY KEYS-----")[0]) == []
     assert host_keys_from_console("") == []
     # a key whose blob does not match its type is dropped
     bogus_rsa = "ssh-rsa " + keys["ed25519"].split()[1]
-    assert host_keys_from_console(f"-----BEGIN SSH HOST KEY KEYS-----\n{bogus_rsa}\n-----END SSH HOST KEY KEYS-----") == []
+    assert host_keys_from_console(f"-----BEGIN SSH HOST KEY KEYS-----\n{bogus_rsa}\n"
+                                  "-----END SSH HOST KEY KEYS-----") == []
 
 
 def _hashed(host: str) -> str:
@@ -550,7 +552,8 @@ def test_record_known_hosts_replaces_the_address_atomically(tmp_path):
 
 
 def test_login_user_from_image():
-    assert login_user_for_image({"Name": "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20240801"}) == "ubuntu"
+    noble = {"Name": "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20240801"}
+    assert login_user_for_image(noble) == "ubuntu"
     assert login_user_for_image({"Name": "al2023-ami-2023.5.20240805.0-kernel-6.1-x86_64",
                                  "Description": "Amazon Linux 2023 AMI"}) == "ec2-user"
     assert login_user_for_image({"Name": "debian-12-amd64-20240717-1811"}) == "admin"
@@ -593,6 +596,22 @@ def test_idle_stop_user_data_is_valid_bash(tmp_path):
         script.write_text(text)
         res = subprocess.run([BASH, "-n", str(script)], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
+
+
+def test_idle_check_script_is_package_data_and_passes_shellcheck(tmp_path):
+    from importlib import resources
+
+    packaged = resources.files("remotemagic.providers.ec2").joinpath("idle_check.sh").read_text(encoding="utf-8")
+    assert packaged == idle_check_script() and packaged.startswith("#!/bin/bash\n")
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    user_data = tmp_path / "user-data.sh"
+    user_data.write_text(idle_stop_user_data(60, "ubuntu"))
+    files = resources.as_file(resources.files("remotemagic.providers.ec2").joinpath("idle_check.sh"))
+    with files as check:
+        res = subprocess.run([shellcheck, "--shell=bash", str(check), str(user_data)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 @needs_bash

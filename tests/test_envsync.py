@@ -111,12 +111,13 @@ def test_bare_host_runs_numpy_and_pandas_at_local_versions(bare_sshd: SSHServer,
         assert (root / "tools" / "uv" / "bin" / "uv").exists()  # brought by the client
         assert r.info["cloudpickle"] == cloudpickle.__version__
         df = pd.DataFrame({"a": np.arange(5.0)})
-        job = r.run("import numpy, pandas\ntotal = float(df['a'].sum())\nvers = (numpy.__version__, pandas.__version__)",
+        job = r.run("import numpy, pandas\ntotal = float(df['a'].sum())\n"
+                    "vers = (numpy.__version__, pandas.__version__)",
                     push={"df": df}, pull=["total", "vers"])
         assert job.state == "done", job.error()
         assert job.result() == {"total": 10.0, "vers": (np.__version__, pd.__version__)}
-        shown = capsys.readouterr().out
-        assert "Installing on" in shown and f"numpy=={np.__version__}" in shown and "pandas==" in shown
+        shown = capsys.readouterr().err  # a notice (remotemagic.notices): stderr without a collector
+        assert "[remotemagic] Installing on" in shown and f"numpy=={np.__version__}" in shown and "pandas==" in shown
         shipped = {p.name.split("-")[0] for p in (root / "wheels").glob("*.whl")}
         assert {"numpy", "pandas", "cloudpickle", "ipython"} <= shipped
         record = json.loads((root / "venv" / "remotemagic-packages.json").read_text())
@@ -286,7 +287,8 @@ def test_sync_dry_run_then_install_and_no_wheel_for_target(shell: Any, capsys: p
     assert "skipped" in rows["tqdm"] and f"no wheel of tqdm=={tqdm.__version__}" in rows["tqdm"]
     assert remote.run("import numpy\nv = numpy.__version__", pull=["v"]).result() == {"v": np.__version__}
     shell.run_line_magic("ec2", "sync numpy")
-    assert any(line.startswith("numpy") and "already there" in line for line in plain(capsys.readouterr().out).splitlines())
+    lines = plain(capsys.readouterr().out).splitlines()
+    assert any(line.startswith("numpy") and "already there" in line for line in lines)
     shell.run_line_magic("ec2", "status")
     status_out = plain(capsys.readouterr().out)
     assert f"numpy {np.__version__} (uv, " in status_out
@@ -329,8 +331,9 @@ def test_restore_into_remote_session_installs_what_the_value_needs(shell: Any,
     run_ok(shell, "%ec2 restart")
     capsys.readouterr()
     run_ok(shell, "%ec2_store -r --remote df")
-    out = plain(capsys.readouterr().out)
-    assert f"pandas=={pd.__version__}" in out and "Restored 'df' into the remote session" in out
+    shown = capsys.readouterr()
+    assert f"pandas=={pd.__version__}" in plain(shown.err)  # the install notice, in the cell's output
+    assert "Restored 'df' into the remote session" in plain(shown.out)
     run_ok(shell, "%%ec2 run -o n\nn = float(df['a'].sum())")
     assert shell.user_ns["n"] == 6.0
 

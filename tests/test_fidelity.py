@@ -31,12 +31,15 @@ SETUP_REMOTE = "%load_ext remotemagic\n%ec2 use local --root {root}"
 # (notebook, first line of the cell) -> why it cannot give the same output on a target.
 # docs/fidelity.md lists the same cells with the same reasons.
 INHERENT = {
-    ("Beyond Plain Python", "%history -n 1-5"): "history line 1 is the setup cell, which ran only in the local kernel",
-    ("Beyond Plain Python", "%lsmagic"): "the target's shell has no kernel magics (%connect_info, %qtconsole...) and no %ec2",
+    ("Beyond Plain Python", "%history -n 1-5"):
+        "history line 1 is the setup cell, which ran only in the local kernel",
+    ("Beyond Plain Python", "%lsmagic"):
+        "the target's shell has no kernel magics (%connect_info, %qtconsole...) and no %ec2",
     ("Beyond Plain Python", "%connect_info"): "there is no kernel on the target to describe",
     ("Beyond Plain Python", "%qtconsole"): "there is no kernel on the target for a Qt console to connect to",
-    ("Beyond Plain Python", "%debug"): "mod.py, imported by a cell, was sent to the target: the debugger shows the path of "
-                                       "that copy (sessions/<s>/modules/mod.py)",
+    ("Beyond Plain Python", "%debug"):
+        "mod.py, imported by a cell, was sent to the target: the debugger shows the path of "
+        "that copy (sessions/<s>/modules/mod.py)",
 }
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -54,7 +57,8 @@ def _norm(text: str, source: str, workdir: str) -> str:
         if "The slowest run took" in line:  # %timeit's warning depends on the machine's load
             continue
         if "per loop" in line or "Wall time" in line or "CPU times" in line:
-            line = re.sub(r"\b(?:ns|[µμ]s|us|ms|s)\b", "<unit>", NUMBER.sub("N", line)).replace("N loop each", "N loops each")
+            line = re.sub(r"\b(?:ns|[µμ]s|us|ms|s)\b", "<unit>", NUMBER.sub("N", line))
+            line = line.replace("N loop each", "N loops each")
         elif "df -h" in source:  # disk usage changes between the two runs
             line = re.sub(r"\d+(?:[.,]\d+)?[KMGTP]?\b", "N", line)
         lines.append(line.rstrip())
@@ -212,7 +216,8 @@ def test_input_and_getpass_ask_the_notebook_user(tmp_path: Path) -> None:
 
         run(SETUP_REMOTE.format(root=root), [])
         asked, outputs = run("%%ec2 run\nimport getpass\nname = input('Your name? ')\n"
-                             "secret = getpass.getpass('Token: ')\nprint('hello', name, len(secret))", ["Ada", "s3cret"])
+                             "secret = getpass.getpass('Token: ')\nprint('hello', name, len(secret))",
+                             ["Ada", "s3cret"])
         assert [(a["prompt"], a["password"]) for a in asked] == [("Your name? ", False), ("Token: ", True)]
         text = "".join(o.get("text", "") for o in outputs if o["type"] == "stream")
         assert "hello Ada 6" in text, outputs

@@ -90,7 +90,8 @@ def test_background_then_wait_in_a_new_kernel(ip: Any, target: Any, capsys: pyte
 
 
 def test_output_rerenders_everything(ip: Any, target: Any, capsys: pytest.CaptureFixture) -> None:
-    run_ok(ip, "%%ec2 run\nfor i in range(3): print('line', i)\nfrom IPython.display import HTML, display\ndisplay(HTML('<p>x</p>'))")
+    run_ok(ip, "%%ec2 run\nfor i in range(3): print('line', i)\n"
+               "from IPython.display import HTML, display\ndisplay(HTML('<p>x</p>'))")
     capsys.readouterr()
     ip.run_line_magic("unload_ext", "remotemagic")
     ip.run_line_magic("load_ext", "remotemagic")
@@ -117,7 +118,8 @@ def test_jobs_status_cancel(ip: Any, capsys: pytest.CaptureFixture) -> None:
     assert result.error_in_exec.ename == "KeyboardInterrupt"
 
 
-def test_ctrl_c_interrupts_remote_code_and_session_survives(ip: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_ctrl_c_interrupts_remote_code_and_session_survives(ip: Any, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
     flag = tmp_path / "started"
     run_ok(ip, "%%ec2 run\nkept = 'yes'")
 
@@ -127,14 +129,16 @@ def test_ctrl_c_interrupts_remote_code_and_session_survives(ip: Any, tmp_path: P
 
     t = threading.Thread(target=press_ctrl_c)
     t.start()
-    result = ip.run_cell(f"%%ec2 run\nimport time, pathlib\npathlib.Path({str(flag)!r}).touch()\nwhile True: time.sleep(0.05)")
+    result = ip.run_cell(f"%%ec2 run\nimport time, pathlib\npathlib.Path({str(flag)!r}).touch()\n"
+                         "while True: time.sleep(0.05)")
     t.join()
     err = result.error_in_exec
     assert isinstance(err, remotemagic.RemoteError) and err.ename == "KeyboardInterrupt", err
     assert isinstance(err, KeyboardInterrupt)
     out = capsys.readouterr()
     assert "Interrupting job" in out.err
-    assert "KeyboardInterrupt" in plain(out.out + out.err) and "on_sigint" not in plain(out.out + out.err)  # no worker frames
+    shown = plain(out.out + out.err)
+    assert "KeyboardInterrupt" in shown and "on_sigint" not in shown  # no worker frames
     run_ok(ip, "%%ec2 run -o kept2\nkept2 = kept")
     assert ip.user_ns["kept2"] == "yes"
 
@@ -322,7 +326,8 @@ def test_restart_stops_a_busy_worker_and_fails_its_jobs(ip: Any, tmp_path: Path,
     run_ok(ip, "%ec2 restart")
     out = capsys.readouterr().out
     # the job swallows KeyboardInterrupt: SIGTERM ends it, or SIGKILL if a loaded machine lets the grace pass first
-    assert re.search(r"Session 'default': worker stopped \(with SIG(TERM|KILL)\); 2 job\(s\) it held or queued failed", out), out
+    assert re.search(r"Session 'default': worker stopped \(with SIG(TERM|KILL)\); "
+                     r"2 job\(s\) it held or queued failed", out), out
     assert stubborn in out and queued in out
     for job_id in (stubborn, queued):
         err = ip.run_cell(f"%ec2 wait {job_id}").error_in_exec

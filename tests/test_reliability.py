@@ -265,7 +265,8 @@ WRITER = textwrap.dedent("""
     import sys, numpy as np, remotemagic
     root, session, me = sys.argv[1], sys.argv[2], int(sys.argv[3])
     r = remotemagic.connect("local", root=root, session=session)
-    job = r.run("import time\\nfor i in range(5):\\n    time.sleep(0.05)\\nmine = %d" % me, background=True, pull=["mine"])
+    code = "import time\\nfor i in range(5):\\n    time.sleep(0.05)\\nmine = %d" % me
+    job = r.run(code, background=True, pull=["mine"])
     for k in range(25):
         r.store_put("shared", np.full(200_000, me * 1000 + k))
         got = r.store_get("shared")
@@ -335,7 +336,8 @@ def test_checkpoint_restores_after_worker_death(remote: remotemagic.Remote) -> N
     assert worker["checkpoint"]["names"] == ["a", "b"]
     os.kill(worker["pid"], signal.SIGKILL)
     fresh = remote.run("print('a' in dir())")  # a new worker; must not overwrite the checkpoint
-    assert [e["text"] for e in fresh.events() if e["type"] == "stream"] == ["False\n"], (fresh.state, list(fresh.events()))
+    streams = [e["text"] for e in fresh.events() if e["type"] == "stream"]
+    assert streams == ["False\n"], (fresh.state, list(fresh.events()))
     assert sorted(remote.restore_checkpoint()) == ["a", "b"]
     assert remote.run("c = a + len(b)", pull=["c"]).result() == {"c": 6}
     saved = remote.checkpoint(limit=100)["saved"]

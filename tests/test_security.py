@@ -115,7 +115,10 @@ def test_root_that_cannot_be_created_says_so(kind: str, shell: Any, tmp_path: Pa
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     root = blocker / "rm"
-    line = f"%ec2 use local --root {root}" if kind == "local" else "%" + ssh_use(request.getfixturevalue("sshd_server"), root)
+    if kind == "local":
+        line = f"%ec2 use local --root {root}"
+    else:
+        line = "%" + ssh_use(request.getfixturevalue("sshd_server"), root)
     err, seen = failed_cell(shell, capsys, line)
     assert isinstance(err, errors.RootFolderError), err
     assert str(root) in seen and "Traceback" not in seen

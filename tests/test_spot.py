@@ -141,7 +141,8 @@ def test_emulator_enforces_the_token_protocol(imds: FakeIMDS) -> None:
     assert imds.count("PUT") == 2 and imds.count("GET", 401) == 2  # our probe + the stale token
 
 
-def test_running_job_is_interrupted_and_checkpointed(root: Path, imds: FakeIMDS, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_running_job_is_interrupted_and_checkpointed(root: Path, imds: FakeIMDS,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     enable_spot(monkeypatch, imds.url)
     r = remotemagic.connect("local", root=str(root), checkpoint_limit=0)  # no automatic checkpoints
     try:

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 import remotemagic
-from remotemagic.sshconfig import resolve
 from remotemagic.transport import agent_version
-from remotemagic.transport.ssh import SSHTransport, open_link, venv_marker
-from remotemagic.transport.ssh_errors import (
+from remotemagic.transport.ssh import SSHTransport, bootstrap, open_link, resolve, venv_marker
+from remotemagic.transport.ssh.errors import (
     AuthenticationError,
     BootstrapError,
     HostKeyChangedError,
@@ -191,6 +190,26 @@ def test_pip_install_streams_lines(sshd_server: SSHServer, ssh_remote_root: str,
         assert info.value.status != 0
     finally:
         t.run(f'"{ssh_remote_root}/venv/bin/python" -m pip uninstall -y -q rmtestpkg')
+        t.close()
+
+
+def test_stream_lines_gives_lines_status_and_tail(sshd_server: SSHServer, tmp_path: Path) -> None:
+    t = SSHTransport("rmtest", root=str(tmp_path / "root"), ssh_config=sshd_server.ssh_config)
+    try:
+        seen: list[str] = []
+        script = t.stream_lines("i=0; while [ $i -lt 40 ]; do echo line $i; i=$((i+1)); done; echo oops >&2; exit 3")
+        for line in script:
+            seen.append(line)
+        assert seen == [f"line {i}" for i in range(40)] + ["oops"]  # stderr comes in the same stream
+        assert script.status == 3
+        assert script.tail == seen[-30:]
+        assert script.chan.closed
+        abandoned = t.stream_lines("echo first; echo second")
+        assert next(iter(abandoned)) == "first"
+        assert abandoned.chan.closed  # the iteration was dropped (CPython closes the generator at once)
+        ok = t.stream_lines("echo done")
+        assert list(ok) == ["done"] and ok.status == 0 and ok.tail == ["done"]
+    finally:
         t.close()
 
 
@@ -413,7 +432,7 @@ def test_missing_interpreter_is_a_clear_error(sshd_server: SSHServer, tmp_path: 
     t = SSHTransport("rmtest", root=str(tmp_path / "root"), ssh_config=sshd_server.ssh_config,
                      python="python-that-does-not-exist")
     try:
-        if t._probe().get("uv"):
+        if bootstrap.probe(t).get("uv"):
             pytest.skip("uv is installed on this host: it would provision the interpreter instead")
         with pytest.raises(BootstrapError) as info:
             t.start_agent()

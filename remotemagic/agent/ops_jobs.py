@@ -65,8 +65,10 @@ def run(agent: Agent, rid: int, req: dict[str, Any]) -> Any:
         raise
     if not req.get("follow"):  # a background job: the client shows the notice at once
         return {"job": job_id, "state": P.QUEUED, **({"notice": notice} if notice else {})}
-    # as before the split: the first follow sends no inline values and no compressed frames
-    return events(agent, rid, {"job": job_id, "offset": 0, "follow": True})
+    # the first follow: the client's inline budget (small -o values ride with the final status)
+    # and codec (compressed event frames) apply to it as to a later `events`
+    return events(agent, rid, {"job": job_id, "offset": 0, "follow": True, "inline": req.get("inline", 0),
+                               "z": req.get("z")})
 
 
 def events(agent: Agent, rid: int, req: dict[str, Any]) -> Any:
@@ -132,7 +134,8 @@ def final_status(jdir: str, job_id: str, status: dict[str, Any], offset: int, in
     """The status, with outputs smaller than ``inline`` bytes carried in the payload."""
     sizes: dict[str, int] = {}
     parts: list[bytes] = []
-    budget = int(inline or 0)
+    # a job that did not finish gives no values: nobody takes them (a --retry takes the next attempt's)
+    budget = int(inline or 0) if status.get("state") == P.DONE else 0
     for name, meta in (status.get("outputs") or {}).items():
         if meta.get("size", 0) <= budget:
             path = os.path.join(jdir, "outputs", name + ".obj")

@@ -8,9 +8,9 @@ processes and outlive it.
 This module is the connection: it reads frames, feeds upload frames to :mod:`.uploads` in
 order, runs every other request in a thread of its own through :data:`HANDLERS` (op name ->
 handler, by area: :mod:`.ops_jobs`, :mod:`.ops_sessions`, :mod:`.ops_store`, :mod:`.ops_files`)
-once its header has the keys :data:`.protocol.OPS` declares for it, and writes the answers. A handler is ``handler(agent, rid, request) -> result`` (or
-``(result, payload)``); it sends data frames with :meth:`Agent.more` and raises
-:class:`.protocol.RequestError` for an error the client should see as-is.
+once its header has the keys :data:`.protocol.OPS` declares for it, and writes the answers. A handler
+is ``handler(agent, rid, request) -> result`` (or ``(result, payload)``); it sends data frames with
+:meth:`Agent.more` and raises :class:`.protocol.RequestError` for an error the client should see as-is.
 """
 
 from __future__ import annotations

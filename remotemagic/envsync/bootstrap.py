@@ -33,7 +33,7 @@ def probe_platform(info: dict[str, Any], python: tuple[int, int]) -> wheels.Plat
 
 def ship_uv(transport: Any, info: dict[str, Any], python: tuple[int, int]) -> str:
     """Ship uv for the target's platform; return its path there. Raises ``BootstrapError``."""
-    from ..transport.ssh_errors import BootstrapError
+    from ..transport.ssh.errors import BootstrapError
 
     plat = probe_platform(info, python)
     try:
@@ -52,7 +52,7 @@ def ship_uv(transport: Any, info: dict[str, Any], python: tuple[int, int]) -> st
 
 def install_agent_packages(transport: Any, offline: bool = False) -> None:
     """cloudpickle and IPython (and what they require) at the local versions, into ``<root>/venv``."""
-    from ..transport.ssh_errors import BootstrapError
+    from ..transport.ssh.errors import BootstrapError
 
     env = localenv.current()
     missing = sorted(AGENT_DISTS - set(env.dists))

@@ -12,14 +12,13 @@ when it can reach one, else from wheels fetched here for its platform and shippe
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import progress
+from .. import notices, progress
 from . import MODES, PackageSyncError, localenv, needs, wheels
 from .localenv import Dist
 from .target import TargetEnv, TargetError
@@ -28,9 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def notify(text: str, warning: bool = False) -> None:
-    """Everything package sync tells the user goes through here (shown in the cell's output)."""
-    stream = sys.stderr if warning else sys.stdout
-    print(text, file=stream, flush=True)
+    """Everything package sync tells the user goes through here: a user notice (shown in the
+    cell's output; see :mod:`remotemagic.notices`)."""
+    notices.notify(text, "warning" if warning else "info", logger=log)
 
 
 @dataclass
@@ -203,7 +202,7 @@ class Syncer:
                 sig = tuple((r.name, r.local, r.target) for r in skew)
                 if sig not in self.warned:
                     self.warned.add(sig)
-                    notify("Warning: version skew on " + self.transport.name + ": "
+                    notify("version skew on " + self.transport.name + ": "
                            + ", ".join(f"{r.name} {r.target} there, {r.local} here" for r in skew)
                            + " (package_sync='exact' installs the local versions)", warning=True)
             if skipped:
@@ -214,7 +213,7 @@ class Syncer:
                     raise PackageSyncError(
                         f"the values sent need {', '.join(r.name for r in fatal)}, which cannot be installed "
                         f"on {self.transport.name} -- nothing was uploaded. {text}")
-                notify(f"Warning: not installed on {self.transport.name}: {text}", warning=True)
+                notify(f"not installed on {self.transport.name}: {text}", warning=True)
             else:
                 self._checked[key] = True
 
@@ -224,8 +223,8 @@ _SYNCERS_LOCK = threading.Lock()
 
 
 def supported(transport: Any) -> bool:
-    """SSH and EC2 targets (the local backend runs this very interpreter)."""
-    return hasattr(transport, "_stream") and hasattr(transport, "link")
+    """Whether package sync applies: every target but the local one (which runs this very interpreter)."""
+    return not transport.is_local
 
 
 def syncer(transport: Any) -> Syncer:
@@ -302,7 +301,8 @@ def format_rows(rows: list[Row]) -> str:
     w = max(len(r.name) for r in rows)
     lines = [f"{'package':{w}}  {'here':12} {'target':12} {'result':14} note"]
     for r in sorted(rows, key=lambda r: (r.action, r.name)):
-        lines.append(f"{r.name:{w}}  {r.local:12} {r.target or '-':12} {LABELS.get(r.action, r.action):14} {r.why}".rstrip())
+        label = LABELS.get(r.action, r.action)
+        lines.append(f"{r.name:{w}}  {r.local:12} {r.target or '-':12} {label:14} {r.why}".rstrip())
     counts: dict[str, int] = {}
     for r in rows:
         counts[LABELS.get(r.action, r.action)] = counts.get(LABELS.get(r.action, r.action), 0) + 1

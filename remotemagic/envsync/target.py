@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..transport.ssh import sftp_replace
+from ..transport.ssh import SSHTransport, sftp_replace
+from ..transport.ssh.errors import BootstrapError
 from .wheels import Platform
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ if not no_index and not ok:
             ok = os.path.isdir(p.path)
         elif p.hostname:
             try:
-                socket.create_connection((p.hostname, p.port or (443 if p.scheme == "https" else 80)), timeout=float(sys.argv[1])).close()
+                port = p.port or (443 if p.scheme == "https" else 80)
+                socket.create_connection((p.hostname, port), timeout=float(sys.argv[1])).close()
                 ok = True
             except OSError:
                 ok = False
@@ -125,7 +127,7 @@ class TargetError(Exception):
 class TargetEnv:
     """What one SSH target's venv holds (queried once, cached until we install)."""
 
-    def __init__(self, transport: Any):
+    def __init__(self, transport: SSHTransport):
         self.transport = transport
         self.facts: dict[str, Any] | None = None
         self.online: bool | None = None
@@ -135,20 +137,18 @@ class TargetEnv:
     def root(self) -> str:
         return self.transport.root
 
-    def _root_sh(self) -> str:
-        return self.transport._root_sh()
-
     # -- what is there -------------------------------------------------------------------------
     def query(self, force: bool = False) -> dict[str, Any]:
         """One round trip: the venv's distributions, shipped wheels, uv, platform, our record."""
         if self.facts is not None and not force:
             return self.facts
-        script = f"""R={self._root_sh()}
+        script = f"""R={self.transport.root_sh()}
 P="$R/venv/bin/python"
 [ -x "$P" ] || {{ echo "no venv at $R/venv"; exit 3; }}
 U=
 V=$(cd "$R/venv" 2>/dev/null && cd -P .. && pwd)  # a venv linked from another root: its uv too
-for u in "$R/tools/uv/bin/uv" "$V/tools/uv/bin/uv" "$(command -v uv 2>/dev/null)" "$HOME/.local/bin/uv" "$HOME/.cargo/bin/uv"; do
+for u in "$R/tools/uv/bin/uv" "$V/tools/uv/bin/uv" "$(command -v uv 2>/dev/null)" \
+         "$HOME/.local/bin/uv" "$HOME/.cargo/bin/uv"; do
   if [ -n "$u" ] && [ -x "$u" ]; then U="$u"; break; fi
 done
 exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
@@ -172,12 +172,13 @@ exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
         f = self.query()
         m = re.match(r"glibc (\d+)\.(\d+)", f.get("libc") or "")
         glibc = (int(m.group(1)), int(m.group(2))) if m else None
-        return Platform(f.get("machine") or "?", glibc, tuple(f["python"]), f.get("system") or "?")  # type: ignore[arg-type]
+        major, minor = f["python"][:2]
+        return Platform(f.get("machine") or "?", glibc, (int(major), int(minor)), f.get("system") or "?")
 
     def reachable(self, timeout: float = 3.0) -> bool:
         """Whether the target can install from an index (or a local find-links folder); cached."""
         if self.online is None:
-            script = f'R={self._root_sh()}\n"$R/venv/bin/python" -c {shlex.quote(REACH_PY)} {timeout:g}'
+            script = f'R={self.transport.root_sh()}\n"$R/venv/bin/python" -c {shlex.quote(REACH_PY)} {timeout:g}'
             status, out = self.transport.run(script)
             self.online = "remotemagic-index online" in out
             log.info("%s: package index %s", self.transport.name, "reachable" if self.online else "not reachable")
@@ -198,24 +199,21 @@ exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
                 '*) NI=--no-index ;; esac; done\nFL=; if [ -z "${UV_FIND_LINKS:-}" ] && [ -n "${PIP_FIND_LINKS:-}" ]; '
                 'then FL="--find-links $PIP_FIND_LINKS"; fi\n')
             extra = "" if shipped else " $NI $FL"
-            attempts.append(("uv", f'{env_sh}{shlex.quote(facts["uv"])} pip install --python "$P" --no-deps{source}{extra} {specs}'))
-        attempts.append(("pip", '"$P" -m pip --version >/dev/null 2>&1 || "$P" -m ensurepip --default-pip >/dev/null 2>&1 || '
+            attempts.append(("uv", f'{env_sh}{shlex.quote(facts["uv"])} pip install --python "$P" '
+                                   f'--no-deps{source}{extra} {specs}'))
+        attempts.append(("pip", '"$P" -m pip --version >/dev/null 2>&1 || '
+                                '"$P" -m ensurepip --default-pip >/dev/null 2>&1 || '
                                 '{ echo "no pip in the venv"; exit 3; }\n'
                                 f'"$P" -m pip install --disable-pip-version-check --no-deps{source} {specs}'))
         errors = []
         for tool, cmd in attempts:
-            script = f'umask 077\nR={self._root_sh()}\nP="$R/venv/bin/python"\n{cmd} 2>&1'
-            chan, lines = self.transport._stream(script)
-            tail: list[str] = []
-            try:
-                for line in lines:
-                    tail = [*tail[-29:], line]
-                    log.info("[%s %s] %s", self.transport.host.alias, tool, line)
-                    if on_line is not None:
-                        on_line(line)
-                status = chan.recv_exit_status()
-            finally:
-                chan.close()
+            script = f'umask 077\nR={self.transport.root_sh()}\nP="$R/venv/bin/python"\n{cmd} 2>&1'
+            output = self.transport.stream_lines(script)
+            for line in output:
+                log.info("[%s %s] %s", self.transport.host.alias, tool, line)
+                if on_line is not None:
+                    on_line(line)
+            status = output.status
             if status == 0:
                 self._record(pins, tool, "shipped wheels" if shipped else "index")
                 if self.facts is not None:  # what is there now, without asking again
@@ -224,12 +222,12 @@ exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
                         self.facts.setdefault("record", {})[name] = {"version": version, "via": tool,
                                                                      "source": "shipped wheels" if shipped else "index"}
                 return tool
-            errors.append(f"{tool} (exit {status}): " + "\n".join(tail[-8:]))
+            errors.append(f"{tool} (exit {status}): " + "\n".join(output.tail[-8:]))
         self.invalidate()
         raise TargetError(f"installing {specs} on {self.transport.name} failed:\n" + "\n".join(errors))
 
     def _record(self, pins: dict[str, str], tool: str, source: str) -> None:
-        script = (f'R={self._root_sh()}\n"$R/venv/bin/python" -c {shlex.quote(RECORD_PY)} '
+        script = (f'R={self.transport.root_sh()}\n"$R/venv/bin/python" -c {shlex.quote(RECORD_PY)} '
                   f'{shlex.quote(json.dumps(pins))} {tool} {shlex.quote(source)}')
         status, out = self.transport.run(script)
         if status != 0:
@@ -237,12 +235,10 @@ exec "$P" -c {shlex.quote(QUERY_PY)} "$R" "$U"
 
     # -- shipping ------------------------------------------------------------------------------
     def _sftp(self) -> Any:
-        import paramiko
-
-        sftp = paramiko.SFTPClient.from_transport(self.transport.link().transport)
-        if sftp is None:
-            raise TargetError(f"{self.transport.name}: cannot open an SFTP session (is the sftp subsystem enabled?)")
-        return sftp
+        try:
+            return self.transport.open_sftp()
+        except BootstrapError as exc:  # the sftp subsystem is off
+            raise TargetError(str(exc)) from None
 
     def _abs_root(self, sftp: Any) -> str:
         root = self.root

@@ -88,17 +88,6 @@ class Platform:
         return any(p in mine for p in plats)
 
 
-def local_platform() -> Platform:
-    import platform
-
-    libc = platform.libc_ver()
-    glibc = None
-    if libc[0] == "glibc":
-        m = re.match(r"(\d+)\.(\d+)", libc[1])
-        glibc = (int(m.group(1)), int(m.group(2))) if m else None
-    return Platform(platform.machine(), glibc, sys.version_info[:2], platform.system())
-
-
 def cache_dir() -> Path:
     env = os.environ.get("REMOTEMAGIC_CACHE_DIR")
     path = Path(env) if env else Path(platformdirs.user_cache_dir("remotemagic"))
@@ -224,7 +213,8 @@ def uv_binary(plat: Platform, version: str = "") -> Path:
             wheels = sorted(Path(tmp).glob("uv-*.whl"))
             if proc.returncode != 0 or not wheels:
                 why = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.startswith("ERROR")]
-                raise NoWheelError(f"no uv build for {plat.describe()} ({why[0][7:] if why else 'pip download failed'})")
+                reason = why[0][7:] if why else "pip download failed"
+                raise NoWheelError(f"no uv build for {plat.describe()} ({reason})")
             _copy(wheels[0], cache_dir() / wheels[0].name)
             hits = [cache_dir() / wheels[0].name]
     wheel = hits[-1]
@@ -235,10 +225,10 @@ def uv_binary(plat: Platform, version: str = "") -> Path:
             if member is None:
                 raise NoWheelError(f"{wheel.name} holds no uv executable")
             exe.parent.mkdir(parents=True, exist_ok=True)
-            tmp = exe.with_name("uv.part")
-            tmp.write_bytes(z.read(member))
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, exe)
+            part = exe.with_name("uv.part")
+            part.write_bytes(z.read(member))
+            os.chmod(part, 0o755)
+            os.replace(part, exe)
     return exe
 
 

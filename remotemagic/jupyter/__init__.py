@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import api, cellsync, notebook, state
-from ..agent import files
+from .. import api, cellsync, jobs, notebook, state
+from ..agent import files, protocol
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Mirrors:
 
     def ensure(self, meta: dict[str, Any]) -> None:
         job_id = meta["id"]
-        if meta.get("state") in files.TERMINAL or not meta.get("reconnect") or cellsync.follower_alive(meta):
+        if meta.get("state") in protocol.TERMINAL or not meta.get("reconnect") or cellsync.follower_alive(meta):
             return
         with self.lock:
             t = self.threads.get(job_id)
@@ -106,7 +106,7 @@ class Mirrors:
             return
         try:
             remote.prefetch_outputs = False
-            api.Job(remote, meta["id"]).follow()
+            jobs.Job(remote, meta["id"]).follow()
         except Exception as exc:
             log.warning("remotemagic: mirroring job %s stopped: %s", meta["id"], exc)
             self.failed[meta["id"]] = time.monotonic()

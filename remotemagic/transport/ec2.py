@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..providers.ec2 import Ec2Provider, InstanceInfo
-from ..sshconfig import load_config
 from .ssh import KnownHosts, SSHTransport
+from .ssh.config import load_config
 
 log = logging.getLogger("remotemagic")
 

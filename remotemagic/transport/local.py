@@ -6,16 +6,17 @@ host, under a local root folder, so everything but the link itself is exercised 
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import errors
 from ..agent import files
-from .base import AGENT_PACKAGE, Transport, agent_sources, agent_version
+from .base import AGENT_PACKAGE, Forward, Transport, agent_sources, agent_version
 
 
 class PipeStream:
@@ -24,7 +25,7 @@ class PipeStream:
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
         assert proc.stdout is not None and proc.stdin is not None
-        self._in = proc.stdout
+        self._in = cast(io.RawIOBase, proc.stdout)  # unbuffered (bufsize=0): a FileIO
         self._out = proc.stdin
 
     def readinto(self, view: memoryview) -> int:
@@ -60,7 +61,10 @@ class PipeStream:
 class LocalTransport(Transport):
     """Runs the agent with this interpreter under ``root`` (0700)."""
 
+    is_local = True
+
     def __init__(self, root: str | os.PathLike[str]):
+        super().__init__()
         self.root = str(Path(root).expanduser().resolve())
         self.name = f"local:{self.root}"
         self.python = sys.executable
@@ -103,7 +107,7 @@ class LocalTransport(Transport):
 
     def start_agent(self) -> PipeStream:
         vdir = self.ship_agent()
-        env = dict(os.environ)
+        env = {**os.environ, **self.agent_env}
         env["PYTHONPATH"] = vdir
         log_path = os.path.join(self.root, "agent.log")
         log = open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
@@ -133,3 +137,7 @@ class LocalTransport(Transport):
             yield line.rstrip("\n")
         if proc.wait() != 0:
             raise RuntimeError("pip install failed:\n" + "\n".join(tail[-5:]))
+
+    def open_forward(self, remote_port: int, local_port: int = 0, remote_host: str = "127.0.0.1") -> Forward:
+        """Nothing to forward: the agent's ports are on this machine already."""
+        raise ValueError(f"{self.name} is this machine: port {remote_port} needs no tunnel")

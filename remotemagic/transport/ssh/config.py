@@ -25,9 +25,9 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-import paramiko
+import paramiko  # type: ignore[import-untyped]  # types-paramiko is not a dependency
 
-from .transport.ssh_errors import SSHConfigError
+from .errors import SSHConfigError
 
 DEFAULT_CONFIG = "~/.ssh/config"
 DEFAULT_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
@@ -35,7 +35,11 @@ DEFAULT_GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_ho
 DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 MAX_JUMP_DEPTH = 8
 
-_TARGET_RE = re.compile(r"^(?:(?P<user>[^@/\s]+)@)?(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/@\s\[\]]+))(?::(?P<port>\d+))?/?$")
+_TARGET_RE = re.compile(
+    r"^(?:(?P<user>[^@/\s]+)@)?"  # user@
+    r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/@\s\[\]]+))"  # [v6 address] or host
+    r"(?::(?P<port>\d+))?/?$"  # :port
+)
 
 
 @dataclass

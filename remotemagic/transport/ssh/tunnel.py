@@ -3,22 +3,24 @@
 sshtunnel would normally open a second SSH connection of its own, without our host-key checks
 and without ProxyJump. Here its forwarder rides on the verified, authenticated paramiko
 transport of the target's link (through every jump host), and only its forward servers are
-stopped when a tunnel closes. The local end is always bound to 127.0.0.1.
+stopped when a tunnel closes. The local end is always bound to 127.0.0.1. A :class:`Tunnel` is
+the SSH transport's ``Forward`` (see ``transport.base``).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
 
-import paramiko
-import sshtunnel
+import paramiko  # type: ignore[import-untyped]  # types-paramiko is not a dependency
+import sshtunnel  # type: ignore[import-untyped]
 
-log = logging.getLogger("remotemagic")
+log = logging.getLogger(__name__)
 
 
 class _ForwarderOnLink(sshtunnel.SSHTunnelForwarder):
+    """sshtunnel's forwarder, riding on an existing authenticated paramiko transport."""
+
     def __init__(self, transport: paramiko.Transport, remote_port: int, local_port: int, remote_host: str):
         self._shared_transport = transport
         super().__init__(
@@ -30,7 +32,7 @@ class _ForwarderOnLink(sshtunnel.SSHTunnelForwarder):
             host_pkey_directories=[],
             remote_bind_address=(remote_host, remote_port),
             local_bind_address=("127.0.0.1", local_port),
-            logger=logging.getLogger("remotemagic.tunnel"),
+            logger=log,
             set_keepalive=0,
         )
 
@@ -64,13 +66,16 @@ class Tunnel:
 
     @property
     def active(self) -> bool:
+        """Whether the forward still runs."""
         return bool(self._fwd.is_alive and self._fwd.is_active)
 
     @property
     def url(self) -> str:
+        """The local end as an HTTP address."""
         return f"http://127.0.0.1:{self.local_port}/"
 
     def close(self) -> None:
+        """Stop the forward's servers (the link it rode on stays open)."""
         self._fwd.stop()
 
     def __repr__(self) -> str:
@@ -79,6 +84,7 @@ class Tunnel:
 
 
 def _check_free(port: int) -> None:
+    """ValueError naming the port when something here listens on ``127.0.0.1:port`` already."""
     s = socket.socket()
     try:
         s.bind(("127.0.0.1", port))
@@ -87,6 +93,3 @@ def _check_free(port: int) -> None:
     finally:
         s.close()
 
-
-def open_tunnel(link_transport: Any, remote_port: int, local_port: int = 0) -> Tunnel:
-    return Tunnel(link_transport, remote_port, local_port)

@@ -7,7 +7,7 @@ retry cannot cure (host keys, authentication, key permissions, bootstrap) do not
 
 from __future__ import annotations
 
-from ..errors import RemoteMagicError
+from ...errors import RemoteMagicError
 
 
 class SSHError(RemoteMagicError):
