@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import api, cellsync, jobs, notebook, state
-from ..agent import files, protocol
+from ..agent import protocol
 
 log = logging.getLogger(__name__)
 
