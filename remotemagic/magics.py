@@ -163,6 +163,10 @@ def _parsers() -> dict[str, _Parser]:
     restart.add_argument("--session", type=_session_name)
     restart.add_argument("--all", action="store_true", help="stop the workers of every session on the target")
     p["sessions"] = _Parser(prog="%ec2 sessions", add_help=False)
+    # -- %ec2 cluster (issue 14): the parser lives in remotemagic/cluster/magic.py --
+    from .cluster import magic as cluster_magic
+
+    cluster_magic.add_parser(p, _Parser, _count)
     store = p["store"] = _Parser(prog="%ec2_store", add_help=False)
     store.add_argument("names", nargs="*")
     store.add_argument("-r", action="store_true", help="restore (all, or the names given)")
@@ -437,6 +441,9 @@ class Ec2Magics(Magics):
         %ec2 sessions        sessions on the target: worker pid, memory, idle time
         %ec2 checkpoint [--max-bytes N]   save the session's variables on the target now
         %ec2 checkpoint --restore    after a worker died: load its last checkpoint
+        %ec2 cluster start --local N | --hosts A,B,C | -n N [--type T] [--spot] [--client NAME]
+                             a Dask cluster (TLS) with a distributed.Client bound to NAME;
+        %ec2 cluster status | scale N | stop | logs [scheduler|w0...]
 
         JOB is a job id or a unique end of one (its last 4 characters usually do); without
         JOB, the last job this kernel started, else this notebook's newest job. Output streams
@@ -908,6 +915,12 @@ class Ec2Magics(Magics):
         from IPython.display import display
 
         display(InstanceTable(rows))
+
+    def _cmd_cluster(self, args: argparse.Namespace) -> None:
+        """%ec2 cluster ...: a Dask cluster (remotemagic/cluster/magic.py does the work)."""
+        from .cluster import magic as cluster_magic
+
+        cluster_magic.handle(self, args)
 
     def _cmd_sessions(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()

@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from . import PROTOCOL, checkpoint, files, transfer, wire
+from . import PROTOCOL, checkpoint, files, services, transfer, wire
 from .worker import STOPPING, mark_orphans, note_job
 
 DATA = 1024 * 1024
@@ -970,6 +970,30 @@ class Agent:
     def op_read_file(self, rid: int, req: dict[str, Any]) -> Any:
         return self.stream_file(rid, self.user_path(req["path"], req.get("cwd")), int(req.get("offset", 0)),
                                 self.packer(req))
+
+    # -- services: detached long-running processes (the Dask cluster; see services.py) -------
+    def op_service_files(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {"paths": services.write_files(self.root, req["group"], req.get("files") or {}),
+                "group_dir": services.group_dir(self.root, req["group"])}
+
+    def op_service_start(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        return services.start(self.root, self.agent_dir, req["group"], req["name"], req["module"],
+                              list(req.get("args") or []), req.get("env"), int(req.get("max_restarts", 5)))
+
+    def op_service_status(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("group") is None:
+            return {"groups": services.groups(self.root)}
+        return {"services": services.status(self.root, req["group"])}
+
+    def op_service_stop(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {"stopped": services.stop(self.root, req["group"], req.get("names"), float(req.get("grace", 5.0)),
+                                         bool(req.get("remove")))}
+
+    def op_service_logs(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {"text": services.logs(self.root, req["group"], req["name"], int(req.get("lines", 40)))}
+
+    def op_service_read(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
+        return {"text": services.read_file(self.root, req["group"], req["name"])}
 
 
 def _rss(pid: int) -> int | None:

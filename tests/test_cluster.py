@@ -1,0 +1,290 @@
+"""``%ec2 cluster``: a real Dask distributed cluster on our targets (loopback only).
+
+The scheduler and nannies are real Dask processes started detached through our agent; the
+tests compute with them, kill them, cut the SSH link under them and stop them. Every cluster a
+test starts, it stops (fixture finalizers), and no Dask process of ours outlives the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+np = pytest.importorskip("numpy")
+da = pytest.importorskip("dask.array")
+
+import remotemagic  # noqa: E402
+from remotemagic import cluster  # noqa: E402
+from remotemagic.agent import services  # noqa: E402
+from remotemagic.cluster.tls import ClusterTLS  # noqa: E402
+
+from .conftest import plain, run_ok, wait_for  # noqa: E402
+from .workers import stop_workers  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _dask_processes(root: Path) -> list[int]:
+    """Supervisors and Dask processes (worker processes of nannies included) of ``root`` that still
+    run: every one has ``REMOTEMAGIC_ROOT=<root>`` in its environment."""
+    marker = f"REMOTEMAGIC_ROOT={root}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except OSError:
+            continue
+        if marker in env and not zombie:
+            found.append(int(entry))
+    return found
+
+
+def _kill_leftovers(root: Path) -> None:
+    """A failed test's processes: stop every service group under ``root``."""
+    for group in services.groups(str(root)):
+        services.stop(str(root), group, grace=2)
+
+
+@pytest.fixture
+def local_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    root = tmp_path / "target"
+    yield root
+    _kill_leftovers(root)
+    stop_workers(root)
+
+
+@pytest.fixture
+def local_cluster(local_root: Path) -> Iterator[cluster.Cluster]:
+    remote = remotemagic.connect("local", root=str(local_root))
+    c = cluster.start_local(2, remote=remote)
+    try:
+        yield c
+    finally:
+        c.stop()
+        remote.close()
+        assert not _dask_processes(local_root)
+
+
+def _write_module(folder: Path, name: str) -> Any:
+    """A module beside the notebook (not installed): its functions must travel by value."""
+    (folder / f"{name}.py").write_text(textwrap.dedent("""
+        def collatz_steps(n):
+            steps = 0
+            while n != 1:
+                n = n // 2 if n % 2 == 0 else 3 * n + 1
+                steps += 1
+            return steps
+    """))
+    sys.path.insert(0, str(folder))
+    try:
+        __import__(name)
+    finally:
+        sys.path.remove(str(folder))
+    return sys.modules[name]
+
+
+# -- --local ----------------------------------------------------------------------------------------
+def test_local_cluster_computes_like_numpy_and_python(local_cluster: cluster.Cluster, tmp_path: Path) -> None:
+    client = local_cluster.connect()
+    x = np.arange(2_000_000, dtype="float64").reshape(2000, 1000)
+    dx = da.from_array(x, chunks=(250, 250))
+    assert float((dx ** 2).sum().compute()) == pytest.approx(float((x ** 2).sum()))
+    assert np.allclose(dx.mean(axis=0).compute(), x.mean(axis=0))
+
+    helpers = _write_module(tmp_path, "rm_cluster_helpers")
+    local_cluster.connect()  # registers the notebook's local modules for pickling by value
+    try:
+        got = client.gather(client.map(helpers.collatz_steps, range(1, 300)))
+        assert got == [helpers.collatz_steps(i) for i in range(1, 300)]
+        # the workers never saw the file: it came by value
+        assert client.run(lambda: "rm_cluster_helpers" in sys.modules) and True
+    finally:
+        sys.modules.pop("rm_cluster_helpers", None)
+
+    def square(v: int) -> int:
+        return v * v
+
+    assert client.gather(client.map(square, range(100))) == [v * v for v in range(100)]
+
+
+def test_local_cluster_tls_files_and_processes(local_cluster: cluster.Cluster, local_root: Path) -> None:
+    files_dir = Path(local_cluster.primary.paths["ca.pem"]).parent
+    for name in ("ca.pem", "scheduler.key", "worker.key", "client.key"):
+        assert (files_dir / name).stat().st_mode & 0o777 == 0o600
+    assert not (files_dir / "ca.key").exists()  # the CA key stays with the client
+    assert (local_cluster.folder / "tls" / "ca.key").stat().st_mode & 0o777 == 0o600
+    # key material never on a command line: only paths
+    for pid in _dask_processes(local_root):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"PRIVATE KEY" not in f.read()
+    assert local_cluster.address.startswith("tls://127.0.0.1:")
+
+
+def test_plain_tcp_and_foreign_certificates_are_refused(local_cluster: cluster.Cluster, tmp_path: Path) -> None:
+    from distributed import Client
+    from distributed.security import Security
+
+    port = local_cluster.address.rsplit(":", 1)[1]
+    with pytest.raises((OSError, TimeoutError)):
+        Client(f"tcp://127.0.0.1:{port}", timeout=3)
+    other = ClusterTLS.generate("intruder").write(tmp_path / "other")
+    foreign = Security(tls_ca_file=other["ca.pem"], tls_client_cert=other["client.pem"],
+                       tls_client_key=other["client.key"], require_encryption=True)
+    with pytest.raises((OSError, TimeoutError, ssl.SSLError)):
+        Client(local_cluster.address, security=foreign, timeout=3)
+    # a TLS client that trusts the cluster's CA but shows no certificate: the scheduler hangs up
+    import socket
+
+    ctx = ssl.create_default_context(cafile=local_cluster.local_paths["ca.pem"])
+    ctx.check_hostname = False
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            with ctx.wrap_socket(raw) as tls:
+                tls.sendall(b"hello")
+                if tls.recv(1) == b"":  # TLS 1.3: the refusal comes as an alert or a close
+                    raise ConnectionError("closed by the scheduler")
+    assert local_cluster.connect().submit(sum, [1, 2]).result() == 3  # ours still works
+
+
+def test_worker_killed_mid_computation(local_cluster: cluster.Cluster) -> None:
+    client = local_cluster.connect()
+    pids = client.run(os.getpid)
+    assert len(pids) == 2
+
+    def slow_square(v: int) -> int:
+        import time as t
+
+        t.sleep(0.05)
+        return v * v
+
+    futures = client.map(slow_square, range(80), pure=False)
+    wait_for("tasks running on both workers", lambda: len([a for a, ts in client.processing().items() if ts]) == 2)
+    victim = next(iter(pids.values()))
+    os.kill(victim, signal.SIGKILL)
+    assert client.gather(futures) == [v * v for v in range(80)]  # Dask recomputed what was lost
+    # the nanny starts a new worker process: back to 2
+    wait_for("2 workers again", lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+             and victim not in client.run(os.getpid).values(), timeout=60)
+
+
+def test_nanny_killed_comes_back(local_cluster: cluster.Cluster) -> None:
+    st = local_cluster._services(local_cluster.primary)["w1"]
+    os.kill(st["child_pid"], signal.SIGKILL)  # the nanny itself (the supervisor's child)
+    client = local_cluster.connect()
+    wait_for("the nanny restarted by its supervisor",
+             lambda: local_cluster._services(local_cluster.primary)["w1"]["restarts"] == 1, timeout=30)
+    wait_for("2 workers again", lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, timeout=60)
+    assert client.submit(sum, [4, 5]).result() == 9
+
+
+def test_get_client_in_a_run_cell_on_the_primary(local_cluster: cluster.Cluster) -> None:
+    job = local_cluster.primary.remote.run(
+        "from distributed import get_client\n"
+        "import dask.array as da\n"
+        "c = get_client()\n"
+        "print(int(da.arange(1000, chunks=100).sum().compute()), len(c.scheduler_info()['workers']))\n")
+    text = "".join(e.get("text", "") for e in job.events() if e.get("type") == "stream")
+    assert job.state == "done", text
+    assert text.split() == [str(sum(range(1000))), "2"]
+
+
+def test_status_scale_logs_and_stop(local_root: Path) -> None:
+    remote = remotemagic.connect("local", root=str(local_root))
+    c = cluster.start_local(1, remote=remote)
+    try:
+        st = c.status()
+        assert st["scheduler_alive"] and len(st["workers"]) == 1
+        assert st["workers"][0]["memory_limit"] > 0 and st["workers"][0]["running"] == 0
+        c.scale(3)
+        assert len(c.status()["workers"]) == 3
+        c.scale(1)
+        wait_for("1 worker", lambda: len(c.status()["workers"]) == 1)
+        assert not c._services(c.primary)["w2"]["alive"]
+        assert "Scheduler at" in c.logs("scheduler")
+        assert "Start worker" in c.logs("w0") or "Starting Worker" in c.logs("w0") or c.logs("w0")
+        with pytest.raises(KeyError):
+            c.logs("w9")
+        from remotemagic.cluster.magic import format_status
+
+        text = format_status(c.status())
+        assert "1 of 1 worker(s)" in text and "w0" in text
+    finally:
+        c.stop()
+        remote.close()
+    assert c.stopped and not _dask_processes(local_root)
+    assert not (local_root / "services" / c.id).exists()  # keys and logs gone with it
+
+
+def test_idle_cluster_stops_itself(local_root: Path) -> None:
+    remote = remotemagic.connect("local", root=str(local_root))
+    c = cluster.start_local(1, remote=remote, idle_stop_minutes=0.4)  # 24 s without tasks
+    try:
+        c.connect().submit(sum, [1]).result()
+        wait_for("the scheduler and its worker to stop after 24 idle seconds",
+                 lambda: not any(s["alive"] for s in c._services(c.primary).values()), timeout=90)
+        st = c._services(c.primary)
+        assert st["scheduler"]["exit"] == 0 and st["scheduler"]["restarts"] == 0
+        assert "idle" in c.logs("scheduler").lower()
+    finally:
+        c.stop()
+        remote.close()
+
+
+# -- the magic ---------------------------------------------------------------------------------------
+@pytest.fixture
+def shell(local_root: Path) -> Iterator[Any]:
+    from IPython.testing import globalipapp
+
+    ip = globalipapp.get_ipython()
+    ip.run_line_magic("load_ext", "remotemagic")
+    ip.run_line_magic("ec2", f"use local --root {local_root}")
+    yield ip
+    magics = ip.magics_manager.registry.get("Ec2Magics")
+    c = getattr(magics, "_dask_cluster", None)
+    if c is not None and not c.stopped:
+        c.stop()
+    ip.run_line_magic("unload_ext", "remotemagic")
+    ip.config.pop("Ec2Magics", None)
+    ip.user_ns.clear()
+    ip.user_ns.update(ip.user_ns_hidden)
+
+
+def test_magic_local_cluster(shell: Any, local_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_ok(shell, "%config Ec2Magics.idle_stop_minutes = 0")
+    run_ok(shell, "%ec2 cluster start --local 2 --client dc")
+    out = plain(capsys.readouterr().out)
+    assert "2 worker(s)" in out and "'dc' is its distributed.Client" in out
+    assert run_ok(shell, "dc.submit(lambda v: v + 1, 41).result()") == 42
+    run_ok(shell, "%%ec2 run -o n\nfrom distributed import get_client\nn = len(get_client().scheduler_info()['workers'])")
+    assert shell.user_ns["n"] == 2
+    capsys.readouterr()
+    run_ok(shell, "%ec2 cluster status")
+    out = plain(capsys.readouterr().out)
+    assert "2 of 2 worker(s) connected" in out and "scheduler  tls://127.0.0.1:" in out
+    run_ok(shell, "%ec2 cluster scale 1")
+    run_ok(shell, "%ec2 cluster logs w0 --lines 5")
+    with pytest.raises(Exception, match="runs already"):
+        run_ok(shell, "%ec2 cluster start --local 1")
+    run_ok(shell, "%ec2 cluster stop")
+    assert "stopped" in plain(capsys.readouterr().out)
+    assert not _dask_processes(local_root)
+    with pytest.raises(Exception, match="no cluster runs"):
+        run_ok(shell, "%ec2 cluster status")
+    with pytest.raises(Exception, match="exactly one of"):
+        run_ok(shell, "%ec2 cluster start")
