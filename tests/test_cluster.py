@@ -288,3 +288,67 @@ def test_magic_local_cluster(shell: Any, local_root: Path, capsys: pytest.Captur
         run_ok(shell, "%ec2 cluster status")
     with pytest.raises(Exception, match="exactly one of"):
         run_ok(shell, "%ec2 cluster start")
+
+
+# -- --hosts (SSH logins on 127.0.0.1) ----------------------------------------------------------------
+@pytest.fixture
+def ssh_members(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sshd_server: Any, ssh_target_factory: Any,
+                tcp_proxy: Any) -> Iterator[dict[str, Any]]:
+    """Three roots on the test sshd (three "hosts"): the primary reached through a cuttable proxy."""
+    from .ssh_fixtures import TEST_PYTHON
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    targets = [ssh_target_factory(tmp_path / f"host{i}") for i in range(3)]
+    proxy = tcp_proxy(sshd_server.port)
+    cfg = sshd_server.write_ssh_config(tmp_path / "cfg", alias="flaky", Port=proxy.port,
+                                       HostKeyAlias=sshd_server.host_key_name)
+    primary = remotemagic.connect("ssh:flaky", root=str(targets[0].root), ssh_config=str(cfg), python=TEST_PYTHON,
+                                  cwd=str(work), reconnect_timeout=30)
+    host1 = targets[1].connect()
+    opened = [primary, host1]
+    try:
+        yield {"primary": primary, "host1": host1, "proxy": proxy, "targets": targets,
+               "host2_options": {"ssh_config": str(sshd_server.ssh_config), "python": TEST_PYTHON,
+                                 "root": str(targets[2].root), "cwd": str(work)}}
+    finally:
+        for t in targets:
+            _kill_leftovers(t.root)
+            stop_workers(t.root)
+        for r in opened:
+            r.close()
+
+
+def test_hosts_cluster_survives_a_cut_link(ssh_members: dict[str, Any]) -> None:
+    primary, proxy = ssh_members["primary"], ssh_members["proxy"]
+    # one host given as a connection, one by name (connect_hosts: the fleet provider's place)
+    c = cluster.start_hosts([ssh_members["host1"], "rmtest"], primary=primary, **ssh_members["host2_options"])
+    try:
+        assert c.local_address.startswith("tls://127.0.0.1:") and c.local_address != c.address  # a tunnel
+        assert {m.remote.transport.root for m in c.workers.values()} == {str(t.root) for t in ssh_members["targets"][1:]}
+        client = c.connect()
+        x = np.random.default_rng(0).random((1000, 500))
+        assert float(da.from_array(x, chunks=100).sum().compute()) == pytest.approx(float(x.sum()))
+        assert client.gather(client.map(lambda v: v * 3, range(50))) == [v * 3 for v in range(50)]
+        # same versions everywhere
+        versions = client.get_versions(check=True)
+        assert {w["packages"]["distributed"] for w in versions["workers"].values()} == {distributed.__version__}
+        # get_client() inside a %%ec2 run cell on the primary
+        job = primary.run("from distributed import get_client\nprint(get_client().submit(sum, [2, 3]).result())")
+        assert job.state == "done"
+        assert "".join(e.get("text", "") for e in job.events() if e.get("type") == "stream").strip() == "5"
+
+        pids = client.run(os.getpid)
+        proxy.cut()  # the SSH link to the primary (and the tunnel on it) is gone
+        st = c.status()  # reconnects, opens the tunnels again on the same ports
+        assert st["scheduler_alive"] and len(st["workers"]) == 2
+        assert all(s["alive"] and s["restarts"] == 0 for s in st["services"].values())
+        client = c.connect()
+        assert client.submit(sum, [1, 1]).result() == 2
+        assert client.run(os.getpid) == pids  # the same worker processes: nothing restarted
+        assert proxy.cuts == 1 and proxy.accepted >= 2
+    finally:
+        c.stop()
+    for t in ssh_members["targets"]:
+        assert not _dask_processes(t.root)

@@ -178,34 +178,17 @@ class Cluster:
         if p.local:
             self.local_address = self.address
             self.dashboard = f"http://127.0.0.1:{dash_port}/status" if dash_port else None
-        else:
-            from ..tunnel import Tunnel
+        else:  # from here only through the SSH link, on 127.0.0.1
+            from .forward import LinkForward
 
             host, port = self.address.rsplit("://", 1)[1].rsplit(":", 1)
-            link = p.remote.transport.link().transport
-            t = Tunnel(link, int(port), 0, remote_host=host)
+            t = LinkForward(p.remote.transport, int(port), host)
             self.tunnels.append(t)
             self.local_address = f"tls://127.0.0.1:{t.local_port}"
             if dash_port:
-                d = Tunnel(link, int(dash_port), 0, remote_host="127.0.0.1")
+                d = LinkForward(p.remote.transport, int(dash_port), "127.0.0.1")
                 self.tunnels.append(d)
                 self.dashboard = f"http://127.0.0.1:{d.local_port}/status"
-
-    def ensure_tunnels(self) -> None:
-        """After the SSH link to the primary dropped, open its tunnels again on the same local
-        ports (the Client here reconnects to the same address; the cluster never noticed)."""
-        if not self.tunnels or all(t.active and t._fwd._transport.is_active() for t in self.tunnels):
-            return
-        from ..tunnel import Tunnel
-
-        self.primary.remote.connection()  # reconnects (with backoff) if the link is gone
-        link = self.primary.remote.transport.link().transport
-        fresh = []
-        for t in self.tunnels:
-            t.close()
-            fresh.append(Tunnel(link, t.remote_port, t.local_port, remote_host=t.remote_host))
-        self.tunnels = fresh
-        log.info("cluster %s: tunnels to the scheduler opened again", self.id)
 
     # -- the client ----------------------------------------------------------------------------
     def connect(self, timeout: float = 30.0) -> Any:
@@ -217,9 +200,11 @@ class Cluster:
 
         byvalue.install()
         values.register_local_modules()
-        self.ensure_tunnels()
         if self.client is None or self.client.status in ("closed", "closing"):
             self.client = Client(self.local_address, security=security(self.local_paths, "client"), timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self.client.status == "connecting" and time.monotonic() < deadline:
+            time.sleep(0.05)  # reconnecting after a dropped link (the forward reconnects with it)
         return self.client
 
     def bind_primary_session(self) -> None:
