@@ -352,3 +352,30 @@ def test_hosts_cluster_survives_a_cut_link(ssh_members: dict[str, Any]) -> None:
         c.stop()
     for t in ssh_members["targets"]:
         assert not _dask_processes(t.root)
+
+
+# -- the notebook -------------------------------------------------------------------------------------
+def test_cluster_notebook_end_to_end(_isolated_state: Path) -> None:
+    """notebooks/cluster.ipynb, executed headless by a real Jupyter kernel (nbclient)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebooks = Path(__file__).resolve().parent.parent / "notebooks"
+    nb = nbformat.read(notebooks / "cluster.ipynb", as_version=4)
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebooks)}})
+    root = _isolated_state / "local-target"
+    try:
+        client.execute()  # raises CellExecutionError on the first failing cell
+    finally:
+        _kill_leftovers(root)
+        stop_workers(root)
+    texts = {c.source.splitlines()[0]: "".join(o.get("text", "") for o in c.outputs if o.output_type == "stream")
+             for c in nb.cells if c.cell_type == "code"}
+    assert "2 worker(s)" in texts["%ec2 cluster start --local 2 --client client"]
+    assert "same: True" in texts["import numpy as np"]
+    assert "same as plain Python: True" in texts["def collatz_steps(n):"]
+    assert "workers seen from the target: 2" in texts["%%ec2 run"]
+    assert "2 of 2 worker(s) connected" in texts["%ec2 cluster status"]
+    assert "3 of 3 worker(s) connected" in texts["%ec2 cluster scale 3"]
+    assert "stopped" in texts["%ec2 cluster stop"]
+    assert not _dask_processes(root)
