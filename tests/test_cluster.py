@@ -379,3 +379,102 @@ def test_cluster_notebook_end_to_end(_isolated_state: Path) -> None:
     assert "3 of 3 worker(s) connected" in texts["%ec2 cluster scale 3"]
     assert "stopped" in texts["%ec2 cluster stop"]
     assert not _dask_processes(root)
+
+
+# -- EC2 (moto server on 127.0.0.1) --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    opener.open(urllib.request.Request(moto_url + "/moto-api/reset", data=b"", method="POST"), timeout=10).read()
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                 "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(k, v)
+    return moto_url
+
+
+def _provider() -> Any:
+    from remotemagic.providers.ec2 import AL2023_SSM, Ec2Provider
+
+    p = Ec2Provider(public_ip_lookup=lambda: "203.0.113.7", ami_ssm_parameter=AL2023_SSM)
+    p.poll_interval = 0.02
+    return p
+
+
+def test_ec2_workers_tags_groups_spot_and_stop(aws: str) -> None:
+    import boto3
+
+    from remotemagic.cluster import ec2 as cluster_ec2
+
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    p = _provider()
+    primary = p.start("head", wait=True, progress=False)
+    # someone else's instance, and one of ours of another cluster: never touched
+    ami = ec2.describe_instances(InstanceIds=[primary.instance_id])["Reservations"][0]["Instances"][0]["ImageId"]
+    foreign = ec2.run_instances(ImageId=ami, MinCount=1, MaxCount=1, InstanceType="t3.micro",
+                                TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                                    {"Key": cluster_ec2.CLUSTER_TAG, "Value": "dask-x"}]}])["Instances"][0]["InstanceId"]
+    cid = "dask-x"
+    infos = cluster_ec2.launch_workers(p, cid, 3, instance_type="t3.medium", spot=True,
+                                       primary_id=primary.instance_id)
+    assert len(infos) == 3 and all(i.state == "running" for i in infos)
+    ids = [i.instance_id for i in infos]
+    ds = [r["Instances"][0] for r in ec2.describe_instances(InstanceIds=ids)["Reservations"]]
+    gid = ec2.describe_security_groups(Filters=[{"Name": "group-name",
+                                                 "Values": [cluster_ec2.group_name(cid)]}])["SecurityGroups"][0]
+    for d in ds:
+        tags = {t["Key"]: t["Value"] for t in d["Tags"]}
+        assert tags["created-by"] == "remotemagic" and tags[cluster_ec2.CLUSTER_TAG] == cid
+        assert d["InstanceType"] == "t3.medium" and d.get("InstanceLifecycle") == "spot"
+        assert gid["GroupId"] in [g["GroupId"] for g in d["SecurityGroups"]]
+        user_data = ec2.describe_instance_attribute(InstanceId=d["InstanceId"], Attribute="userData")
+        import base64
+
+        text = base64.b64decode(user_data["UserData"].get("Value", "") or b"").decode(errors="replace")
+        assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text  # no TLS material in user-data
+    head = ec2.describe_instances(InstanceIds=[primary.instance_id])["Reservations"][0]["Instances"][0]
+    assert gid["GroupId"] in [g["GroupId"] for g in head["SecurityGroups"]]
+    assert not any(t["Key"] == cluster_ec2.CLUSTER_TAG for t in head.get("Tags", []))  # the head is not a worker
+    # the members' rule references only the group itself; nothing open to an address range
+    perms = gid["IpPermissions"]
+    assert len(perms) == 1 and perms[0]["IpProtocol"] == "tcp"
+    assert [g["GroupId"] for g in perms[0]["UserIdGroupPairs"]] == [gid["GroupId"]]
+    assert not perms[0].get("IpRanges") and not perms[0].get("Ipv6Ranges")
+    for g in ec2.describe_security_groups()["SecurityGroups"]:
+        for perm in g["IpPermissions"]:
+            assert all(r["CidrIp"] != "0.0.0.0/0" for r in perm.get("IpRanges", [])), g["GroupName"]
+            assert not perm.get("Ipv6Ranges") or all(r["CidrIpv6"] != "::/0" for r in perm["Ipv6Ranges"])
+
+    gone = cluster_ec2.terminate_workers(p, cid, primary.instance_id)
+    assert sorted(gone) == sorted(ids)
+    states = {d["InstanceId"]: d["State"]["Name"] for r in ec2.describe_instances()["Reservations"]
+              for d in r["Instances"]}
+    assert all(states[i] == "terminated" for i in ids)
+    assert states[primary.instance_id] == "running" and states[foreign] == "running"  # not ours / not a worker
+    assert not ec2.describe_security_groups(Filters=[{"Name": "group-name",
+                                                      "Values": [cluster_ec2.group_name(cid)]}])["SecurityGroups"]
+    head = ec2.describe_instances(InstanceIds=[primary.instance_id])["Reservations"][0]["Instances"][0]
+    assert gid["GroupId"] not in [g["GroupId"] for g in head["SecurityGroups"]]
+
+
+def test_ec2_cluster_needs_the_scheduler_on_our_instance(shell: Any) -> None:
+    with pytest.raises(Exception, match="must be one of our EC2 instances"):
+        run_ok(shell, "%ec2 cluster start -n 2")

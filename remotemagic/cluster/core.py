@@ -350,6 +350,10 @@ class Cluster:
         for t in self.tunnels:
             t.close()
         self.tunnels = []
+        if self.kind != "local":  # connections made for the workers' hosts: not needed any more
+            for m in self.members:
+                if m.remote is not self.primary.remote:
+                    m.remote.close()
         if self.ec2 is not None:
             self.ec2.terminate_workers(self)
         self.stopped = True
