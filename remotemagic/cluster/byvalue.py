@@ -19,7 +19,7 @@ _installed = False
 
 
 def _wrap(original: Any) -> Any:
-    import cloudpickle
+    import cloudpickle  # type: ignore[import-untyped]
 
     def dumps(x: Any, *, buffer_callback: Any = None, protocol: Any = None) -> bytes:
         buffers: list[Any] = []
