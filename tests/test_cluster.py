@@ -134,6 +134,33 @@ def test_local_cluster_tls_files_and_processes(local_cluster: cluster.Cluster, l
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             assert b"PRIVATE KEY" not in f.read()
     assert local_cluster.address.startswith("tls://127.0.0.1:")
+    # every port of the cluster's processes (TLS, and the HTTP servers of scheduler and workers) on loopback
+    listening = _listening(local_root)
+    assert listening and all(host == "127.0.0.1" for host, _ in listening), listening
+
+
+def _listening(root: Path) -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets that the processes of ``root``'s services listen on."""
+    inodes = set()
+    for pid in _dask_processes(root):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                    continue
+                addr, port = cols[1].rsplit(":", 1)
+                host = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)) if len(addr) == 8 else addr
+                out.append((host, int(port, 16)))
+    return out
 
 
 def test_plain_tcp_and_foreign_certificates_are_refused(local_cluster: cluster.Cluster, tmp_path: Path) -> None:

@@ -77,6 +77,7 @@ def worker_args(paths: dict[str, str], scheduler: str, host: str, name: str, nth
                 memory_limit: str = "auto") -> list[str]:
     """Arguments of one nanny with one worker process, reachable (TLS) at ``host``."""
     return [scheduler, "--nanny", "--nworkers", "1", "--nthreads", str(int(nthreads)), "--name", name,
-            "--host", host, "--protocol", "tls", "--memory-limit", memory_limit, "--no-dashboard",
+            "--host", host, "--protocol", "tls", "--memory-limit", memory_limit,
+            "--dashboard-address", "127.0.0.1:0",  # its HTTP server (health, metrics): loopback only
             "--tls-ca-file", paths["ca.pem"], "--tls-cert", paths["worker.pem"], "--tls-key", paths["worker.key"],
             "--death-timeout", DEATH_TIMEOUT, "--preload", paths[PRELOAD_FILE]]
