@@ -90,6 +90,7 @@ def compare_local(workers: int, repeat: int, tmp: Path) -> list[tuple[str, float
                     rows.append((name, statistics.median(times["ours"]), statistics.median(times["theirs"])))
     finally:
         ours.stop()
+        remote.stop_session()  # the session worker that ran the get_client() setup job
         remote.close()
     return rows
 

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 CORE_PACKAGES = ("dask", "distributed", "cloudpickle")
 #: carried along when installed here (dask.array and dask.dataframe need them)
 OPTIONAL_PACKAGES = ("numpy", "pandas", "lz4", "bokeh")
+UNBIND_CODE = """import distributed as _rm_distributed
+_rm_old = getattr(_rm_distributed, "_remotemagic_client", None)
+if _rm_old is not None:
+    _rm_distributed._remotemagic_client = None
+    _rm_old.close(timeout=5)
+del _rm_distributed, _rm_old
+"""
 SCHEDULER_START_TIMEOUT = 60.0
 WORKERS_TIMEOUT = 120.0
 #: run once in the primary target's session: Dask's config names the cluster (``Client()`` with no
@@ -200,8 +207,16 @@ class Cluster:
 
         byvalue.install()
         values.register_local_modules()
+        dropped = 0
+        if self.tunnels:
+            self.primary.remote.connection()  # after a drop: reconnect (with backoff) first
+            dropped = sum(t.drop_stale() for t in self.tunnels)
         if self.client is None or self.client.status in ("closed", "closing"):
             self.client = Client(self.local_address, security=security(self.local_paths, "client"), timeout=timeout)
+        elif dropped:  # the client's connection was on the old link: let it notice, then reconnect
+            notice_by = time.monotonic() + 2.0
+            while self.client.status == "running" and time.monotonic() < notice_by:
+                time.sleep(0.02)
         deadline = time.monotonic() + timeout
         while self.client.status == "connecting" and time.monotonic() < deadline:
             time.sleep(0.05)  # reconnecting after a dropped link (the forward reconnects with it)
@@ -216,6 +231,29 @@ class Cluster:
             err = job.error()
             notices.notify(f"cluster {self.id}: could not prepare session '{self.primary.remote.session}' for "
                            f"distributed.get_client() ({err})", logger=log)
+
+    @staticmethod
+    def identity(client: Any, timeout: float = 30.0) -> dict[str, Any]:
+        """The scheduler's own account of itself and every worker, asked now (``scheduler_info``
+        keeps an old answer when the link is down); retried while the scheduler is unreachable,
+        e.g. while the SSH link under a forward reconnects."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return dict(client.sync(client.scheduler.identity, n_workers=-1))
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def unbind_primary_session(self) -> None:
+        """Close the primary session's default client (a background job: never waits for a busy
+        session)."""
+        try:
+            self.primary.remote.run(UNBIND_CODE, background=True)
+        except Exception as exc:
+            log.info("cluster %s: could not close the client in session %s: %s", self.id,
+                     self.primary.remote.session, exc)
 
     # -- workers -------------------------------------------------------------------------------
     def _services(self, m: Member) -> dict[str, dict[str, Any]]:
@@ -270,7 +308,7 @@ class Cluster:
         client = self.connect()
         deadline = time.monotonic() + timeout
         while True:
-            have = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            have = len(self.identity(client, timeout=max(1.0, deadline - time.monotonic())).get("workers", {}))
             if have >= n:
                 return
             if time.monotonic() > deadline:
@@ -302,7 +340,7 @@ class Cluster:
         if out["scheduler_alive"]:
             try:
                 client = self.connect()
-                info = client.scheduler_info(n_workers=-1)
+                info = self.identity(client)
                 processing = client.processing()
             except Exception as exc:
                 out["error"] = f"{type(exc).__name__}: {exc}"
@@ -341,6 +379,8 @@ class Cluster:
             except Exception as exc:
                 log.debug("closing the client: %s", exc)
             self.client = None
+        if self.address:
+            self.unbind_primary_session()
         problems = []
         for m in {id(m): m for m in [*self.members, self.primary]}.values():
             try:

@@ -36,6 +36,7 @@ class LinkForward:
         self.local_port: int = self._server.getsockname()[1]
         self._closed = threading.Event()
         self._open: set[Any] = set()
+        self._links: dict[Any, Any] = {}  # local socket -> the SSH transport its channel is on
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name=f"remotemagic-forward-{self.local_port}", daemon=True).start()
 
@@ -74,12 +75,14 @@ class LinkForward:
             return
         with self._lock:
             self._open.update((sock, chan))
+            self._links[sock] = chan.get_transport()
         t = threading.Thread(target=self._pump, args=(chan.recv, sock.sendall, sock, chan), daemon=True)
         t.start()
         self._pump(sock.recv, chan.sendall, sock, chan)
         t.join()
         with self._lock:
             self._open.difference_update((sock, chan))
+            self._links.pop(sock, None)
 
     @staticmethod
     def _pump(read: Any, write: Any, sock: socket.socket, chan: Any) -> None:
@@ -97,6 +100,24 @@ class LinkForward:
                     end.close()
                 except Exception:
                     pass
+
+    def drop_stale(self) -> int:
+        """Close the connections whose channel is on a link that is not the live one any more
+        (after a drop): their far end is gone, and the local peer should learn it now, not when
+        its next write fails. Returns how many were closed."""
+        with self._lock:
+            links = dict(self._links)
+        if not links:
+            return 0
+        live = self.transport.link().transport
+        stale = [sock for sock, t in links.items() if t is not live or not t.is_active()]
+        for sock in stale:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+        return len(stale)
 
     def close(self) -> None:
         self._closed.set()
