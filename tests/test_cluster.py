@@ -505,3 +505,23 @@ def test_ec2_workers_tags_groups_spot_and_stop(aws: str) -> None:
 def test_ec2_cluster_needs_the_scheduler_on_our_instance(shell: Any) -> None:
     with pytest.raises(Exception, match="must be one of our EC2 instances"):
         run_ok(shell, "%ec2 cluster start -n 2")
+
+
+def test_scheduler_killed_comes_back_at_the_same_address(local_root: Path) -> None:
+    remote = remotemagic.connect("local", root=str(local_root))
+    c = cluster.start_local(2, remote=remote)
+    try:
+        client = c.connect()
+        assert client.submit(sum, [1, 2]).result() == 3
+        st = c._services(c.primary)["scheduler"]
+        os.kill(st["child_pid"], signal.SIGKILL)
+        wait_for("the scheduler started again by its supervisor",
+                 lambda: c._services(c.primary)["scheduler"]["restarts"] == 1, timeout=30)
+        # the same port: its workers and the notebook's Client find it again by themselves
+        wait_for("both workers back", lambda: len(c.identity(c.connect()).get("workers", {})) == 2, timeout=120)
+        assert c.connect().submit(sum, [3, 4]).result() == 7
+        assert c.identity(c.connect())["address"] == c.address
+    finally:
+        c.stop()
+        remote.close()
+    assert not _dask_processes(local_root)

@@ -978,7 +978,8 @@ class Agent:
 
     def op_service_start(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         return services.start(self.root, self.agent_dir, req["group"], req["name"], req["module"],
-                              list(req.get("args") or []), req.get("env"), int(req.get("max_restarts", 5)))
+                              list(req.get("args") or []), req.get("env"), int(req.get("max_restarts", 5)),
+                              req.get("restart_while_reachable"))
 
     def op_service_status(self, rid: int, req: dict[str, Any]) -> dict[str, Any]:
         if req.get("group") is None:

@@ -23,6 +23,7 @@ import fcntl
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ STOPPING = "stopping"
 START_TIMEOUT = 30.0
 KILL_WAIT = 10.0
 RESTART_DELAY = 1.0
+REACHABLE_WAIT = 30.0  # how long a service with restart_while_reachable waits for that address
 
 
 def group_dir(root: str, group: str) -> str:
@@ -83,9 +85,14 @@ def alive(sdir: str) -> bool:
 
 
 def start(root: str, agent_dir: str, group: str, name: str, module: str, args: list[str],
-          env: dict[str, str] | None = None, max_restarts: int = 5) -> dict[str, Any]:
+          env: dict[str, str] | None = None, max_restarts: int = 5,
+          restart_while_reachable: str | None = None) -> dict[str, Any]:
     """Start ``python -m module *args`` as a supervised, detached service; return its state.
-    A service of that name that is still alive is left alone (its state is returned)."""
+    A service of that name that is still alive is left alone (its state is returned).
+
+    ``restart_while_reachable`` (``host:port``): also start it again after a *clean* exit while
+    that address accepts connections (a Dask nanny closes itself when its scheduler's connection
+    breaks; the scheduler, started again, is back at the same address)."""
     sdir = service_dir(root, group, name)
     files.private_dir(sdir)
     if alive(sdir):
@@ -94,8 +101,10 @@ def start(root: str, agent_dir: str, group: str, name: str, module: str, args: l
         raise ValueError(f"invalid module name {module!r}")
     for name_ in ("state.json", STOPPING):
         _unlink(os.path.join(sdir, name_))
-    spec = {"module": module, "args": [str(a) for a in args], "env": {str(k): str(v) for k, v in (env or {}).items()},
-            "max_restarts": int(max_restarts), "python": sys.executable, "root": root}
+    args = [_fill_ports(str(a)) for a in args]
+    spec = {"module": module, "args": args, "env": {str(k): str(v) for k, v in (env or {}).items()},
+            "max_restarts": int(max_restarts), "python": sys.executable, "root": root,
+            "restart_while_reachable": restart_while_reachable}
     files.write_json(os.path.join(sdir, "spec.json"), spec)
     penv = dict(os.environ)
     penv["PYTHONPATH"] = agent_dir
@@ -114,6 +123,21 @@ def start(root: str, agent_dir: str, group: str, name: str, module: str, args: l
             raise RuntimeError(f"service {group}/{name} did not start:\n{tail(sdir)}")
         time.sleep(0.01)
     return state(sdir, name)
+
+
+FREE_PORT = "{free_port}"
+
+
+def _fill_ports(arg: str) -> str:
+    """Each ``{free_port}`` in an argument becomes a port that is free now. The service keeps
+    it across restarts (the spec holds the number), so a scheduler started again after a crash
+    is where its workers and clients look for it."""
+    while FREE_PORT in arg:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        arg = arg.replace(FREE_PORT, str(port), 1)
+    return arg
 
 
 def state(sdir: str, name: str | None = None) -> dict[str, Any]:
@@ -237,15 +261,36 @@ def supervise(sdir: str) -> int:
         files.write_json(os.path.join(sdir, "state.json"), info)
         rc = proc.wait()
         stopped = stopping[0] or os.path.exists(os.path.join(sdir, STOPPING))
-        if stopped or rc >= 0 or info["restarts"] >= int(spec.get("max_restarts", 0)):
+        if stopped or info["restarts"] >= int(spec.get("max_restarts", 0)):
+            break
+        if rc < 0:
+            why = f"died of signal {-rc}"
+        elif spec.get("restart_while_reachable") and _reachable(spec["restart_while_reachable"], stopping):
+            why = f"exited ({rc}) while {spec['restart_while_reachable']} answers"
+        else:
             break
         info["restarts"] += 1
-        print(f"[remotemagic] {spec['module']} died of signal {-rc}: starting it again "
+        print(f"[remotemagic] {spec['module']} {why}: starting it again "
               f"({info['restarts']}/{spec.get('max_restarts')})", flush=True)
         time.sleep(RESTART_DELAY)
     info.update(exit=rc, ended=time.time())
     files.write_json(os.path.join(sdir, "state.json"), info)
     return 0
+
+
+def _reachable(address: str, stopping: list[bool], wait: float = REACHABLE_WAIT) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``wait`` seconds (tried each second)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + wait
+    while not stopping[0]:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
+    return False
 
 
 if __name__ == "__main__":

@@ -278,7 +278,8 @@ class Cluster:
             m.remote.request("service_start", group=self.id, name=name, module=launch.WORKER_MODULE,
                              args=launch.worker_args(m.paths, self.address, m.address, self.dask_name(name),
                                                      self.nthreads, self.memory_limit),
-                             env=launch.environment(), max_restarts=10)
+                             env=launch.environment(), max_restarts=10,
+                             restart_while_reachable=self.address.split("://", 1)[-1])
         self.n = n
         self._save()
         if wait:

@@ -63,11 +63,12 @@ def environment() -> dict[str, str]:
 
 def scheduler_args(paths: dict[str, str], host: str, idle_minutes: float) -> list[str]:
     """Arguments of the scheduler: TLS on ``host`` (a free port), dashboard on 127.0.0.1 only."""
-    args = ["--host", host, "--port", "0", "--protocol", "tls",
+    # {free_port}: chosen by the agent once, kept when the supervisor starts the scheduler again
+    args = ["--host", host, "--port", "{free_port}", "--protocol", "tls",
             "--tls-ca-file", paths["ca.pem"], "--tls-cert", paths["scheduler.pem"], "--tls-key", paths["scheduler.key"],
             "--scheduler-file", paths[SCHEDULER_FILE], "--preload", paths[PRELOAD_FILE]]
     # the HTTP server (health, metrics; the dashboard itself when bokeh is installed) on 127.0.0.1 only
-    args += ["--dashboard-address", "127.0.0.1:0"]
+    args += ["--dashboard-address", "127.0.0.1:{free_port}"]
     if idle_minutes and idle_minutes > 0:
         args += ["--idle-timeout", f"{float(idle_minutes) * 60:g}s"]
     return args
