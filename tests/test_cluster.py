@@ -525,3 +525,21 @@ def test_scheduler_killed_comes_back_at_the_same_address(local_root: Path) -> No
         c.stop()
         remote.close()
     assert not _dask_processes(local_root)
+
+
+def test_a_new_kernel_finds_the_running_cluster(shell: Any, local_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The cluster outlives the kernel that started it; the next kernel re-attaches and stops it."""
+    remote = remotemagic.connect("local", root=str(local_root))
+    c = cluster.start_local(1, remote=remote)
+    c.close()  # the first kernel goes away: its client and forwards close, the processes run on
+    remote.close()
+    capsys.readouterr()
+    run_ok(shell, "%ec2 cluster status")
+    got = capsys.readouterr()
+    assert f"re-attached to cluster {c.id}" in plain(got.out + got.err)
+    assert "1 of 1 worker(s) connected" in plain(got.out)
+    assert run_ok(shell, "client.submit(sum, [20, 22]).result()") == 42
+    run_ok(shell, "%ec2 cluster stop")
+    assert not _dask_processes(local_root)
+    run_ok(shell, "%ec2 cluster start --local 1 --client c2")  # nothing left to re-attach to
+    run_ok(shell, "%ec2 cluster stop")

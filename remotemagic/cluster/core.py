@@ -108,6 +108,7 @@ class Cluster:
         self.address = ""
         self.local_address = ""
         self.dashboard: str | None = None
+        self.dashboard_port: int | None = None
         self.workers: dict[str, Member] = {}  # service name (w0, w1...) -> where it runs
         self.n = 0
         self.client: Any = None
@@ -181,7 +182,14 @@ class Cluster:
             time.sleep(0.1)
         self.address = info["address"]
         # without bokeh the port serves only /health and /metrics: no dashboard to show then
-        dash_port = (info.get("services") or {}).get("dashboard") if _installed("bokeh") else None
+        self.dashboard_port = (info.get("services") or {}).get("dashboard") if _installed("bokeh") else None
+        self.open_forwards()
+
+    def open_forwards(self) -> None:
+        """How this kernel reaches the scheduler (and dashboard): directly on this machine,
+        else through forwards on 127.0.0.1 over the primary's SSH link."""
+        p = self.primary
+        dash_port = self.dashboard_port
         if p.local:
             self.local_address = self.address
             self.dashboard = f"http://127.0.0.1:{dash_port}/status" if dash_port else None
@@ -415,15 +423,9 @@ class Cluster:
 
     def _save(self) -> None:
         """The cluster's local record (what runs where), beside its TLS files."""
-        from ..agent import files
+        from . import records
 
-        files.private_dir(str(self.folder))
-        files.write_json(str(self.folder / "cluster.json"), {
-            "id": self.id, "kind": self.kind, "scheduler": self.address, "dashboard": self.dashboard,
-            "stopped": self.stopped, "n": self.n,
-            "primary": {"target": self.primary.remote.target, "connect": self.primary.remote.connect_args},
-            "workers": {w: {"target": m.remote.target, "address": m.address} for w, m in self.workers.items()},
-            "instances": [m.instance_id for m in self.members if m.instance_id]})
+        records.save(self)
 
 
 def _installed(dist: str) -> bool:

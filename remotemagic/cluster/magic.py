@@ -53,15 +53,44 @@ def handle(magics: Any, args: argparse.Namespace) -> Any:
 
 
 def _need(magics: Any) -> Cluster:
-    c = current(magics)
+    c = current(magics) or _reattach(magics)
     if c is None:
         raise UsageError("no cluster runs in this kernel: %ec2 cluster start --local N (or --hosts, or -n N)")
     return c
 
 
+def _reattach(magics: Any) -> Cluster | None:
+    """A cluster started by an earlier kernel that still runs: connect to it again (its
+    members, forwards and a client bound to ``client``)."""
+    from .. import notices, state
+    from . import records
+
+    root = state.state_dir()
+    for rec in records.running(root):
+        try:
+            c = records.reattach(rec, root)
+        except Exception as exc:
+            log.info("cannot re-attach to cluster %s: %s", rec.get("id"), exc)
+            continue
+        scheduler = c._services(c.primary).get("scheduler", {})
+        if not scheduler.get("alive"):  # it stopped itself (idle) or died: clean up what is left
+            c.stop()
+            continue
+        setattr(magics, ATTR, c)
+        if "client" not in magics.shell.user_ns:
+            magics.shell.user_ns["client"] = c.connect()
+        _watch_local_modules(magics.shell, True)
+        notices.notify(f"re-attached to cluster {c.id} (started by an earlier kernel; scheduler {c.address})"
+                       + ("; 'client' is its distributed.Client" if magics.shell.user_ns.get("client") is c.client
+                          else ""), level="info", logger=log)
+        return c
+    return None
+
+
 def _start(magics: Any, args: argparse.Namespace) -> None:
-    if current(magics) is not None:
-        raise UsageError(f"cluster {current(magics).id} runs already: %ec2 cluster stop it first")  # type: ignore[union-attr]
+    running = current(magics) or _reattach(magics)
+    if running is not None:
+        raise UsageError(f"cluster {running.id} runs already: %ec2 cluster stop it first")
     kinds = [k for k in ("local", "hosts", "instances") if getattr(args, k)]
     if len(kinds) != 1:
         raise UsageError("%ec2 cluster start: give exactly one of --local N, --hosts A,B,C or -n N\n" + USAGE)
