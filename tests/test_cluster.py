@@ -543,3 +543,45 @@ def test_a_new_kernel_finds_the_running_cluster(shell: Any, local_root: Path, ca
     assert not _dask_processes(local_root)
     run_ok(shell, "%ec2 cluster start --local 1 --client c2")  # nothing left to re-attach to
     run_ok(shell, "%ec2 cluster stop")
+
+
+def test_magic_hosts_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sshd_server: Any,
+                             ssh_target_factory: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """``%ec2 use ssh`` then ``%ec2 cluster start --hosts``: the magic's SSH settings reach the hosts."""
+    from IPython.testing import globalipapp
+
+    from .ssh_fixtures import TEST_PYTHON
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    primary, host = ssh_target_factory(tmp_path / "primary"), ssh_target_factory(tmp_path / "host")
+    ip = globalipapp.get_ipython()
+    ip.run_line_magic("load_ext", "remotemagic")
+    try:
+        run_ok(ip, f"%config Ec2Magics.ssh_config = {str(sshd_server.ssh_config)!r}")
+        run_ok(ip, f"%config Ec2Magics.remote_python = {TEST_PYTHON!r}")
+        run_ok(ip, f"%config Ec2Magics.remote_root = {str(host.root)!r}")  # the hosts' root
+        run_ok(ip, "%config Ec2Magics.idle_stop_minutes = 0")
+        run_ok(ip, "%ec2 " + primary.use_line)
+        run_ok(ip, "%ec2 cluster start --hosts rmtest --workers 2 --client hc")
+        out = plain(capsys.readouterr().out)
+        assert "2 worker(s)" in out and "'hc' is its distributed.Client" in out
+        assert run_ok(ip, "hc.submit(pow, 2, 10).result()") == 1024
+        run_ok(ip, "%ec2 cluster status")
+        assert "2 of 2 worker(s) connected" in plain(capsys.readouterr().out)
+        run_ok(ip, "%ec2 cluster stop")
+    finally:
+        magics = ip.magics_manager.registry.get("Ec2Magics")
+        c = getattr(magics, "_dask_cluster", None)
+        if c is not None and not c.stopped:
+            c.stop()
+        ip.run_line_magic("unload_ext", "remotemagic")
+        ip.config.pop("Ec2Magics", None)
+        ip.user_ns.clear()
+        ip.user_ns.update(ip.user_ns_hidden)
+        for t in (primary, host):
+            _kill_leftovers(t.root)
+            stop_workers(t.root)
+    for t in (primary, host):
+        assert not _dask_processes(t.root)
