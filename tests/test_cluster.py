@@ -12,6 +12,7 @@ import signal
 import ssl
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -585,3 +586,25 @@ def test_magic_hosts_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ss
             stop_workers(t.root)
     for t in (primary, host):
         assert not _dask_processes(t.root)
+
+
+def test_running_tasks_mark_the_target_busy(local_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance's idle auto-stop reads <root>/activity: while Dask tasks run, it stays fresh."""
+    from remotemagic.cluster import launch
+
+    monkeypatch.setattr(launch, "ACTIVITY_EVERY_MS", 200)
+    remote = remotemagic.connect("local", root=str(local_root))
+    c = cluster.start_local(1, remote=remote)
+    try:
+        activity = local_root / "activity"
+        client = c.connect()
+        wait_for("the agent's own touch", activity.exists)
+        os.utime(activity, (1_000_000, 1_000_000))  # long ago
+        time.sleep(0.6)
+        assert activity.stat().st_mtime == 1_000_000  # idle cluster: no touch
+        future = client.submit(time.sleep, 3, pure=False)
+        wait_for("a touch while the task runs", lambda: activity.stat().st_mtime > 1_000_000, timeout=10)
+        future.result()
+    finally:
+        c.stop()
+        remote.close()

@@ -23,7 +23,7 @@ import os
 
 from tornado.ioloop import PeriodicCallback
 
-EVERY_MS = 30_000
+EVERY_MS = int(os.environ.get("REMOTEMAGIC_ACTIVITY_EVERY_MS") or 30_000)
 
 
 def _busy(obj):
@@ -55,10 +55,15 @@ def dask_setup(obj):
 '''
 
 
+#: how often (ms) the preload marks a busy target as in use (the idle check runs every minute)
+ACTIVITY_EVERY_MS = 30_000
+
+
 def environment() -> dict[str, str]:
-    """Dask configuration every member gets: TLS only, and no stray config from the host's files."""
+    """Dask configuration every member gets: TLS only; and the preload's interval."""
     return {"DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
-            "DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING": "True"}
+            "DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING": "True",
+            "REMOTEMAGIC_ACTIVITY_EVERY_MS": str(int(ACTIVITY_EVERY_MS))}
 
 
 def scheduler_args(paths: dict[str, str], host: str, idle_minutes: float) -> list[str]:
