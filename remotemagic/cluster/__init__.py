@@ -8,7 +8,9 @@
 
 Modules: ``tls`` (per-cluster CA and certificates), ``launch`` (Dask's processes and their
 arguments), ``core`` (the :class:`Cluster`), ``ec2`` (instances, security group), ``magic``
-(the ``%ec2 cluster`` handler). The agent side is ``remotemagic/agent/services.py``.
+(the ``%ec2 cluster`` handler), ``forward`` (127.0.0.1 forwards that follow the SSH link),
+``byvalue`` (local modules by value in Dask's pickling), ``records`` (re-attach from a new
+kernel). The agent side is ``remotemagic/agent/services.py``.
 """
 
 from __future__ import annotations
