@@ -273,6 +273,8 @@ def supervise(sdir: str) -> int:
         print(f"[remotemagic] {spec['module']} {why}: starting it again "
               f"({info['restarts']}/{spec.get('max_restarts')})", flush=True)
         time.sleep(RESTART_DELAY)
+        if stopping[0] or os.path.exists(os.path.join(sdir, STOPPING)):  # a stop came meanwhile
+            break
     info.update(exit=rc, ended=time.time())
     files.write_json(os.path.join(sdir, "state.json"), info)
     return 0
