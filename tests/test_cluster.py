@@ -503,9 +503,20 @@ def test_ec2_workers_tags_groups_spot_and_stop(aws: str) -> None:
     assert gid["GroupId"] not in [g["GroupId"] for g in head["SecurityGroups"]]
 
 
-def test_ec2_cluster_needs_the_scheduler_on_our_instance(shell: Any) -> None:
+def test_ec2_cluster_needs_the_scheduler_on_our_instance(shell: Any, aws: str) -> None:
     with pytest.raises(Exception, match="must be one of our EC2 instances"):
         run_ok(shell, "%ec2 cluster start -n 2")
+    # the current target as connect_ec2 leaves it for a spot instance: the scheduler refuses it
+    p = _provider()
+    spot = p.start("spot-head", spot=True, wait=True, progress=False)
+    assert spot.lifecycle == "spot"
+    magics = shell.magics_manager.registry["Ec2Magics"]
+    remote = magics.get_remote()
+    remote.instance, remote.provider = spot, p
+    with pytest.raises(Exception, match="must not run on a spot instance"):
+        run_ok(shell, "%ec2 cluster start -n 2 --spot")
+    ec2 = p.ec2
+    assert len([d for r in ec2.describe_instances()["Reservations"] for d in r["Instances"]]) == 1  # nothing launched
 
 
 def test_scheduler_killed_comes_back_at_the_same_address(local_root: Path) -> None:
