@@ -160,6 +160,16 @@ def count(text: str) -> int:
     return value
 
 
+def byte_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 (no limit) or a positive number of bytes")
+    return value
+
+
 # -- the %ec2 tree -----------------------------------------------------------------------------
 _JOB_HELP = "job id or its unique end (default: the last job of this kernel, else this notebook's newest)"
 
@@ -261,8 +271,29 @@ def build_ec2_parser() -> tuple[MagicParser, dict[str, MagicParser]]:
     ck = verb("checkpoint", "save the session's variables on the target now, or load the last checkpoint")
     ck.add_argument("--restore", action="store_true", help="load the last checkpoint into the session")
     ck.add_argument("--session", type=session_name, metavar="S", help="which session (default: this kernel's)")
-    ck.add_argument("--max-bytes", type=int, default=0, metavar="N",
+    ck.add_argument("--max-bytes", type=byte_count, default=0, metavar="N",
                     help="skip values whose pickle is larger (0: none)")
+
+    # a Dask cluster (remotemagic/cluster/magic.py)
+    cl = verb("cluster", "a Dask cluster over TLS: start, status, scale, stop, logs",
+              "start --local N (workers on this machine) | --hosts A,B,C (workers on SSH hosts, the scheduler "
+              "on the current target) | -n N (N EC2 worker instances of ours); the notebook gets a "
+              "distributed.Client bound to --client NAME.")
+    cl.add_argument("action", choices=["start", "status", "scale", "stop", "logs"], metavar="ACTION",
+                    help="start, status, scale N, stop, or logs [scheduler|w0...]")
+    cl.add_argument("value", nargs="?", metavar="VALUE",
+                    help="scale: the number of workers; logs: scheduler or a worker (w0...)")
+    cl.add_argument("--local", type=count, metavar="N", help="start: N workers on this machine (the local target)")
+    cl.add_argument("--hosts", metavar="A,B,C",
+                    help="start: workers on these SSH hosts; the scheduler on the current target")
+    cl.add_argument("-n", type=count, dest="instances", metavar="N", help="start: N EC2 worker instances of ours")
+    cl.add_argument("--type", dest="instance_type", metavar="T", help="-n: instance type of the workers")
+    cl.add_argument("--spot", action="store_true", help="-n: spot worker instances (the scheduler stays on-demand)")
+    cl.add_argument("--workers", type=count, metavar="N", help="--hosts: how many workers (default: one per host)")
+    cl.add_argument("--threads", type=count, default=1, metavar="T", help="threads per worker (default 1)")
+    cl.add_argument("--client", default="client", metavar="NAME",
+                    help="the notebook variable bound to the Client (default: client)")
+    cl.add_argument("--lines", type=count, default=40, metavar="N", help="logs: how many lines (default 40)")
 
     # files, ports, packages
     push = verb("push", "copy a file or folder to the target", "Resumes; skips unchanged files.")

@@ -629,6 +629,12 @@ class Ec2Magics(Magics):
 
         display(tables.InstanceTable(rows))
 
+    def _cmd_cluster(self, args: argparse.Namespace) -> None:
+        """%ec2 cluster ...: a Dask cluster (remotemagic/cluster/magic.py does the work)."""
+        from .cluster import magic as cluster_magic
+
+        cluster_magic.handle(self, args)
+
     def _cmd_sessions(self, args: argparse.Namespace) -> None:
         remote = self.get_remote()
         rows = remote.sessions()

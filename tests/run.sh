@@ -32,10 +32,10 @@ fi
 # The SSH tests build fresh venvs and sync packages into them; the targets (and the client's
 # wheel fetches) take wheels from this folder, never from the network (tests talk to 127.0.0.1
 # only), so it is filled here, with the other installs: the local versions of what the remote
-# venvs need (cloudpickle, IPython, zstandard, numpy, pandas, matplotlib and their requirements), pip, uv,
+# venvs need (cloudpickle, IPython, zstandard, numpy, pandas, matplotlib, dask, distributed and their requirements), pip, uv,
 # and setuptools + wheel (to build a local package in an isolated build).
 WHEELS="${REMOTEMAGIC_TEST_WHEELHOUSE:-.cache/wheelhouse}"
-mapfile -t PINS < <(python3 -m remotemagic.envsync pins cloudpickle ipython zstandard numpy pandas matplotlib)
+mapfile -t PINS < <(python3 -m remotemagic.envsync pins cloudpickle ipython zstandard numpy pandas matplotlib dask distributed)
 [ "${#PINS[@]}" -gt 0 ] || { echo "could not list the local versions of the test packages" >&2; exit 2; }
 python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest "$WHEELS" \
   "${PINS[@]}" pip uv setuptools wheel

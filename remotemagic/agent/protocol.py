@@ -57,6 +57,13 @@ OP_LIST_TREE = "list_tree"
 OP_TAR_STREAM = "tar_stream"
 OP_HASH_PREFIX = "hash_prefix"
 OP_READ_FILE = "read_file"
+# detached long-running processes, e.g. the Dask cluster's scheduler and nannies (agent/services.py)
+OP_SERVICE_FILES = "service_files"
+OP_SERVICE_START = "service_start"
+OP_SERVICE_STATUS = "service_status"
+OP_SERVICE_STOP = "service_stop"
+OP_SERVICE_LOGS = "service_logs"
+OP_SERVICE_READ = "service_read"
 
 # -- job states --------------------------------------------------------------------------------
 QUEUED = "queued"  # spec written, not claimed by a worker yet
@@ -507,6 +514,44 @@ class ReadFileRequest(_PathKeys, total=False):
     z: str
 
 
+class _ServiceGroupKeys(Header):
+    group: str  # a name (NAME_RE): the services of one cluster
+
+
+class ServiceFilesRequest(_ServiceGroupKeys, total=False):
+    files: dict[str, str]  # file name -> text, written 0600 into the group's folder
+
+
+class _ServiceStartKeys(_ServiceGroupKeys):
+    name: str
+    module: str  # run as ``python -m module args...`` under a supervisor that restarts it
+
+
+class ServiceStartRequest(_ServiceStartKeys, total=False):
+    args: list[str]
+    env: dict[str, str] | None
+    max_restarts: int
+    restart_while_reachable: str | None  # host:port: restart only while it answers
+
+
+class ServiceStatusRequest(Header, total=False):
+    group: str | None  # None: the groups there are
+
+
+class ServiceStopRequest(_ServiceGroupKeys, total=False):
+    names: list[str] | None  # None: every service of the group
+    grace: float
+    remove: bool  # also delete the group's folder (keys, logs)
+
+
+class _ServiceNameKeys(_ServiceGroupKeys):
+    name: str
+
+
+class ServiceLogsRequest(_ServiceNameKeys, total=False):
+    lines: int
+
+
 OPS: dict[str, type] = {
     OP_HELLO: Header, OP_PING: Header,
     OP_HAS_OBJECTS: HasObjectsRequest, OP_EVICT_OBJECTS: EvictObjectsRequest,
@@ -517,6 +562,9 @@ OPS: dict[str, type] = {
     OP_STORE_DELETE: StoreDeleteRequest,
     OP_STAT: StatRequest, OP_LIST_TREE: ListTreeRequest, OP_TAR_STREAM: TarStreamRequest,
     OP_HASH_PREFIX: HashPrefixRequest, OP_READ_FILE: ReadFileRequest,
+    OP_SERVICE_FILES: ServiceFilesRequest, OP_SERVICE_START: ServiceStartRequest,
+    OP_SERVICE_STATUS: ServiceStatusRequest, OP_SERVICE_STOP: ServiceStopRequest,
+    OP_SERVICE_LOGS: ServiceLogsRequest, OP_SERVICE_READ: _ServiceNameKeys,
 }
 """Every request op and the shape of its header: the agent checks each request against it."""
 

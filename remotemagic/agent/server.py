@@ -25,7 +25,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from . import files, ops_files, ops_jobs, ops_sessions, ops_store, uploads, wire
+from . import files, ops_files, ops_jobs, ops_sessions, ops_store, services, uploads, wire
 from . import protocol as P
 from .protocol import RequestError
 
@@ -177,6 +177,7 @@ HANDLERS: dict[str, Handler] = {
     **ops_jobs.HANDLERS,
     **ops_sessions.HANDLERS,
     **ops_files.HANDLERS,
+    **services.HANDLERS,
 }
 """Every request op (:data:`.protocol.OPS`) and its handler."""
 
