@@ -37,21 +37,19 @@ def start_local(n: int, *, remote: Any = None, root: str | None = None, nthreads
 
 
 def connect_hosts(hosts: list[str], **options: Any) -> list[Any]:
-    """One connection per SSH host (``remotemagic.api.connect("ssh", host=...)``).
+    """One connection per SSH host, opened in parallel by the SSH fleet provider
+    (:class:`remotemagic.providers.fleet.Fleet`): its agent shipped and started, its Python
+    environment built the first time. Every host must answer: otherwise the ones that did are
+    closed and :class:`ClusterError` names each host that did not (the fleet's one line per host)."""
+    from ..providers.fleet import Fleet
 
-    The one place that reaches the hosts of ``--hosts``: after issue 13's merge, the SSH fleet
-    provider (``remotemagic.providers.fleet``) takes its place."""
-    from .. import api
-
-    remotes: list[Any] = []
-    try:
-        for host in hosts:
-            remotes.append(api.connect("ssh", host=host, **options))
-    except BaseException:
-        for r in remotes:
-            r.close()
-        raise
-    return remotes
+    fleet = Fleet("cluster", hosts, **options)
+    results = fleet.start()
+    down = [r for r in results if not r.ok]
+    if down:
+        fleet.close()
+        raise ClusterError("--hosts: not every host answers:\n" + "\n".join(r.line() for r in down))
+    return fleet.remotes
 
 
 def start_hosts(hosts: list[str] | list[Any], *, primary: Any, n: int | None = None, nthreads: int = 1,
