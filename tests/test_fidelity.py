@@ -59,8 +59,8 @@ def _norm(text: str, source: str, workdir: str) -> str:
         if "per loop" in line or "Wall time" in line or "CPU times" in line:
             line = re.sub(r"\b(?:ns|[µμ]s|us|ms|s)\b", "<unit>", NUMBER.sub("N", line))
             line = line.replace("N loop each", "N loops each")
-        elif "df -h" in source:  # disk usage changes between the two runs
-            line = re.sub(r"\d+(?:[.,]\d+)?[KMGTP]?\b", "N", line)
+        elif "df -h" in source:  # disk usage changes between the two runs, and df pads to its width
+            line = re.sub(r" +", " ", re.sub(r"\d+(?:[.,]\d+)?[KMGTP]?\b", "N", line))
         lines.append(line.rstrip())
     return "\n".join(lines)
 
