@@ -33,6 +33,20 @@ from .workers import stop_workers  # noqa: E402
 pytestmark = pytest.mark.timeout(300)
 
 
+def _agents_serving(root: Path) -> list[int]:
+    """Agent servers (one per open connection) on the target folder ``root``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"remotemagic_agent.server" in argv and str(root).encode() in argv:
+            found.append(int(entry))
+    return found
+
+
 def _dask_processes(root: Path) -> list[int]:
     """Supervisors and Dask processes (worker processes of nannies included) of ``root`` that still
     run: every one has ``REMOTEMAGIC_ROOT=<root>`` in its environment."""
@@ -558,6 +572,12 @@ def test_a_new_kernel_finds_the_running_cluster(shell: Any, local_root: Path,
     assert not _dask_processes(local_root)
     run_ok(shell, "%ec2 cluster start --local 1 --client c2")  # nothing left to re-attach to
     run_ok(shell, "%ec2 cluster stop")
+    shell.run_line_magic("unload_ext", "remotemagic")  # closes the magics' own connection too
+    deadline = time.monotonic() + 30  # the connections the re-attached cluster opened are closed by its stop
+    while _agents_serving(local_root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _agents_serving(local_root)
+    shell.run_line_magic("load_ext", "remotemagic")
 
 
 def test_magic_hosts_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sshd_server: Any,

@@ -112,6 +112,9 @@ class Cluster:
         self.dashboard_port: int | None = None
         self.workers: dict[str, Member] = {}  # service name (w0, w1...) -> where it runs
         self.n = 0
+        #: connections this cluster opened itself (re-attached members, a local target of its own):
+        #: closed when it stops
+        self.owned: list[Any] = []
         self.client: Any = None
         self.tunnels: list[Any] = []
         self.stopped = False
@@ -407,6 +410,9 @@ class Cluster:
             for m in self.members:
                 if m.remote is not self.primary.remote:
                     m.remote.close()
+        for r in self.owned:
+            r.close()
+        self.owned = []
         if self.ec2 is not None:
             self.ec2.terminate_workers(self)
         self.stopped = True

@@ -83,9 +83,17 @@ def _start(magics: Any, args: argparse.Namespace) -> None:
     idle = float(getattr(magics, "idle_stop_minutes", 0) or 0)
     if args.local:
         remote = magics.get_remote()
-        if getattr(remote.transport, "link", None) is not None:  # the current target is not this machine
+        own = not remote.transport.is_local  # the current target is not this machine: one of the cluster's own
+        if own:
             remote = magics._connect("local", None, None, None)
-        c = start_local(args.local, remote=remote, nthreads=args.threads, idle_stop_minutes=idle)
+        try:
+            c = start_local(args.local, remote=remote, nthreads=args.threads, idle_stop_minutes=idle)
+        except BaseException:
+            if own:
+                remote.close()
+            raise
+        if own:
+            c.owned.append(remote)
     elif args.hosts:
         hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
         c = start_hosts(hosts, primary=magics.get_remote(), n=args.workers, nthreads=args.threads,

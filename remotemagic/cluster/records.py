@@ -79,6 +79,7 @@ def reattach(rec: dict[str, Any], state_root: str | Path, connect: Any = None) -
         c.workers = {w: members[i] for w, i in rec["workers"].items()}
         c.n = rec["n"]
         c.dashboard_port = rec.get("dashboard_port")
+        c.owned = list(remotes)
         c.open_forwards()
         return c
     except BaseException:
