@@ -642,3 +642,133 @@ def test_running_tasks_mark_the_target_busy(local_root: Path, monkeypatch: pytes
     finally:
         c.stop()
         remote.close()
+
+
+# -- EC2 end to end: moto for AWS, the loopback sshd standing in for every instance ---------------------
+@pytest.fixture
+def ec2_shell(aws: str, sshd_server: Any, ssh_shared_venv: Path, tmp_path: Path,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The magics with ``Host i-*`` mapped to the test sshd (as tests/test_ec2_target.py does):
+    every instance moto launches is "reached" there, all under one root. Dask peers reach an
+    instance at its private address; here every instance is 127.0.0.1."""
+    from IPython.testing import globalipapp
+
+    from remotemagic.cluster import ec2 as cluster_ec2
+
+    from .ssh_fixtures import TEST_PYTHON
+
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd_server.host_key_line + "\n")
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text(f"Host i-*\n  HostName 127.0.0.1\n  Port {sshd_server.port}\n  User {sshd_server.user}\n"
+                   f"  IdentityFile {sshd_server.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known}\n")
+    root = tmp_path / "root"
+    root.mkdir(mode=0o700)
+    (root / "venv").symlink_to(ssh_shared_venv)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(cluster_ec2, "instance_address", lambda info: "127.0.0.1")
+    monkeypatch.setattr(cluster_ec2.Ec2Workers, "interval", 3600.0)  # this test drives the checks itself
+    ip = globalipapp.get_ipython()
+    ip.run_line_magic("load_ext", "remotemagic")
+    for line in (f"Ec2Magics.ssh_config = {str(cfg)!r}", "Ec2Magics.ssh_cidrs = ['203.0.113.7/32']",
+                 "Ec2Magics.ami = 'al2023'", f"Ec2Magics.remote_python = {TEST_PYTHON!r}",
+                 f"Ec2Magics.remote_root = {str(root)!r}", "Ec2Magics.instance_type = 't3.micro'",
+                 "Ec2Magics.region = 'us-east-1'", "Ec2Magics.show_progress = False",
+                 "Ec2Magics.idle_stop_minutes = 0"):
+        ip.run_line_magic("config", line)
+    try:
+        yield ip, root
+    finally:
+        magics = ip.magics_manager.registry.get("Ec2Magics")
+        c = getattr(magics, "_dask_cluster", None)
+        if c is not None and not c.stopped:
+            c.stop()
+        ip.run_line_magic("unload_ext", "remotemagic")
+        ip.config.pop("Ec2Magics", None)
+        ip.user_ns.clear()
+        ip.user_ns.update(ip.user_ns_hidden)
+        _kill_leftovers(root)
+        stop_workers(root)
+
+
+def _said(capsys: pytest.CaptureFixture[str]) -> str:
+    got = capsys.readouterr()
+    return plain(got.out + got.err)
+
+
+def test_ec2_lost_worker_instance_is_replaced_and_scale_launches_and_terminates(
+        ec2_shell: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import boto3
+
+    from remotemagic.agent import protocol
+    from remotemagic.cluster import ec2 as cluster_ec2
+
+    ip, root = ec2_shell
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    run_ok(ip, "%ec2 start --name head")
+    run_ok(ip, "%ec2 cluster start -n 2 --client dc")
+    magics = ip.magics_manager.registry["Ec2Magics"]
+    c = magics._dask_cluster
+    assert run_ok(ip, "dc.submit(pow, 2, 10).result()") == 1024
+    capsys.readouterr()
+
+    def instances() -> dict[str, dict[str, Any]]:
+        return {d["InstanceId"]: d for r in ec2.describe_instances()["Reservations"] for d in r["Instances"]}
+
+    def tags(d: dict[str, Any]) -> dict[str, str]:
+        return {t["Key"]: t["Value"] for t in d.get("Tags", [])}
+
+    def of_cluster(state: str = "running") -> set[str]:
+        return {i for i, d in instances().items() if tags(d).get(cluster_ec2.CLUSTER_TAG) == c.id
+                and tags(d).get("created-by") == "remotemagic" and d["State"]["Name"] == state}
+
+    # bystanders: an instance tagged with the cluster but not ours, and one of ours in no cluster
+    head = instances()[c.primary.remote.instance.instance_id]
+    foreign = ec2.run_instances(ImageId=head["ImageId"], MinCount=1, MaxCount=1, InstanceType="t3.micro",
+                                TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                                    {"Key": cluster_ec2.CLUSTER_TAG, "Value": c.id}]}])["Instances"][0]["InstanceId"]
+    ours_elsewhere = c.ec2.provider.start("bystander", ami="al2023", wait=False, progress=False).instance_id
+    before = {w: m.instance_id for w, m in c.workers.items()}
+    assert sorted(before) == ["w0", "w1"] and len(set(before.values())) == 2 and set(before.values()) == of_cluster()
+
+    # AWS terminates w1's instance: the machine, and the nanny on it, are gone
+    lost = before["w1"]
+    ec2.terminate_instances(InstanceIds=[lost])
+    c.primary.remote.request(protocol.OP_SERVICE_STOP, group=c.id, names=["w1"])  # (all "instances" share a root)
+    run_ok(ip, "%ec2 cluster status")
+    out = _said(capsys)
+    assert f"w1 on {lost} is terminated: launching a replacement" in out, out
+    new = c.workers["w1"].instance_id
+    assert new not in (lost, before["w0"]) and f"replacement running: w1 on {new}" in out, out
+    d = instances()[new]
+    assert d["State"]["Name"] == "running" and tags(d)["created-by"] == "remotemagic"
+    assert tags(d)[cluster_ec2.CLUSTER_TAG] == c.id
+    group = ec2.describe_security_groups(Filters=[{"Name": "group-name",
+                                                   "Values": [cluster_ec2.group_name(c.id)]}])["SecurityGroups"][0]
+    assert group["GroupId"] in {g["GroupId"] for g in d["SecurityGroups"]}
+    assert of_cluster() == {before["w0"], new}
+
+    def two_connected() -> bool:
+        run_ok(ip, "%ec2 cluster status")
+        return "2 of 2 worker(s) connected" in plain(capsys.readouterr().out)
+
+    wait_for("the replacement's worker to join", two_connected, timeout=120)
+    names = {w["name"] for w in distributed.Client.scheduler_info(ip.user_ns["dc"], n_workers=-1)["workers"].values()}
+    assert names == {c.dask_name("w0"), c.dask_name("w1")}
+    assert run_ok(ip, "sum(dc.gather(dc.map(lambda v: v * 3, range(20))))") == 3 * sum(range(20))
+
+    # scale launches and terminates instances (only ours, of this cluster)
+    run_ok(ip, "%ec2 cluster scale 3")
+    assert len(of_cluster()) == 3 and c.workers["w2"].instance_id in of_cluster()
+    run_ok(ip, "%ec2 cluster scale 1")
+    assert of_cluster() == {before["w0"]}
+    out = _said(capsys)
+    assert "launching 1 worker instance(s)" in out and "terminating worker instance(s)" in out, out
+    run_ok(ip, "%ec2 cluster stop")
+    states = {i: d["State"]["Name"] for i, d in instances().items()}
+    assert not of_cluster() and states[before["w0"]] in ("shutting-down", "terminated")
+    assert states[foreign] == "running" and states[ours_elsewhere] in ("pending", "running")
+    assert states[c.primary.remote.instance.instance_id] == "running"
+    assert not _dask_processes(root)

@@ -13,6 +13,7 @@ import logging
 import posixpath
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,8 +119,11 @@ class Cluster:
         self.client: Any = None
         self.tunnels: list[Any] = []
         self.stopped = False
-        #: instances we launched for this cluster (EC2), terminated by :meth:`stop`
+        #: instances we launched for this cluster (EC2): launched and terminated by :meth:`scale`,
+        #: replaced when lost (:meth:`status`, a watcher thread), terminated by :meth:`stop`
         self.ec2: Any = None
+        #: held while the members or workers change (the EC2 watcher thread changes them too)
+        self.lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"<Cluster {self.id} {self.kind} workers={self.n} scheduler={self.address or '-'}>"
@@ -157,6 +161,13 @@ class Cluster:
             m.remote.sync_packages(names, code=code)
         finally:
             m.remote.package_sync = saved
+
+    def add_member(self, m: Member, packages: tuple[str, ...] = (), code: str = "") -> None:
+        """A new target for workers (a replacement or added EC2 instance): packages synced, the
+        cluster's files installed, then it joins :attr:`members`."""
+        self._sync(m, packages, code)
+        self._install(m)
+        self.members.append(m)
 
     def _install(self, m: Member) -> None:
         assert self.tls is not None
@@ -281,25 +292,62 @@ class Cluster:
             raise ValueError(f"a cluster has 0 or more workers, not {n}")
         if self.stopped:
             raise ClusterError(f"cluster {self.id} is stopped")
-        if not self.members:
-            raise ClusterError(f"cluster {self.id} has no targets for workers")
-        wanted = [f"w{i}" for i in range(n)]
-        extra = sorted((w for w in self.workers if w not in wanted), key=lambda w: int(w[1:]))
-        if extra:
-            self._retire(extra)
-        for i, name in enumerate(wanted):
-            m = self.workers.get(name) or self.members[i % len(self.members)]
-            self.workers[name] = m
-            m.remote.request(protocol.OP_SERVICE_START, group=self.id, name=name, module=launch.WORKER_MODULE,
-                             args=launch.worker_args(m.paths, self.address, m.address, self.dask_name(name),
-                                                     self.nthreads, self.memory_limit),
-                             env=launch.environment(), max_restarts=10,
-                             restart_while_reachable=self.address.split("://", 1)[-1])
-        self.n = n
-        self._save()
+        with self.lock:
+            if self.ec2 is not None:  # one instance per worker: launch the missing ones
+                self.ec2.fit(self, n)
+            if not self.members:
+                raise ClusterError(f"cluster {self.id} has no targets for workers")
+            wanted = [f"w{i}" for i in range(n)]
+            extra = sorted((w for w in self.workers if w not in wanted), key=lambda w: int(w[1:]))
+            if extra:
+                self._retire(extra)
+            for i, name in enumerate(wanted):
+                self.start_worker(name, self.workers.get(name) or self._place(i))
+            self.n = n
+            if self.ec2 is not None:  # and terminate the ones left without a worker
+                self.ec2.release(self)
+            self._save()
         if wait:
             self.wait_for_workers(n, timeout)
         return n
+
+    def _place(self, i: int) -> Member:
+        """Where worker ``i`` goes: round-robin over the members; on EC2, an instance of its own
+        (the member with the fewest workers)."""
+        if self.ec2 is None:
+            return self.members[i % len(self.members)]
+        load = {id(m): 0 for m in self.members}
+        for m in self.workers.values():
+            load[id(m)] = load.get(id(m), 0) + 1
+        return min(self.members, key=lambda m: load[id(m)])
+
+    def start_worker(self, name: str, m: Member) -> None:
+        """Start worker ``name`` (a nanny) on ``m`` (left alone if it runs there already)."""
+        self.workers[name] = m
+        m.remote.request(protocol.OP_SERVICE_START, group=self.id, name=name, module=launch.WORKER_MODULE,
+                         args=launch.worker_args(m.paths, self.address, m.address, self.dask_name(name),
+                                                 self.nthreads, self.memory_limit),
+                         env=launch.environment(), max_restarts=10,
+                         restart_while_reachable=self.address.split("://", 1)[-1])
+
+    def forget_workers(self, names: list[str]) -> None:
+        """Tell the scheduler that workers ``names`` are gone (their machine vanished: their
+        connections may take minutes to time out) so Dask recomputes their work now and a
+        replacement can take the same name."""
+        if not names or self.client is None:
+            return
+        dask_names = {self.dask_name(w) for w in names}
+
+        async def remove(dask_scheduler: Any, names: set[str]) -> list[str]:  # runs on the scheduler
+            gone = [a for a, ws in list(dask_scheduler.workers.items()) if ws.name in names]
+            for address in gone:
+                await dask_scheduler.remove_worker(address, stimulus_id="remotemagic-instance-lost", close=False)
+            return gone
+
+        try:
+            self.client.run_on_scheduler(remove, names=dask_names)
+        except Exception as exc:  # the scheduler finds out by itself, later
+            log.info("cluster %s: could not remove %s from the scheduler: %s", self.id, sorted(dask_names), exc)
 
     def dask_name(self, service: str) -> str:
         return f"{self.id}-{service}"
@@ -346,6 +394,9 @@ class Cluster:
                                "wanted": self.n, "stopped": self.stopped, "workers": []}
         if self.stopped:
             return out
+        if self.ec2 is not None:  # lost worker instances: reported, and replaced where they can be
+            with self.lock:
+                out["instances"] = self.ec2.check(self)
         services: dict[str, dict[str, Any]] = {}
         for m in {id(m): m for m in [self.primary, *self.workers.values()]}.values():
             for name, st in self._services(m).items():
@@ -389,6 +440,8 @@ class Cluster:
     def stop(self, remove_files: bool = True) -> None:
         """Close the client, stop every process we started (workers first), close the tunnels,
         and (EC2) terminate the worker instances launched for this cluster."""
+        if self.ec2 is not None:
+            self.ec2.stop_watching()
         if self.client is not None:
             try:
                 self.client.close(timeout=5)

@@ -148,6 +148,7 @@ def format_status(st: dict[str, Any]) -> str:
         head.append(f"  cost       ${st['hourly']:.3f}/h" + ("" if st.get("hourly_complete") else " (where known)"))
     if st.get("error"):
         head.append(f"  error      {st['error']}")
+    head += [f"  instances  {line}" for line in st.get("instances") or []]
     rows = [("worker", "threads", "memory", "limit", "running", "restarts")]
     services = st.get("services") or {}
     for w in st["workers"]:
