@@ -759,6 +759,18 @@ def test_ec2_lost_worker_instance_is_replaced_and_scale_launches_and_terminates(
     assert names == {c.dask_name("w0"), c.dask_name("w1")}
     assert run_ok(ip, "sum(dc.gather(dc.map(lambda v: v * 3, range(20))))") == 3 * sum(range(20))
 
+    # an on-demand worker instance stopped (by hand, its idle auto-stop): started again, its worker too
+    w0 = before["w0"]
+    c.primary.remote.request(protocol.OP_SERVICE_STOP, group=c.id, names=["w0"])
+    ec2.stop_instances(InstanceIds=[w0])
+    wait_for("moto to stop it", lambda: instances()[w0]["State"]["Name"] == "stopped")
+    run_ok(ip, "%ec2 cluster status")
+    out = _said(capsys)
+    assert f"w0 on {w0} was stopped: starting it again" in out and f"w0 on {w0}: stopped, starting again since" in out
+    wait_for("the instance to run again", lambda: instances()[w0]["State"]["Name"] == "running")
+    wait_for("w0 back", two_connected, timeout=120)
+    assert c.workers["w0"].instance_id == w0 and of_cluster() == {w0, new}
+
     # scale launches and terminates instances (only ours, of this cluster)
     run_ok(ip, "%ec2 cluster scale 3")
     assert len(of_cluster()) == 3 and c.workers["w2"].instance_id in of_cluster()
@@ -772,3 +784,62 @@ def test_ec2_lost_worker_instance_is_replaced_and_scale_launches_and_terminates(
     assert states[foreign] == "running" and states[ours_elsewhere] in ("pending", "running")
     assert states[c.primary.remote.instance.instance_id] == "running"
     assert not _dask_processes(root)
+
+
+def test_ec2_watcher_waits_for_a_reclaimed_spot_worker_and_replaces_a_terminated_one(
+        ec2_shell: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The watcher thread alone (no command): a spot worker instance AWS stops is waited for and its
+    worker started again when it is back; once terminated, it is replaced."""
+    import boto3
+
+    from remotemagic.agent import protocol
+    from remotemagic.cluster import ec2 as cluster_ec2
+
+    ip, root = ec2_shell
+    monkeypatch.setattr(cluster_ec2.Ec2Workers, "interval", 0.2)
+    ec2 = boto3.client("ec2", region_name="us-east-1")
+    run_ok(ip, "%ec2 start --name head")
+    run_ok(ip, "%ec2 cluster start -n 1 --spot --client dc")
+    c = ip.magics_manager.registry["Ec2Magics"]._dask_cluster
+    iid = c.workers["w0"].instance_id
+    d = ec2.describe_instances(InstanceIds=[iid])["Reservations"][0]["Instances"][0]
+    assert d.get("InstanceLifecycle") == "spot"
+    said = []
+
+    def reads(text: str) -> bool:
+        said.append(_said(capsys))
+        return text in "".join(said)
+
+    def connected() -> int:
+        return len(_identity(c)["workers"])
+
+    # AWS reclaims it (persistent request, interruption behaviour "stop"): the machine's processes are gone
+    c.primary.remote.request(protocol.OP_SERVICE_STOP, group=c.id, names=["w0"])  # (one root for all)
+    ec2.stop_instances(InstanceIds=[iid])
+    wait_for("the watcher to see the reclaim", lambda: reads(f"w0 on {iid}: reclaimed by AWS (spot)"), timeout=60)
+    wait_for("the status line", lambda: any("reclaimed, waiting for capacity since" in x for x in c.ec2.lines))
+    ours = [x for r in ec2.describe_instances(Filters=[{"Name": f"tag:{cluster_ec2.CLUSTER_TAG}", "Values": [c.id]}])[
+        "Reservations"] for x in r["Instances"]]
+    assert [x["InstanceId"] for x in ours] == [iid]  # waited for, not replaced
+    # capacity is back: AWS starts it, the watcher starts its worker again
+    ec2.start_instances(InstanceIds=[iid])
+    wait_for("the watcher to restart w0", lambda: reads(f"w0 on {iid} is back: its worker(s) started again"),
+             timeout=60)
+    wait_for("w0 to rejoin", lambda: connected() == 1, timeout=120)
+    assert c.workers["w0"].instance_id == iid
+    # terminated: replaced (spot again, or on-demand when there is no spot capacity)
+    c.primary.remote.request(protocol.OP_SERVICE_STOP, group=c.id, names=["w0"])
+    ec2.terminate_instances(InstanceIds=[iid])
+    wait_for("the watcher to replace it", lambda: reads("replacement running: w0 on i-"), timeout=120)
+    new = c.workers["w0"].instance_id
+    assert new != iid
+    wait_for("the replacement to join", lambda: connected() == 1, timeout=120)
+    assert run_ok(ip, "dc.submit(pow, 3, 4).result()") == 81
+    run_ok(ip, "%ec2 cluster stop")
+    assert c.ec2._thread is None  # the watcher ended with the cluster
+    state = ec2.describe_instances(InstanceIds=[new])["Reservations"][0]["Instances"][0]["State"]["Name"]
+    assert state in ("shutting-down", "terminated")
+
+
+def _identity(c: cluster.Cluster) -> dict[str, Any]:
+    return cluster.Cluster.identity(c.connect())

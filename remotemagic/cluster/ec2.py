@@ -261,9 +261,9 @@ class Ec2Workers:
     def check(self, cluster: Cluster) -> list[str]:
         """Find this cluster's worker instances that AWS stopped or terminated and bring the
         workers back to ``cluster.n``: a reclaimed spot instance (stopped, persistent request)
-        is left to come back -- its workers are started again when it runs; anything else lost
-        is replaced by a new instance running the same workers. Every action is a notice;
-        returns the lines for ``status``."""
+        is left to come back, another stopped one is started again -- their workers are started
+        again when they run; a terminated one is replaced by a new instance running the same
+        workers. Every action is a notice; returns the lines for ``status``."""
         if cluster.stopped:
             return []
         states = _all_states(self.provider, self.cluster_id)
@@ -277,22 +277,31 @@ class Ec2Workers:
             label = f"{','.join(names) or '-'} on {m.instance_id}"
             spot = d is not None and d.get("InstanceLifecycle") == "spot"
             if state in ("pending", "running"):
-                if m.instance_id in self.waiting:
-                    self.waiting.pop(m.instance_id)
-                    notices.notify(f"cluster {cluster.id}: {label} is back: starting its worker(s) again",
-                                   level="info", logger=log)
+                if m.instance_id in self.waiting and state == "running":
+                    self._reconnect(m, d)
                     for w in names:
                         cluster.start_worker(w, m)
+                    self.waiting.pop(m.instance_id)  # (kept if that failed: tried again at the next check)
+                    notices.notify(f"cluster {cluster.id}: {label} is back: its worker(s) started again",
+                                   level="info", logger=log)
                 continue
-            if state in ("stopping", "stopped") and spot:
+            if state in ("stopping", "stopped"):
+                # a spot instance AWS reclaimed comes back by itself (persistent request); one stopped
+                # otherwise (its idle auto-stop, by hand) is started again: either way, waited for
                 if m.instance_id not in self.waiting:
                     self.waiting[m.instance_id] = time.time()
-                    notices.notify(f"cluster {cluster.id}: {label}: reclaimed by AWS (spot); waiting for capacity "
-                                   "to come back (Dask recomputes its work on the others)", logger=log)
+                    if spot:
+                        notices.notify(f"cluster {cluster.id}: {label}: reclaimed by AWS (spot); waiting for "
+                                       "capacity to come back (Dask recomputes its work on the others)", logger=log)
+                    else:
+                        notices.notify(f"cluster {cluster.id}: {label} was stopped: starting it again", logger=log)
+                if not spot and state == "stopped":
+                    self._start_again(m, d)
                 since = time.strftime("%H:%M", time.localtime(self.waiting[m.instance_id]))
-                lines.append(f"{label}: reclaimed, waiting for capacity since {since}")
+                lines.append(f"{label}: " + ("reclaimed, waiting for capacity" if spot else "stopped, starting again")
+                             + f" since {since}")
                 continue
-            # terminated, shutting down, or stopped (not a persistent spot request): replaced
+            # terminated or shutting down: replaced
             notices.notify(f"cluster {cluster.id}: {label} is {state}: launching a replacement", logger=log)
             cluster.members.remove(m)
             for w in names:
@@ -300,11 +309,31 @@ class Ec2Workers:
             cluster.forget_workers(names)
             self.waiting.pop(m.instance_id, None)
             m.remote.close()
-            if state in ("stopping", "stopped"):
-                self._terminate(m.instance_id)  # ours and this cluster's: it would not run its workers again
         lines += self._refill(cluster)
         self.lines = lines
         return lines
+
+    def _name(self, d: dict[str, Any] | None) -> str:
+        from ..providers.ec2 import NAME_TAG
+
+        name = _ours((d or {}).get("Tags", [])).get(NAME_TAG)
+        if not name:
+            raise ClusterError(f"instance {(d or {}).get('InstanceId')} has no {NAME_TAG} tag")
+        return name
+
+    def _start_again(self, m: Member, d: dict[str, Any] | None) -> None:
+        try:
+            self.provider.start(self._name(d), wait=False, progress=False)
+        except Exception as exc:  # tried again at the next check
+            notices.notify(f"could not start worker instance {m.instance_id} again: {exc}", logger=log)
+
+    def _reconnect(self, m: Member, d: dict[str, Any] | None) -> None:
+        """A new connection to an instance that was stopped and runs again (at a new address;
+        its disk, with the cluster's files, is the same)."""
+        if self.connect is None:
+            return
+        m.remote.close()
+        m.remote = self.connect(self._name(d))
 
     def _refill(self, cluster: Cluster) -> list[str]:
         """Launch an instance for each worker (below ``cluster.n``) that has none and start it there."""
@@ -333,14 +362,20 @@ class Ec2Workers:
             return
 
         def loop() -> None:
+            last_error = ""
             while not self._stop.wait(self.interval):
                 try:
                     with cluster.lock:
                         if cluster.stopped:
                             return
                         self.check(cluster)
-                except Exception as exc:
-                    notices.notify(f"cluster {cluster.id}: checking its worker instances failed: {exc}", logger=log)
+                    last_error = ""
+                except Exception as exc:  # said once, not every interval; retried at the next one
+                    if str(exc) != last_error:
+                        notices.notify(f"cluster {cluster.id}: checking its worker instances failed: {exc} "
+                                       f"(retrying every {self.interval:g} s)", logger=log)
+                    last_error = str(exc)
+                    log.info("cluster %s: check failed: %s", cluster.id, exc)
 
         self._thread = threading.Thread(target=loop, name=f"remotemagic-{cluster.id}-watch", daemon=True)
         self._thread.start()
