@@ -448,6 +448,9 @@ class Ec2Magics(Magics):
               f"Python:   {info.get('python')} ({info.get('executable')}) on {info.get('platform')}, "
               f"{info.get('cpus')} CPUs\nSession:  {remote.session} (this kernel's default)")
         print(tables.status_sessions(st["sessions"]))
+        kind = registry.get(self.where["kind"]) if self.where and self.where.get("kind") in registry.names() else None
+        for line in kind.status_lines(remote) if kind is not None else []:
+            print(line)
         if "instances" in st:
             self._print_instances(st["instances"])
         print(f"Jobs:     {len(st['jobs'])} recent, {len(st['active'])} queued or running (%ec2 jobs lists them)")

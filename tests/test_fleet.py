@@ -172,6 +172,11 @@ def test_fleet_through_the_magics(fleet_shell: Any, fleet_env: Any, capsys: pyte
     magics = _loaded[id(fleet_shell)]
     assert magics.where["kind"] == "fleet" and magics.where["host"] == "lab"
 
+    run_ok(fleet_shell, "%ec2 status")
+    out = capsys.readouterr().out
+    assert "Fleet:    lab, 2 of 3 host(s) up" in out
+    assert "  fleet-a: up (cells run here)" in out and "  fleet-b: up\n" in out and "  fleet-down: DOWN -- " in out
+
     run_ok(fleet_shell, "%%ec2 run -o v\nv = 'on the primary'")
     assert fleet_shell.user_ns["v"] == "on the primary"
     assert set(_workers(fleet_env.roots["a"])) == {"fleet-magics"} and _workers(fleet_env.roots["b"]) == {}

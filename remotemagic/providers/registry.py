@@ -104,6 +104,10 @@ class TargetKind:
         """What ``%ec2 start`` prints after connecting."""
         return f"Using {remote.target}"
 
+    def status_lines(self, remote: Remote) -> list[str]:
+        """What ``%ec2 status`` adds about the machine(s) behind ``remote`` (e.g. a fleet's other hosts)."""
+        return []
+
     def stop(self, config: Any, name: str, current: Remote | None) -> str:
         raise self.unsupported("stop")
 

@@ -87,6 +87,17 @@ class FleetKind(TargetKind):
                      f"%ec2 stop fleet {fleet.name} stops our workers on every host")
         return "\n".join(lines)
 
+    def status_lines(self, remote: Remote) -> list[str]:
+        fleet = live_fleet_of(remote)
+        if fleet is None:
+            return []
+        rows = fleet.status()
+        lines = [f"Fleet:    {fleet.name}, {sum(r['state'] == 'up' for r in rows)} of {len(rows)} host(s) up"]
+        for r in rows:
+            where = " (cells run here)" if r["target"] == remote.target else ""
+            lines.append(f"  {r['error']}" if r["error"] else f"  {r['name']}: {r['state']}{where}")
+        return lines
+
     def stop(self, config: Any, name: str, current: Remote | None) -> str:
         defaults = ssh_options_from(config)
         provider = FleetProvider(getattr(config, "fleets", None), root=config.remote_root or None,
