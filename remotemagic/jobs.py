@@ -156,6 +156,7 @@ class Job:
         self._status: dict[str, Any] | None = None
         self._prefetch: dict[str, OutputPrefetch] = {}
         self._following = False  # this process mirrors the job's log now (``_stream``)
+        self.marked_watched = False  # its record says ``watched`` (written by ``_finish``)
         #: set by ``Remote.run`` when its machine was stopped under this job (a spot reclaim that
         #: cut the link) and came back: the job's end is put down to the reclaim
         self.reclaimed_under = False
@@ -294,7 +295,10 @@ class Job:
             offset += size
         release = os.getpid() if self._following else None  # the job ended: we mirror it no more (one write)
         self._following = False
-        self.record.update(release, state=status.get("state"), finished=status.get("finished"), status=status)
+        # a cell that showed this job to its end marks it watched in the same write (``Remote.watching``)
+        seen = {"watched": True} if getattr(self.remote, "watching", False) else {}
+        self.marked_watched = self.marked_watched or bool(seen)
+        self.record.update(release, state=status.get("state"), finished=status.get("finished"), status=status, **seen)
 
     def wait(self, timeout: float | None = None, on_event: EventHandler | None = None) -> str:
         """Block until the job ends (``TimeoutError`` after ``timeout`` s); return its state."""
