@@ -932,6 +932,7 @@ class Bench:
             "quick": self.args.quick,
             "git_head": _git("rev-parse", "--short", "HEAD"),
             "git_dirty": _git("status", "--short", "--untracked-files=no").splitlines(),
+            "loadavg_start": list(os.getloadavg()),  # other jobs on the machine: read figures with these
         }
         print(f"sshd on 127.0.0.1:{self.server.port}" + (f", WAN relay on 127.0.0.1:{self.relay_port} "
               f"({self.args.rtt_ms:g} ms RTT, {self.args.rate_mbit:g} Mbit/s)" if self.relay_port else ""), flush=True)
@@ -1094,10 +1095,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench.stop()
     bench.meta["seconds"] = time.perf_counter() - t0
+    bench.meta["loadavg_end"] = list(os.getloadavg())
+    load = ", ".join(f"{key[8:]} {' '.join(f'{x:.2f}' for x in bench.meta[key])}"
+                     for key in ("loadavg_start", "loadavg_end") if key in bench.meta)
     header = (f"remotemagic benchmark -- {args.size_mb} MiB array/file, {args.files} files, WAN = "
               f"{args.rtt_ms:g} ms RTT / {args.rate_mbit:g} Mbit/s; MB = 10^6 bytes; "
               f"medians of {args.repeat} (loopback) / {args.wan_repeat} (WAN) bulk transfers; "
-              f"{bench.meta['seconds']:.0f} s; git {bench.meta.get('git_head')}"
+              f"{bench.meta['seconds']:.0f} s; load average (1/5/15 min) {load}; git {bench.meta.get('git_head')}"
               + (" + uncommitted changes" if bench.meta.get("git_dirty") else ""))
     print_table(bench.results, header)
     out = Path(args.json)

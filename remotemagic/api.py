@@ -76,6 +76,9 @@ class Remote:
         #: While waiting for a reclaimed spot instance: ``{"since", "state", "text", "instance"}``
         #: (what the cell's waiting line shows); None otherwise.
         self.waiting: dict[str, Any] | None = None
+        #: Set by the magics around a foreground cell: a job that ends while followed is recorded
+        #: as ``watched`` in its final write (``jobs.Job._finish``), not in a write of its own.
+        self.watching = False
         #: Builds the transport to the same machine after it came back with a new address (set by
         #: the ``ec2`` kind; None: this target's machine does not come back by itself).
         self.reopen_transport: Callable[[Any], Transport] | None = None

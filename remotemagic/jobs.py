@@ -155,6 +155,8 @@ class Job:
         self._values: dict[str, Any] = {}
         self._status: dict[str, Any] | None = None
         self._prefetch: dict[str, OutputPrefetch] = {}
+        self._following = False  # this process mirrors the job's log now (``_stream``)
+        self.marked_watched = False  # its record says ``watched`` (written by ``_finish``)
         #: set by ``Remote.run`` when its machine was stopped under this job (a spot reclaim that
         #: cut the link) and came back: the job's end is put down to the reclaim
         self.reclaimed_under = False
@@ -196,10 +198,12 @@ class Job:
     def submit(self, spec: dict[str, Any], background: bool, on_event: EventHandler | None) -> None:
         """Index the job locally and send it (``spec["id"]`` is this job's id). In the foreground,
         stream its events to ``on_event`` until it ends; with ``background``, return at once."""
+        # in the foreground this process mirrors it from the start (see ``_stream``): one write, not two
+        following = {} if background else {"follower": os.getpid()}
         self.record.create(target=self.remote.target, session=spec["session"], kind=spec["kind"],
                            code=spec.get("code", ""), outputs=spec.get("outputs", []),
                            submitted=time.time(), state="queued", origin=spec.get("origin") or {},
-                           reconnect=self.remote.connect_args)
+                           reconnect=self.remote.connect_args, **following)
         if background:
             agent_notice(self.remote, self.remote.request(protocol.OP_RUN, spec=spec, follow=False))
             return
@@ -212,15 +216,18 @@ class Job:
     def _stream(self, spec: dict[str, Any] | None, on_event: EventHandler | None, timeout: float | None) -> str:
         """Submit (if ``spec``) and/or stream the job's log into the mirror until it ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.record.update(follower=os.getpid())  # someone mirrors it: the Jupyter extension need not
+        if spec is None:  # (a new job's record names its follower from the start: ``submit``)
+            self.record.update(follower=os.getpid())  # someone mirrors it: the Jupyter extension need not
+        self._following = True  # ``_finish`` lets go in the same write as the final state
         try:
             return self._stream_until_done(spec, on_event, deadline)
         except BaseException:  # Ctrl-C, a wait timeout: nobody takes streamed outputs now
             self._cancel_prefetch()
             raise
         finally:
-            if self.record.meta.get("follower") == os.getpid():
-                self.record.update(follower=None)
+            if self._following:
+                self._following = False
+                self.record.update(os.getpid())
 
     def _stream_until_done(self, spec: dict[str, Any] | None, on_event: EventHandler | None,
                            deadline: float | None) -> str:
@@ -286,7 +293,12 @@ class Job:
         for name, size in inline.items():
             self._values[name] = values.decode(memoryview(payload)[offset : offset + size])
             offset += size
-        self.record.update(state=status.get("state"), finished=status.get("finished"), status=status)
+        release = os.getpid() if self._following else None  # the job ended: we mirror it no more (one write)
+        self._following = False
+        # a cell that showed this job to its end marks it watched in the same write (``Remote.watching``)
+        seen = {"watched": True} if getattr(self.remote, "watching", False) else {}
+        self.marked_watched = self.marked_watched or bool(seen)
+        self.record.update(release, state=status.get("state"), finished=status.get("finished"), status=status, **seen)
 
     def wait(self, timeout: float | None = None, on_event: EventHandler | None = None) -> str:
         """Block until the job ends (``TimeoutError`` after ``timeout`` s); return its state."""

@@ -300,6 +300,7 @@ class Ec2Magics(Magics):
         remote.reclaim_wait_minutes = self.reclaim_wait_minutes
         origin = notebook.current_origin(self.ip)
         watch = notebook.FrontendWatch(origin, root=remote.state_root)
+        remote.watching = not args.bg  # the job's final write marks it watched (jobs.Job._finish)
         try:
             with watch:
                 job = remote.run(cell, push={n: ns[n] for n in push_names}, pull=pull, background=args.bg,
@@ -317,13 +318,16 @@ class Ec2Magics(Magics):
                 pass  # the page went away just as the job ended: nothing to let go of
             elif not interrupts.interrupt(job, render, self.ip, self.interrupt_grace, origin, watch.fired):
                 return
+        finally:
+            remote.watching = False
         if args.bg:
             session = args.session or remote.session
             print(f"Job {job.id} runs in the background (session '{session}').\n"
                   f"  %ec2 wait {job.id[-4:]}    stream its output, then pull -o values\n"
                   f"  %ec2 output {job.id[-4:]}  show its output so far")
             return
-        job.record.update(watched=True)
+        if not job.marked_watched:  # (usually written with its final state: one write fewer per cell)
+            job.record.update(watched=True)
         self._pull_into_namespace(job)
 
     def _cell_number(self) -> int:
@@ -410,7 +414,8 @@ class Ec2Magics(Magics):
         except KeyboardInterrupt:
             sys.stderr.write(f"\nStopped waiting; job {job.id} keeps running. %ec2 wait {job.id[-4:]} to reattach.\n")
             return
-        job.record.update(watched=True)
+        if not job.marked_watched:  # (usually written with its final state: one write fewer per cell)
+            job.record.update(watched=True)
         self._pull_into_namespace(job)
 
     def _cmd_cancel(self, args: argparse.Namespace) -> None:

@@ -57,10 +57,14 @@ class JobRecord:
     def meta(self) -> dict[str, Any]:
         return files.read_json(str(self.dir / "meta.json"), {}) or {}
 
-    def update(self, **changes: Any) -> None:
+    def update(self, release: int | None = None, **changes: Any) -> None:
+        """Apply ``changes``; with ``release`` (a pid), also clear ``follower`` if that process
+        is still the one named there -- in the same locked read-modify-write."""
         with self._lock():
             meta = self.meta
             meta.update(changes)
+            if release is not None and meta.get("follower") == release:
+                meta["follower"] = None
             self._write_meta(meta)
 
     def _write_meta(self, meta: dict[str, Any]) -> None:

@@ -12,7 +12,8 @@ works -- pickles and writes the checkpoint while the worker serves the next cell
 child runs at a time; a request that comes while one runs replaces any older pending request
 (the newest state wins) and is started when the running child ends -- and no sooner than the
 last child took again, so writers keep at most about half of one CPU busy; they run at a
-lower priority (``nice`` 10) than the worker. The child only pickles,
+lower priority than the worker and everything else on the machine (a session of its own at
+autogroup nice 19, and nice 10: see :func:`_lower_priority`). The child only pickles,
 writes and ``os._exit``\\ s: no thread, finaliser, signal handler or output stream of the
 worker runs in it.
 """
@@ -35,6 +36,7 @@ CURRENT, NEW, OLD, HOLD = "checkpoint", "checkpoint.new", "checkpoint.old", "che
 ABANDONED = 3  # exit status of a child whose worker is gone: it did not commit
 MAX_PAUSE = 60.0  # seconds: the longest wait between two writers (the last one's duration)
 NICE = 10
+AUTOGROUP_NICE = 19  # the child's own session (see _lower_priority)
 
 
 class Abandoned(Exception):
@@ -70,11 +72,11 @@ def save(sdir: str, items: Iterable[tuple[str, Any]], limit: int, job_id: str,
     too_large: dict[str, Any] = {}
     for name, value in items:
         if limit and _size_at_least(value) > limit:
-            skipped[name] = f"larger than {limit} bytes"
+            skipped[name] = _too_large(limit)
             continue
         key = [id(value), files.type_name(value)]
         if limit and large.get(name) == key:  # the same object as last time: still too large
-            skipped[name] = f"larger than {limit} bytes"
+            skipped[name] = _too_large(limit)
             too_large[name] = key
             continue
         try:
@@ -83,7 +85,7 @@ def save(sdir: str, items: Iterable[tuple[str, Any]], limit: int, job_id: str,
             skipped[name] = f"cannot be pickled: {type(exc).__name__}: {exc}"
             continue
         if limit and enc.size > limit:
-            skipped[name] = f"larger than {limit} bytes"
+            skipped[name] = _too_large(limit)
             too_large[name] = key
             continue
         files.write_object(os.path.join(new, name + ".obj"), enc)
@@ -112,6 +114,29 @@ def save(sdir: str, items: Iterable[tuple[str, Any]], limit: int, job_id: str,
     except FileNotFoundError:
         pass
     return index
+
+
+def unchanged(sdir: str, items: list[tuple[str, Any]], limit: int, worker: int) -> bool:
+    """Would :func:`save` of ``items`` leave the current checkpoint as it is? Decided without
+    pickling anything, in the worker, so that no writer is forked for nothing:
+
+    * no user variable, and the current checkpoint holds none and skipped none;
+    * every value over ``limit`` (by its size alone, or pickled too large before while it is the
+      same object) and the current checkpoint holds values: ``save`` would keep it (``kept``);
+    * every value over ``limit`` and the current checkpoint holds none and skipped the same names.
+
+    With a namespace of one large array (or none at all) every cell used to fork the worker
+    (copying its page tables: ~1 ms per GiB) and write, fsync and swap in the same empty index."""
+    index = files.read_json(os.path.join(sdir, CURRENT, "index.json"))
+    if not index or not limit and items:
+        return False
+    large = index.get("large") or {} if index.get("worker") == worker else {}
+    for name, value in items:
+        if _size_at_least(value) <= limit and large.get(name) != [id(value), files.type_name(value)]:
+            return False  # this one would be pickled
+    if not items:
+        return not index.get("saved") and not index.get("skipped")
+    return bool(index.get("saved")) or index.get("skipped") == {name: _too_large(limit) for name, _ in items}
 
 
 class Background:
@@ -143,6 +168,11 @@ class Background:
                 return
             self.pending = None
         self._fork(limit, job_id)
+
+    def idle(self) -> bool:
+        """No writer runs and none is pending."""
+        with self.cond:
+            return self.pid is None and self.pending is None
 
     def resume(self) -> None:
         """Start the pending request, if any and no writer is running (main thread, idle)."""
@@ -196,10 +226,7 @@ class Background:
         try:
             gc.disable()  # no finaliser of a user object runs in this copy
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the worker's code
-            try:
-                os.nice(NICE)  # the worker's next cell comes first
-            except OSError:
-                pass
+            _lower_priority()  # the worker's next cell -- and everything else on the machine -- comes first
             _die_with_parent()
             if os.getppid() != parent:
                 return ABANDONED
@@ -238,6 +265,10 @@ class Background:
             pending = self.pending is not None and self.pid is None
         if pending:
             self.wake()
+
+
+def _too_large(limit: int) -> str:
+    return f"larger than {limit} bytes"
 
 
 def _size_at_least(value: Any) -> int:
@@ -295,6 +326,34 @@ def _prepare() -> None:
             _prctl = ctypes.CDLL(None, use_errno=True).prctl
         except Exception:
             _prctl = False
+
+
+def _lower_priority() -> None:
+    """In the child: yield the CPU to every other process, not only to the worker.
+
+    ``nice`` alone does not do that on Linux with autogroup scheduling (the default on desktop
+    and cloud kernels, ``/proc/sys/kernel/sched_autogroup_enabled``): the CPU is first shared
+    between *sessions*, and nice only orders the processes of one session. The worker runs in a
+    session of its own, so a writer at nice 10 still took a full session's share from the agent,
+    sshd and the client streaming the cell's outputs -- measured with a CPU-bound child of a
+    ``setsid`` process: the competing process kept 0.63-0.66 of a core with nice 10, 0.82-0.84
+    once the child sat alone in its own session at autogroup nice 19. So the child starts a
+    session of its own (its worker's death still kills it: ``PR_SET_PDEATHSIG``) and lowers that
+    session's autogroup priority, then its own nice (what counts without autogroup)."""
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    else:
+        try:
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(AUTOGROUP_NICE))
+        except OSError:  # no autogroup in this kernel, or not Linux
+            pass
+    try:
+        os.nice(NICE)
+    except OSError:
+        pass
 
 
 def _die_with_parent() -> None:

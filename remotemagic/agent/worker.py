@@ -274,7 +274,8 @@ class Worker:
             pass  # its namespace is being dropped on purpose
         elif (spec.get("kind", P.KIND_CELL) == P.KIND_CELL and limit > 0 and not held
               and state in (P.DONE, P.ERROR, P.INTERRUPTED, P.TIMEOUT)):
-            self.checkpoints.request(int(limit), job_id)  # forked: the next job does not wait for it
+            if not self.checkpoint_unchanged(int(limit)):
+                self.checkpoints.request(int(limit), job_id)  # forked: the next job does not wait for it
         self.make_reserve()
 
     def install_modules(self, modules: dict[str, str]) -> None:
@@ -488,6 +489,14 @@ class Worker:
             if name.startswith("_") or name in hidden or name in SKIP_NAMES or type(value).__name__ == "module":
                 continue
             yield name, value
+
+    def checkpoint_unchanged(self, limit: int) -> bool:
+        """True when a checkpoint now would leave the current one as it is (no child is forked):
+        see :func:`.checkpoint.unchanged`. Never while a writer runs or waits: its commit would
+        change the current one."""
+        if not self.checkpoints.idle():
+            return False
+        return checkpoints.unchanged(self.sdir, list(self.checkpoint_items()), limit, os.getpid())
 
     def _wake_for_checkpoint(self) -> None:
         """The checkpoint reaper's thread: have the main thread start the pending checkpoint

@@ -1,0 +1,141 @@
+"""What a warm cell does not pay for any more (issue #17): a checkpoint writer forked when the
+checkpoint would not change, a writer that competes with the rest of the machine, and separate
+writes of the local job index for what the final write can carry."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+import remotemagic
+from remotemagic.agent import checkpoint as checkpoints
+from remotemagic.agent import files
+
+from .conftest import run_ok, stop_workers, wait_for
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Iterator[Path]:
+    root = tmp_path / "target"
+    yield root
+    stop_workers(root)
+
+
+@pytest.fixture
+def r(root: Path) -> Iterator[remotemagic.Remote]:
+    remote = remotemagic.connect("local", root=str(root), session="s", checkpoint_limit=1000)
+    yield remote
+    remote.close()
+
+
+def children(pid: int) -> list[int]:
+    """The live (or not yet reaped) child processes of ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def ok(r: remotemagic.Remote, code: str) -> Any:
+    job = r.run(code)
+    assert job.state == "done", (job.state, list(job.events()))
+    return job
+
+
+def test_no_writer_when_the_checkpoint_would_not_change(r: remotemagic.Remote, root: Path) -> None:
+    sdir = root / "sessions" / "s"
+    first = ok(r, "pass")
+    ck = wait_for("the first checkpoint", lambda: (files.read_json(str(sdir / "checkpoint" / "index.json")) or {}))
+    assert ck["after_job"] == first.id and ck["saved"] == {} and ck["skipped"] == {}
+    worker = [s for s in r.sessions() if s["name"] == "s"][0]["pid"]
+    wait_for("its writer reaped", lambda: not children(worker))
+    # from here any writer fails -- and says so in worker.log with the job it follows
+    (sdir / "checkpoint.new").write_text("not a folder")
+    nothing = ok(r, "pass")  # no variable, and the checkpoint holds none: no writer
+    # only a value over the limit, which the index does not list yet: a writer (that fails here)
+    big = ok(r, "big = bytes(10_000)")
+    logged = wait_for("its failure in worker.log",
+                      lambda: "failed" in (text := (sdir / "worker.log").read_text()) and text)
+    assert big.id in logged and nothing.id not in logged
+    wait_for("that writer reaped", lambda: not children(worker))
+    (sdir / "checkpoint.new").unlink()
+    small = ok(r, "x = 1")
+    assert wait_for("the checkpoint of x", lambda: (files.read_json(str(sdir / "checkpoint" / "index.json")) or {})
+                    .get("after_job") == small.id)
+
+
+def test_unchanged_decides_without_pickling(tmp_path: Path) -> None:
+    sdir = tmp_path / "s"
+    (sdir / "checkpoint").mkdir(parents=True)
+
+    def index(**fields: Any) -> None:
+        (sdir / "checkpoint" / "index.json").write_text(json.dumps({"after_job": "j", "worker": 7, **fields}))
+
+    class Unpicklable:
+        nbytes = 5000
+
+        def __reduce__(self) -> Any:
+            raise AssertionError("unchanged() must not pickle")
+
+    big = Unpicklable()
+    assert not checkpoints.unchanged(str(sdir), [], 1000, 7)  # no index yet: write one
+    index(saved={}, skipped={})
+    assert checkpoints.unchanged(str(sdir), [], 1000, 7)
+    assert not checkpoints.unchanged(str(sdir), [("x", 1)], 1000, 7)  # a small value: pickle it
+    assert not checkpoints.unchanged(str(sdir), [("big", big)], 1000, 7)  # the index does not list it
+    index(saved={}, skipped={"big": "larger than 1000 bytes"})
+    assert checkpoints.unchanged(str(sdir), [("big", big)], 1000, 7)
+    assert not checkpoints.unchanged(str(sdir), [("big", big)], 2000, 7)  # another limit, another reason
+    assert not checkpoints.unchanged(str(sdir), [("big", big)], 0, 7)  # no limit: it is saved
+    index(saved={"old": {"size": 3, "type": "int"}}, skipped={})
+    assert checkpoints.unchanged(str(sdir), [("big", big)], 1000, 7)  # save() would keep that checkpoint
+    assert not checkpoints.unchanged(str(sdir), [], 1000, 7)  # every variable deleted: an empty one replaces it
+    value = [1, 2, 3]  # small by size, but pickled too large before while the same object
+    index(saved={"old": {}}, skipped={}, large={"v": [id(value), files.type_name(value)]})
+    assert checkpoints.unchanged(str(sdir), [("v", value)], 1000, 7)
+    assert not checkpoints.unchanged(str(sdir), [("v", value)], 1000, 8)  # another worker's ids mean nothing
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no autogroup scheduling in this kernel")
+def test_the_writer_has_a_session_of_its_own_at_the_lowest_priority() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # what a checkpoint child does first
+        try:
+            checkpoints._lower_priority()
+            with open("/proc/self/autogroup") as f:
+                os.write(write, json.dumps([os.getsid(0) == os.getpid(), f.read(), os.nice(0)]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        own_session, autogroup, nice = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert own_session and autogroup.strip().endswith(f"nice {checkpoints.AUTOGROUP_NICE}")
+    assert nice >= checkpoints.NICE
+
+
+def test_a_foreground_cell_ends_with_one_index_write(fresh_shell: Any) -> None:
+    """The record names this kernel as its follower from the start; the final write clears it
+    and marks the job watched -- no separate writes for either."""
+    run_ok(fresh_shell, "%%ec2 run\nx = 1")
+    magics = fresh_shell.magics_manager.registry["Ec2Magics"]
+    remote = magics.get_remote()
+    job = remote.last_job
+    assert job.marked_watched and not remote.watching
+    meta = job.meta
+    assert meta["state"] == "done" and meta["watched"] is True and meta["follower"] is None
+    run_ok(fresh_shell, "%%ec2 run --bg\nimport time; time.sleep(0.01)")
+    bg = remote.last_job
+    bg.wait()
+    assert not bg.marked_watched and not bg.meta.get("watched")  # nobody showed it: %ec2 output will say
