@@ -8,7 +8,6 @@ job in a new kernel even when its target is gone.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -107,20 +106,8 @@ class JobRecord:
         except FileNotFoundError:
             return
 
-    def _lock(self) -> "_FileLock":
-        return _FileLock(self.dir / ".lock")
-
-
-class _FileLock:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> None:
-        self.f = open(self.path, "a+")
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.f.close()
+    def _lock(self) -> files.locked:
+        return files.locked(str(self.dir / ".lock"))
 
 
 def list_jobs(root: Path, target: str | None = None) -> list[dict[str, Any]]:
