@@ -259,7 +259,8 @@ def test_status_scale_logs_and_stop(local_root: Path) -> None:
         wait_for("1 worker", lambda: len(c.status()["workers"]) == 1)
         assert not c._services(c.primary)["w2"]["alive"]
         assert "Scheduler at" in c.logs("scheduler", lines=100_000)  # its first lines; scaling adds many
-        assert "Start worker" in c.logs("w0") or "Starting Worker" in c.logs("w0") or c.logs("w0")
+        w0 = c.logs("w0", lines=100_000)
+        assert "Start Nanny at" in w0 and "Start worker at" in w0, w0[-2000:]
         with pytest.raises(KeyError):
             c.logs("w9")
         from remotemagic.cluster.magic import format_status
