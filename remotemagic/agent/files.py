@@ -392,6 +392,19 @@ def is_locked(path: str) -> bool:
         return False
 
 
+def tail(path: str, lines: int, window: int = 256 * 1024) -> str | None:
+    """The last ``lines`` lines of a log file (read from its last ``window`` bytes); None if it
+    cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - window))
+            data = f.read()
+    except OSError:
+        return None
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
 def store_lock(root: str) -> locked:
     """Serialises store writers across agents and workers (flock on ``store/.lock``)."""
     return locked(os.path.join(private_dir(os.path.join(root, "store")), ".lock"))

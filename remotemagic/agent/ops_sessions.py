@@ -111,7 +111,8 @@ def start_worker(agent: Agent, session: str, sdir: str, cwd: str, idle_hours: An
     deadline = time.monotonic() + WORKER_START_TIMEOUT
     while not os.path.exists(os.path.join(sdir, "worker.json")):
         if proc.poll() is not None or time.monotonic() > deadline:
-            tail = _tail(os.path.join(sdir, "worker.log"))
+            tail = files.tail(os.path.join(sdir, "worker.log"), 20)
+            tail = "(no log)" if tail is None else tail
             raise RequestError(f"the worker for session '{session}' did not start:\n{tail}", "WorkerStartError")
         time.sleep(0.01)
     return notice
@@ -280,14 +281,6 @@ def _rss(pid: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
-
-
-def _tail(path: str, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as f:
-            return b"\n".join(f.read().splitlines()[-lines:]).decode(errors="replace")
-    except OSError:
-        return "(no log)"
 
 
 HANDLERS = {

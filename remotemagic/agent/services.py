@@ -74,15 +74,7 @@ def read_file(root: str, group: str, name: str) -> str | None:
 
 def alive(sdir: str) -> bool:
     """True while the service's supervisor runs (it holds ``lock``)."""
-    try:
-        with open(os.path.join(sdir, "lock"), "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
-            return False
-    except OSError:
-        return False
+    return files.is_locked(os.path.join(sdir, "lock"))
 
 
 def start(root: str, agent_dir: str, group: str, name: str, module: str, args: list[str],
@@ -101,7 +93,7 @@ def start(root: str, agent_dir: str, group: str, name: str, module: str, args: l
     if not isinstance(module, str) or not module.replace(".", "").replace("_", "").isalnum():
         raise ValueError(f"invalid module name {module!r}")
     for name_ in ("state.json", STOPPING):
-        _unlink(os.path.join(sdir, name_))
+        files.remove(os.path.join(sdir, name_))
     args = [_fill_ports(str(a)) for a in args]
     spec = {"module": module, "args": args, "env": {str(k): str(v) for k, v in (env or {}).items()},
             "max_restarts": int(max_restarts), "python": sys.executable, "root": root,
@@ -194,14 +186,8 @@ def stop(root: str, group: str, names: list[str] | None = None, grace: float = 5
 
 
 def tail(sdir: str, lines: int = 40) -> str:
-    try:
-        with open(os.path.join(sdir, "log"), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 256 * 1024))
-            data = f.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+    text = files.tail(os.path.join(sdir, "log"), lines)
+    return "" if text is None else text
 
 
 def logs(root: str, group: str, name: str, lines: int = 40) -> str:
@@ -215,13 +201,6 @@ def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)  # the supervisor leads its own session and process group
     except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
         pass
 
 
