@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,16 @@ try:
 except ImportError:  # imported as a top-level module (rootdir-relative)
     from sshd import SSHServer, TCPProxy, require_sshd  # type: ignore[no-redef]
     from workers import stop_workers  # type: ignore[no-redef]
+
+
+def write_instance_ssh_config(path: Path, port: int, user: str, known_hosts: Path,
+                              identity_file: str | os.PathLike[str] | None = None) -> Path:
+    """An OpenSSH config mapping ``Host i-*`` (EC2 instance ids, as moto names them) to a test
+    sshd on 127.0.0.1:``port``: how the tests stand a loopback sshd in for EC2 instances."""
+    key = f"  IdentityFile {identity_file}\n" if identity_file else ""
+    path.write_text(f"Host i-*\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n{key}"
+                    f"  IdentitiesOnly yes\n  UserKnownHostsFile {known_hosts}\n")
+    return path
 
 
 def _test_python() -> str:

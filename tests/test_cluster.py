@@ -290,14 +290,8 @@ def test_idle_cluster_stops_itself(local_root: Path) -> None:
 
 
 # -- the magic ---------------------------------------------------------------------------------------
-@pytest.fixture
-def shell(local_root: Path) -> Iterator[Any]:
-    from IPython.testing import globalipapp
-
-    ip = globalipapp.get_ipython()
-    ip.run_line_magic("load_ext", "remotemagic")
-    ip.run_line_magic("ec2", f"use local --root {local_root}")
-    yield ip
+def _unload(ip: Any) -> None:
+    """Stop the kernel's cluster if one still runs, unload the extension, forget its settings and variables."""
     magics = ip.magics_manager.registry.get("Ec2Magics")
     c = getattr(magics, "_dask_cluster", None)
     if c is not None and not c.stopped:
@@ -306,6 +300,17 @@ def shell(local_root: Path) -> Iterator[Any]:
     ip.config.pop("Ec2Magics", None)
     ip.user_ns.clear()
     ip.user_ns.update(ip.user_ns_hidden)
+
+
+@pytest.fixture
+def shell(local_root: Path) -> Iterator[Any]:
+    from IPython.testing import globalipapp
+
+    ip = globalipapp.get_ipython()
+    ip.run_line_magic("load_ext", "remotemagic")
+    ip.run_line_magic("ec2", f"use local --root {local_root}")
+    yield ip
+    _unload(ip)
 
 
 def test_magic_local_cluster(shell: Any, local_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -608,14 +613,7 @@ def test_magic_hosts_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ss
         assert "2 of 2 worker(s) connected" in plain(capsys.readouterr().out)
         run_ok(ip, "%ec2 cluster stop")
     finally:
-        magics = ip.magics_manager.registry.get("Ec2Magics")
-        c = getattr(magics, "_dask_cluster", None)
-        if c is not None and not c.stopped:
-            c.stop()
-        ip.run_line_magic("unload_ext", "remotemagic")
-        ip.config.pop("Ec2Magics", None)
-        ip.user_ns.clear()
-        ip.user_ns.update(ip.user_ns_hidden)
+        _unload(ip)
         for t in (primary, host):
             _kill_leftovers(t.root)
             stop_workers(t.root)
@@ -656,13 +654,12 @@ def ec2_shell(aws: str, sshd_server: Any, ssh_shared_venv: Path, tmp_path: Path,
 
     from remotemagic.cluster import ec2 as cluster_ec2
 
-    from .ssh_fixtures import TEST_PYTHON
+    from .ssh_fixtures import TEST_PYTHON, write_instance_ssh_config
 
     known = tmp_path / "known_hosts"
     known.write_text(sshd_server.host_key_line + "\n")
-    cfg = tmp_path / "ssh_config"
-    cfg.write_text(f"Host i-*\n  HostName 127.0.0.1\n  Port {sshd_server.port}\n  User {sshd_server.user}\n"
-                   f"  IdentityFile {sshd_server.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known}\n")
+    cfg = write_instance_ssh_config(tmp_path / "ssh_config", sshd_server.port, sshd_server.user, known,
+                                    sshd_server.client_key)
     root = tmp_path / "root"
     root.mkdir(mode=0o700)
     (root / "venv").symlink_to(ssh_shared_venv)
@@ -682,14 +679,7 @@ def ec2_shell(aws: str, sshd_server: Any, ssh_shared_venv: Path, tmp_path: Path,
     try:
         yield ip, root
     finally:
-        magics = ip.magics_manager.registry.get("Ec2Magics")
-        c = getattr(magics, "_dask_cluster", None)
-        if c is not None and not c.stopped:
-            c.stop()
-        ip.run_line_magic("unload_ext", "remotemagic")
-        ip.config.pop("Ec2Magics", None)
-        ip.user_ns.clear()
-        ip.user_ns.update(ip.user_ns_hidden)
+        _unload(ip)
         _kill_leftovers(root)
         stop_workers(root)
 

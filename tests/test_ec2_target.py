@@ -18,7 +18,7 @@ from remotemagic.providers.ec2 import Ec2Provider
 from remotemagic.transport.ec2 import ephemeral_key
 
 from .conftest import run_ok, stop_workers
-from .ssh_fixtures import TEST_PYTHON
+from .ssh_fixtures import TEST_PYTHON, write_instance_ssh_config
 from .test_ec2_provider import AL2023_SSM, CALLER_IP, REGION, aws, moto_url  # noqa: F401 - fixtures
 
 
@@ -27,9 +27,8 @@ def ec2_env(aws: str, sshd_server: Any, ssh_shared_venv: Path, tmp_path: Path,  
             monkeypatch: pytest.MonkeyPatch) -> Any:
     known = tmp_path / "known_hosts"
     known.write_text(sshd_server.host_key_line + "\n")
-    cfg = tmp_path / "ssh_config"
-    cfg.write_text(f"Host i-*\n  HostName 127.0.0.1\n  Port {sshd_server.port}\n  User {sshd_server.user}\n"
-                   f"  IdentityFile {sshd_server.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known}\n")
+    cfg = write_instance_ssh_config(tmp_path / "ssh_config", sshd_server.port, sshd_server.user, known,
+                                    sshd_server.client_key)
     root = tmp_path / "root"
     root.mkdir(mode=0o700)
     (root / "venv").symlink_to(ssh_shared_venv)
@@ -132,9 +131,8 @@ def test_instance_connect_ephemeral_key(ec2_env: Any, tmp_path: Path) -> None:
     info = p.start("ic", instance_type="t3.micro", ami="al2023", progress=False)
     state = tmp_path / "state"
     _, pub = ephemeral_key(state / "ec2-keys" / info.instance_id)
-    cfg = tmp_path / "ssh_config_nokey"
-    cfg.write_text(f"Host i-*\n  HostName 127.0.0.1\n  Port {ec2_env.sshd.port}\n  User {ec2_env.sshd.user}\n"
-                   f"  IdentitiesOnly yes\n  UserKnownHostsFile {ec2_env.known}\n")
+    cfg = write_instance_ssh_config(tmp_path / "ssh_config_nokey", ec2_env.sshd.port, ec2_env.sshd.user,
+                                    ec2_env.known)
     keys = ec2_env.sshd.authorized_keys
     before = keys.read_text()
     keys.write_text(before + pub + "\n")

@@ -17,6 +17,7 @@ from remotemagic.agent.recover import size
 
 from .test_ec2_provider import REGION, aws, moto_url, provider  # noqa: F401 (fixtures)
 from .test_ec2_target import ec2_env, shell  # noqa: F401 (fixtures)
+from .test_recover import GATED
 
 pytest.importorskip("moto.server")
 
@@ -152,17 +153,8 @@ def test_spot_fallback_launches_on_demand_and_says_so(aws, monkeypatch, code: st
 # IMDSv2 of test_spot.py sends the reclaim notice to the worker; "AWS stopping the instance"
 # is moto's stop plus what a stop does to the machine's processes (every worker and supervisor
 # of the target SIGKILLed); "capacity returns" is moto's start. Each step waits for what the
-# client shows (Remote.waiting, the state its waiting line shows): no fixed sleep.
-
-GATED = (
-    "import os, time\n"
-    "print('attempt starts, a =', a, flush=True)\n"
-    "open({started!r}, 'a').write('x')\n"
-    "while not os.path.exists({gate!r}):\n"
-    "    time.sleep(0.02)\n"
-    "a = a + 1\n"
-    "print('finished with a =', a, flush=True)\n"
-)
+# client shows (Remote.waiting, the state its waiting line shows): no fixed sleep. The cell is
+# test_recover.py's GATED: it waits for a gate file, so a notice always lands mid-job.
 
 
 @pytest.fixture
@@ -376,7 +368,7 @@ def lost_link(ec2_env: Any, tmp_path: Path) -> Any:  # noqa: F811
     """A spot instance reached through a :class:`MachineLink`, with a first cell (``a = 41``)
     checkpointed; ``stop()`` is AWS stopping it under a job without a notice reaching us."""
     from .conftest import wait_for
-    from .ssh_fixtures import TEST_PYTHON
+    from .ssh_fixtures import TEST_PYTHON, write_instance_ssh_config
     from .test_recover import checkpointed_after
     from .test_spot import FakeIMDS
     from .workers import stop_workers
@@ -385,9 +377,8 @@ def lost_link(ec2_env: Any, tmp_path: Path) -> Any:  # noqa: F811
     imds = FakeIMDS()  # never sends a notice (and keeps the spot watcher on loopback)
     known = tmp_path / "known_hosts_link"
     known.write_text(f"[127.0.0.1]:{link.proxy.port} {ec2_env.sshd.host_key_line.split(' ', 1)[1]}\n")
-    cfg = tmp_path / "ssh_config_link"
-    cfg.write_text(f"Host i-*\n  HostName 127.0.0.1\n  Port {link.proxy.port}\n  User {ec2_env.sshd.user}\n"
-                   f"  IdentityFile {ec2_env.sshd.client_key}\n  IdentitiesOnly yes\n  UserKnownHostsFile {known}\n")
+    cfg = write_instance_ssh_config(tmp_path / "ssh_config_link", link.proxy.port, ec2_env.sshd.user, known,
+                                    ec2_env.sshd.client_key)
     p = provider()
     p.reclaim_poll_interval = 0.05
     r = remotemagic.connect_ec2("lost", provider=p, spot=True, instance_type="t3.micro", ami="al2023",
