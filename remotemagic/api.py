@@ -622,7 +622,7 @@ class Remote:
 
     def store_get(self, name: str) -> Any:
         """Load a stored value (``KeyError`` if there is none)."""
-        return read_streamed_object(self.connection().start(protocol.OP_STORE_GET, name=name, z=self.codec))
+        return read_streamed_object(self.connection().start_object(protocol.OP_STORE_GET, name=name, z=self.codec))
 
     def store_list(self) -> list[dict[str, Any]]:
         """Stored names with type, size in bytes and a short preview."""

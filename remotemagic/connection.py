@@ -61,6 +61,10 @@ class Call:
         self.result: Any = None
         self.payload: bytes = b""
         self.done = False
+        #: set by :meth:`AgentConnection.start_object`: the reader thread builds the streamed value
+        #: in it, and queues only ``{"more": true, "placed": n}`` markers for the data frames
+        self.assembler: files.ObjectAssembler | None = None
+        self.assembly_error: Exception | None = None  # the bytes were not a value (set by the reader)
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], bytearray]]:
         try:
@@ -133,9 +137,13 @@ class AgentConnection:
     def _read(self) -> None:
         try:
             while True:
-                header, payload = wire.read_frame(self.stream.readinto)
-                self.bytes_received += len(payload) + wire.HEAD.size
+                header, plen = wire.read_header(self.stream.readinto)
+                self.bytes_received += plen + wire.HEAD.size
                 call = self.calls.get(header.get("id", -1))
+                if call is not None and call.assembler is not None and plen and header.get("more"):
+                    header, payload = self._assemble(call, header, plen), bytearray()
+                else:
+                    payload = wire.read_exact(self.stream.readinto, plen) if plen else bytearray()
                 if call is None:
                     continue  # an abandoned stream's late frames
                 if not header.get("more"):
@@ -152,6 +160,40 @@ class AgentConnection:
         finally:
             self._mark_lost()
 
+    def _assemble(self, call: Call, header: dict[str, Any], plen: int) -> dict[str, Any]:
+        """Read a data frame of an object download straight into the value's memory (a packed
+        frame is unpacked first); return the marker queued in its place. If the bytes are not a
+        value, the rest of the call's bytes are read and dropped: the consumer raises."""
+        readinto, asm = self.stream.readinto, call.assembler
+        assert asm is not None
+        if header.get("z"):
+            packed = wire.read_exact(readinto, plen)
+            try:
+                data = wire.unpack(packed, header["z"])
+                if call.assembly_error is None:
+                    asm.feed(data)
+            except Exception as exc:  # a corrupt frame, a codec error: this call fails, the link lives
+                call.assembly_error = call.assembly_error or ValueError(f"a data frame could not be read: {exc}")
+                return {"more": True, "placed": plen}
+            return {"more": True, "placed": len(data)}
+        left = plen
+        while left:
+            view = asm.want() if call.assembly_error is None else None
+            if view is None:
+                if call.assembly_error is None:
+                    call.assembly_error = ValueError(f"{left} bytes more than the object holds")
+                wire.read_exact(readinto, left)
+                break
+            k = readinto(view[:left])
+            if not k:
+                raise wire.ConnectionLost(f"stream ended {left} bytes before the end of a frame")
+            left -= k
+            try:
+                asm.filled(k)
+            except ValueError as exc:  # not an object file
+                call.assembly_error = exc
+        return {"more": True, "placed": plen}
+
     def _mark_lost(self) -> None:
         with self.lock:
             if self.lost:
@@ -164,9 +206,18 @@ class AgentConnection:
 
     def start(self, op: str, **args: Any) -> Call:
         """Send request ``op`` with ``args``; iterate the returned :class:`Call` for its answer."""
+        return self._start(op, args, None)
+
+    def start_object(self, op: str, **args: Any) -> Call:
+        """Like :meth:`start`, for a request that streams an object file: the reader thread reads
+        its data frames straight into the value's final memory (see :func:`read_streamed_object`)."""
+        return self._start(op, args, files.ObjectAssembler())
+
+    def _start(self, op: str, args: dict[str, Any], assembler: files.ObjectAssembler | None) -> Call:
         if self.lost:
             raise errors.ConnectionLostError(f"connection to {self.name} lost")
         call = Call(self, next(self.ids))
+        call.assembler = assembler  # before the request goes: its first frame may come at once
         self.calls[call.id] = call
         self.writer.send({"id": call.id, "op": op, **args})
         return call
@@ -237,14 +288,23 @@ class CallReader(io.RawIOBase):
 
 
 def read_streamed_object(call: Call, on_bytes: Callable[[int], None] | None = None) -> Any:
-    """Unpickle the value a call streams as data frames (an object file, see
-    :func:`remotemagic.agent.files.read_object`), then read the call to its end. If the bytes
-    are not a value, the rest of the call is read first: the agent's own error wins."""
-    reader = CallReader(call, on_bytes)
-    try:
-        value = files.read_object(reader)
-    except ValueError:
+    """The value a call streams as data frames (an object file, see
+    :func:`remotemagic.agent.files.read_object`), once the call has ended. A call from
+    :meth:`AgentConnection.start_object` is assembled by the reader thread (its frames here are
+    byte counts for ``on_bytes``); another one is unpickled from its frames here. If the bytes are
+    not a value, the rest of the call is read first: the agent's own error wins."""
+    if call.assembler is None:
+        reader = CallReader(call, on_bytes)
+        try:
+            value = files.read_object(reader)
+        except ValueError:
+            reader.drain()
+            raise
         reader.drain()
-        raise
-    reader.drain()
-    return value
+        return value
+    for header, payload in call:
+        if on_bytes:
+            on_bytes(header.get("placed", len(payload)))
+    if call.assembly_error is not None:
+        raise call.assembly_error
+    return call.assembler.value()

@@ -64,9 +64,8 @@ def read_output(host: JobHost, job_id: str, name: str, size: int) -> Any:
     """Download and unpickle the finished ``-o`` value ``name`` of a job (a progress bar if it is big)."""
     update, close = progress.bar(size, f"pull {name}", host.show_progress)
     try:
-        call = host.connection().start(protocol.OP_READ_OUTPUT, job=job_id, name=name, z=host.codec)
-        return read_streamed_object(call,
-                                    update)
+        call = host.connection().start_object(protocol.OP_READ_OUTPUT, job=job_id, name=name, z=host.codec)
+        return read_streamed_object(call, update)
     finally:
         close()
 
@@ -109,8 +108,8 @@ class OutputPrefetch:
 
     def _run(self) -> None:
         try:
-            call = self.host.connection().start(protocol.OP_READ_OUTPUT, job=self.job_id, name=self.name, follow=True,
-                                                size=self.size, z=self.host.codec)
+            call = self.host.connection().start_object(protocol.OP_READ_OUTPUT, job=self.job_id, name=self.name,
+                                                       follow=True, size=self.size, z=self.host.codec)
             with self.lock:
                 self.call = call
                 if self.cancelled:

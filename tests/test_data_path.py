@@ -84,6 +84,25 @@ def test_compression_on_the_wire(target, codec: str, tmp_path: Path) -> None:
         r.close()
 
 
+def test_a_pull_of_packed_and_raw_frames_arrives_whole(target) -> None:
+    """The agent packs a frame only where that pays: a value that is regular, then noise, then
+    regular again comes as packed frames, raw ones, packed ones -- assembled in order."""
+    r = target.connect(compression="zlib")
+    try:
+        conn = r.connection()
+        before = conn.bytes_received
+        job = r.run("import numpy as np\n"
+                    "y = np.concatenate([np.arange(1_000_000.0), np.random.default_rng(1).random(500_000), "
+                    "np.arange(4_000_000.0)])", pull=["y"])
+        y = job.result()["y"]
+        expected = np.concatenate([np.arange(1_000_000.0), np.random.default_rng(1).random(500_000),
+                                   np.arange(4_000_000.0)])
+        np.testing.assert_array_equal(y, expected)
+        assert conn.bytes_received - before < 0.6 * y.nbytes  # the regular parts did travel packed
+    finally:
+        r.close()
+
+
 def test_auto_compression_is_off_on_a_fast_link(remote: remotemagic.Remote) -> None:
     assert remote.compression == "auto" and remote.codec is None
 
@@ -134,14 +153,12 @@ def test_large_output_streams_while_it_is_written(remote: remotemagic.Remote) ->
 
 
 def _follow_output(remote: remotemagic.Remote, job_id: str, size: int, got: list) -> threading.Thread:
-    from remotemagic.connection import CallReader
+    from remotemagic.connection import read_streamed_object
 
     def run() -> None:
         try:
-            call = remote.connection().start("read_output", job=job_id, name="y", follow=True, size=size)
-            reader = CallReader(call, lambda n: got.append(n))
-            got.append(files.read_object(reader))
-            reader.drain()
+            call = remote.connection().start_object("read_output", job=job_id, name="y", follow=True, size=size)
+            got.append(read_streamed_object(call, got.append))
         except Exception as exc:
             got.append(exc)
 

@@ -227,18 +227,108 @@ def _offsets(aligned: bool, start: int, lengths: list[int]) -> list[int]:
     return out
 
 
+class ObjectAssembler:
+    """Builds a value from the bytes of an object file as they come, in pieces of any size.
+
+    :meth:`want` hands out the memory the next bytes belong in -- for an out-of-band buffer, that
+    buffer's final bytearray -- so a reader can ``readinto`` it straight from a socket or a
+    channel: a streamed 1 GiB array is received with no copy besides the one into its memory.
+    :meth:`feed` copies bytes in for a reader that already holds them.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._magic = bytearray(len(MAGIC))
+        self._counts = bytearray(_COUNT.size)
+        self._lengths_raw = bytearray()
+        self._aligned = True
+        self._lengths: list[int] = []
+        self._header = bytearray()
+        self._buffers: list[bytearray] = []
+        # (memory to fill, what it is): the head first, then lengths, pickle, padding and buffers
+        self._todo: list[tuple[memoryview, str]] = [(memoryview(self._magic), "magic"),
+                                                    (memoryview(self._counts), "counts")]
+        self._done = 0  # bytes of self._todo[0] filled
+
+    def want(self) -> memoryview | None:
+        """Where the next bytes go (fill a prefix of it, then call :meth:`filled`); None once complete."""
+        if not self._todo:
+            return None
+        view, _ = self._todo[0]
+        return view[self._done :]
+
+    def filled(self, n: int) -> None:
+        """``n`` bytes were written to the start of the view :meth:`want` returned."""
+        self.received += n
+        self._done += n
+        view, what = self._todo[0]
+        if self._done < len(view):
+            return
+        self._todo.pop(0)
+        self._done = 0
+        if what == "magic":
+            if self._magic not in (MAGIC, MAGIC_V1):
+                raise ValueError("not a remotemagic object file (bad magic)")
+            self._aligned = self._magic == MAGIC
+        elif what == "counts":
+            self._parsed_counts()
+        elif what == "lengths":
+            self._lengths = [_LEN.unpack_from(self._lengths_raw, i * _LEN.size)[0] for i in range(len(self._lengths))]
+            self._plan()
+        if self._todo and not len(self._todo[0][0]):
+            self.filled(0)  # an empty pickle or buffer: nothing to wait for
+
+    def _parsed_counts(self) -> None:
+        nbuf, hlen = _COUNT.unpack(self._counts)
+        self._lengths = [0] * nbuf
+        self._lengths_raw = bytearray(_LEN.size * nbuf)
+        self._header = bytearray(hlen)
+        self._todo.append((memoryview(self._lengths_raw), "lengths"))
+
+    def _plan(self) -> None:
+        self._todo.append((memoryview(self._header), "pickle"))
+        position = len(MAGIC) + _COUNT.size + len(self._lengths_raw) + len(self._header)
+        for offset, n in zip(_offsets(self._aligned, position, self._lengths), self._lengths, strict=True):
+            if offset > position:
+                self._todo.append((memoryview(bytearray(offset - position)), "padding"))
+            buf = bytearray(n)
+            self._buffers.append(buf)
+            self._todo.append((memoryview(buf), "buffer"))
+            position = offset + n
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` in; ValueError if it runs past the end of the object."""
+        src = memoryview(data).cast("B")
+        while src:
+            view = self.want()
+            if view is None:
+                raise ValueError(f"{len(src)} bytes more than the object holds")
+            n = min(len(view), len(src))
+            view[:n] = src[:n]
+            src = src[n:]
+            self.filled(n)
+
+    @property
+    def complete(self) -> bool:
+        return not self._todo
+
+    def value(self) -> Any:
+        """Unpickle the complete object; ValueError if bytes are missing."""
+        if self._todo:
+            raise ValueError("object file is truncated")
+        return pickle.loads(self._header, buffers=self._buffers)
+
+
 def read_object(f: Readable) -> Any:
     """Load a value from an object file or stream written by ``write_object``, reading each
     buffer straight into its final bytearray."""
-    aligned, lengths, header = _read_head(f)
-    position = len(MAGIC) + _COUNT.size + _LEN.size * len(lengths) + len(header)
-    buffers = []
-    for offset, n in zip(_offsets(aligned, position, lengths), lengths, strict=True):
-        if offset > position:
-            _read(f, offset - position)  # alignment padding
-        buffers.append(_read(f, n))
-        position = offset + n
-    return pickle.loads(header, buffers=buffers)
+    asm = ObjectAssembler()
+    while (view := asm.want()) is not None:
+        n = f.readinto(view)
+        if not n:
+            raise ValueError("object file is truncated")
+        asm.filled(n)
+    return asm.value()
 
 
 def load_object(path: str) -> Any:

@@ -33,14 +33,19 @@ def read_exact(readinto: Callable[[memoryview], int], n: int) -> bytearray:
     return buf
 
 
-def read_frame(readinto: Callable[[memoryview], int]) -> tuple[dict[str, Any], bytearray]:
-    """Read one frame; raise ConnectionLost at a clean or unclean end of stream."""
+def read_header(readinto: Callable[[memoryview], int]) -> tuple[dict[str, Any], int]:
+    """Read the head and header of the next frame; return the header and the payload's length
+    (the payload is next on the stream). Raise ConnectionLost at a clean or unclean end of stream."""
     hlen, plen = HEAD.unpack(read_exact(readinto, HEAD.size))
     if hlen > MAX_HEADER:
         raise ConnectionLost(f"corrupt frame header ({hlen} bytes)")
-    header = json.loads(read_exact(readinto, hlen))
-    payload = read_exact(readinto, plen) if plen else bytearray()
-    return header, payload
+    return json.loads(read_exact(readinto, hlen)), plen
+
+
+def read_frame(readinto: Callable[[memoryview], int]) -> tuple[dict[str, Any], bytearray]:
+    """Read one frame; raise ConnectionLost at a clean or unclean end of stream."""
+    header, plen = read_header(readinto)
+    return header, read_exact(readinto, plen) if plen else bytearray()
 
 
 class FrameWriter:
