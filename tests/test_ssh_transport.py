@@ -213,6 +213,25 @@ def test_stream_lines_gives_lines_status_and_tail(sshd_server: SSHServer, tmp_pa
         t.close()
 
 
+def test_a_channel_that_closes_as_keys_would_be_renewed_leaves_the_link_alive(sshd_server: SSHServer,
+                                                                              tmp_path: Path) -> None:
+    """paramiko asks for new keys after 512 MiB; a channel the server closes while that exchange
+    is pending stalls paramiko's transport thread for 30 s, then the link dies (paramiko issue
+    822). 512 MiB that end with their channel, then a command on the same link: it is alive."""
+    t = SSHTransport("rmtest", root=str(tmp_path / "root"), ssh_config=sshd_server.ssh_config)
+    try:
+        link = t.link()
+        chan = t._channel("head -c 536870912 /dev/zero")
+        got = 0
+        while data := chan.recv(4 << 20):
+            got += len(data)
+        assert got == 2**29 and chan.recv_exit_status() == 0
+        assert t.run("echo still here") == (0, "still here")
+        assert t.link() is link and link.transport.is_active()  # the same link: it never died
+    finally:
+        t.close()
+
+
 # -- host keys ---------------------------------------------------------------------------------------
 def test_unknown_host_refused_then_trusted_on_first_use(sshd_server: SSHServer, tmp_path: Path) -> None:
     known = tmp_path / "kh" / "known_hosts"  # does not exist yet

@@ -29,6 +29,20 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_KEEPALIVE = 15
 PREFERRED_CIPHER = "aes128-gcm@openssh.com"  # ~1.25x paramiko's default aes128-ctr (MEASUREMENTS 6)
+# What the target may send before we acknowledge (paramiko's default: 2 MiB) and the largest
+# packet it may send (default 32 KiB). paramiko spends its time per packet, so 255 KiB packets
+# with an 8 MiB window read 256 MiB from a loopback sshd at 345-364 MB/s with 0.61-0.65 s of
+# client CPU, where the defaults gave 227-267 MB/s and 0.88-1.16 s (docs/performance.md). A large
+# window with small packets is worse than the defaults (106-152 MB/s: MEASUREMENTS.md item 4).
+WINDOW = 8 * 1024 * 1024
+MAX_PACKET = 255 * 1024  # the whole SSH packet must stay under OpenSSH's 256 KiB limit
+# paramiko asks for new keys after 512 MiB each way, and a channel closed by the server while
+# that exchange is pending stalls its transport thread for 30 s, then kills the connection
+# (paramiko issue 822, open since 2016; reproduced here with exec channels: 2 of 2 tries). Leave
+# rekeying to the server, which sends no channel message during its own exchange, up to RFC
+# 4344's limit for 128-bit block ciphers (2**32 blocks, 64 GiB), as OpenSSH does.
+REKEY_BYTES = 2**36
+REKEY_PACKETS = 2**31
 _KEY_ALGOS = {
     "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"),
 }
@@ -152,6 +166,7 @@ def _handshake(hop: HostConfig, sock: Any, what: str, timeout: float, keepalive:
         except (EOFError, OSError) as exc:
             raise UnreachableError(f"{what}: connection lost during authentication ({exc})") from None
         t.set_keepalive(keepalive)
+        t.packetizer.REKEY_BYTES, t.packetizer.REKEY_PACKETS = REKEY_BYTES, REKEY_PACKETS
         return t
     except BaseException:
         t.close()
@@ -247,7 +262,8 @@ def open_link(host: HostConfig, *, timeout: float = DEFAULT_TIMEOUT, keepalive: 
             else:
                 try:
                     sock = transports[-1].open_channel(
-                        "direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=timeout
+                        "direct-tcpip", (hop.hostname, hop.port), ("127.0.0.1", 0), timeout=timeout,
+                        window_size=WINDOW, max_packet_size=MAX_PACKET
                     )
                 except paramiko.ChannelException as exc:
                     raise UnreachableError(

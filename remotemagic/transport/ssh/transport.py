@@ -31,7 +31,7 @@ from . import bootstrap as _bootstrap
 from .bootstrap import EXIT_MISSING, MARK, agent_script, unsafe_root_error
 from .config import resolve
 from .errors import BootstrapError, RemoteCommandError, SSHError
-from .link import DEFAULT_KEEPALIVE, DEFAULT_TIMEOUT, POOL, Link, open_link, pool_key
+from .link import DEFAULT_KEEPALIVE, DEFAULT_TIMEOUT, MAX_PACKET, POOL, WINDOW, Link, open_link, pool_key
 
 if TYPE_CHECKING:
     from .tunnel import Tunnel
@@ -75,7 +75,7 @@ class ChannelStream:
                                 self.name, status, self.log_path)
             return 0
         n = min(len(view), len(data))
-        view[:n] = data[:n]
+        view[:n] = memoryview(data)[:n]  # (data[:n] would copy the bytes once more)
         if n < len(data):
             self.pending = memoryview(data)[n:]
         return n
@@ -192,7 +192,8 @@ class SSHTransport(Transport):
         link = self.link()
         for attempt in range(2):
             try:
-                chan = link.transport.open_session(timeout=self.timeout)
+                chan = link.transport.open_session(window_size=WINDOW, max_packet_size=MAX_PACKET,
+                                                   timeout=self.timeout)
                 if combine_stderr:
                     chan.set_combine_stderr(True)
                 chan.exec_command(command)
