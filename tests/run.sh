@@ -29,6 +29,17 @@ if ! [ -x /usr/bin/chromium ]; then
   fi
 fi
 
+# The EC2 idle-stop script (shipped in the instance's user data) is checked by shellcheck.
+if ! command -v shellcheck >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing shellcheck (needed by the EC2 user-data test)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck) >/dev/null
+  else
+    echo "The EC2 user-data test needs shellcheck: install it (e.g. 'sudo apt-get install shellcheck') and run again." >&2
+    exit 2
+  fi
+fi
+
 # The SSH tests build fresh venvs and sync packages into them; the targets (and the client's
 # wheel fetches) take wheels from this folder, never from the network (tests talk to 127.0.0.1
 # only), so it is filled here, with the other installs: the local versions of what the remote
