@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import time
 from typing import Any
 
@@ -42,7 +43,10 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
     ``spec``: ``runs`` (warm cells per contender), ``reps`` (transfers per contender),
     ``size`` and ``src`` (the array pushed and pulled, read from a random file), ``root`` (the
     remote root: each pull's previous ``-o`` file is deleted, as scp's previous copy is),
-    ``namespaces`` ([key, setup cell]) and ``transfer`` (the keys whose transfers are timed).
+    ``namespaces`` ([key, setup cell]) and ``transfer`` (the keys whose transfers are timed);
+    ``scp``: the scp commands (``upload``, ``download``) and the files they write
+    (``upload_dest``, ``download_dest``), run interleaved with each push and pull so that every
+    ratio compares with scp at the same moment (this VM's speed drifts over minutes).
     """
     import numpy as np
     from IPython import get_ipython
@@ -67,6 +71,21 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
     def settle() -> None:
         os.sync()
         time.sleep(0.2)
+
+    def scp(way: str) -> float:
+        """One scp ``upload`` or ``download`` of the same size, timed; its copy removed after."""
+        cmd, dest = spec["scp"][way], spec["scp"][f"{way}_dest"]
+        if os.path.exists(dest):
+            os.unlink(dest)
+        settle()
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        elapsed = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+        assert os.path.getsize(dest) == spec["size"], dest
+        os.unlink(dest)
+        return elapsed
 
     arr = None
     if spec.get("size"):
@@ -99,8 +118,10 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
         res["cell_ms"], res["api_ms"], res["empty_ms"] = _median_ms(cells), _median_ms(apis), _median_ms(empties)
         res["cell_p90_ms"] = sorted(cells)[int(len(cells) * 0.9)] * 1000
         if arr is not None and key in spec["transfer"]:
-            push_m, push_a, pull_m, pull_a = [], [], [], []
+            push_m, push_a, pull_m, pull_a, push_s, pull_s = [], [], [], [], [], []
             for _ in range(spec["reps"]):
+                if spec.get("scp"):
+                    push_s.append(scp("upload"))
                 for contender, times in (("magics", push_m), ("api", push_a)):
                     arr[:8] = np.frombuffer(os.urandom(8), dtype=np.uint8)  # a new hash: nothing to dedup
                     r.request("evict_objects", limit=0, keep=[])
@@ -115,6 +136,8 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
             ip.user_ns.pop("x", None)
             previous = None
             for _ in range(spec["reps"]):
+                if spec.get("scp"):
+                    pull_s.append(scp("download"))
                 for contender, times in (("magics", pull_m), ("api", pull_a)):
                     if previous is not None:  # the previous copy goes, as scp's does
                         try:
@@ -136,6 +159,8 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
                     del y
             magic("run", "del x, y")
             res.update(push_magics=push_m, push_api=push_a, pull_magics=pull_m, pull_api=pull_a)
+            if spec.get("scp"):
+                res.update(push_scp=push_s, pull_scp=pull_s)
         magic("run", "%reset -f")
         out[key] = res
     r.stop_session(control)
