@@ -37,6 +37,28 @@ def _median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1000
 
 
+def settle() -> None:
+    """Flush dirty pages from the previous step so it does not slow down the next one."""
+    os.sync()
+    time.sleep(0.2)
+
+
+def time_copy(cmd: list[str], dest: str, size: int) -> float:
+    """Run a copy command (an scp) that writes ``size`` bytes to ``dest``; its wall time. Any
+    earlier copy is removed first and this one after."""
+    if os.path.exists(dest):
+        os.unlink(dest)
+    settle()
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+    assert os.path.getsize(dest) == size, dest
+    os.unlink(dest)
+    return elapsed
+
+
 def drive(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure in the running IPython (shell or kernel) whose Ec2Magics is connected already.
 
@@ -68,24 +90,8 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
 
     control = f"{r.session}-empty"  # a second session that stays empty: the same moments' baseline
 
-    def settle() -> None:
-        os.sync()
-        time.sleep(0.2)
-
     def scp(way: str) -> float:
-        """One scp ``upload`` or ``download`` of the same size, timed; its copy removed after."""
-        cmd, dest = spec["scp"][way], spec["scp"][f"{way}_dest"]
-        if os.path.exists(dest):
-            os.unlink(dest)
-        settle()
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        elapsed = time.perf_counter() - t0
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
-        assert os.path.getsize(dest) == spec["size"], dest
-        os.unlink(dest)
-        return elapsed
+        return time_copy(spec["scp"][way], spec["scp"][f"{way}_dest"], spec["size"])
 
     arr = None
     if spec.get("size"):

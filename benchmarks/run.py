@@ -807,18 +807,12 @@ class Bench:
         src = self.src if size == self.size else self.tmp / "magics.bin"
         if src != self.src:
             write_random_file(src, size)
+        up_dest, down_dest = str(self.remote_files / "m-up.bin"), str(self.local_dl / "m-down.bin")
+        copies = {"upload": self.scp(str(src), f"{self.host(link)}:{up_dest}"), "upload_dest": up_dest,
+                  "download": self.scp(f"{self.host(link)}:{src}", down_dest), "download_dest": down_dest}
         scp = {}
-        for way, cmd, dest in (("upload", self.scp(src, f"{self.host(link)}:{self.remote_files / 'm-up.bin'}"),
-                                self.remote_files / "m-up.bin"),
-                               ("download", self.scp(f"{self.host(link)}:{src}", self.local_dl / "m-down.bin"),
-                                self.local_dl / "m-down.bin")):
-            times = []
-            for _ in range(self.reps(link)):
-                remove(dest)
-                settle()
-                times.append(run_cmd(cmd))
-                assert dest.stat().st_size == size
-                remove(dest)
+        for way in ("upload", "download"):
+            times = [magics_bench.time_copy(copies[way], copies[f"{way}_dest"], size) for _ in range(self.reps(link))]
             scp[way] = size / MB / statistics.median(times)
             self.results.add(Row(link, f"{way} {self.args.magics_mb} MiB file", "OpenSSH scp", scp[way], "MB/s",
                                  statistics.median(times), extra={"times_s": times}))
@@ -828,12 +822,8 @@ class Bench:
         shown = f"{array_mb} MiB" if array_mb < 1024 else f"{array_mb / 1024:g} GiB"
         labels = {key: label.replace("{array_label}", shown) for key, label, _ in magics_bench.NAMESPACES}
         root = self.root("magics")
-        up_dest, down_dest = self.remote_files / "m-up.bin", self.local_dl / "m-down.bin"
         spec = {"runs": self.args.latency_runs, "reps": self.reps(link), "size": size, "src": str(src),
-                "root": str(root), "namespaces": namespaces,
-                "scp": {"upload": self.scp(str(src), f"{self.host(link)}:{up_dest}"), "upload_dest": str(up_dest),
-                        "download": self.scp(f"{self.host(link)}:{src}", str(down_dest)),
-                        "download_dest": str(down_dest)},
+                "root": str(root), "namespaces": namespaces, "scp": copies,
                 "transfer": ["empty", "dicts"] if self.args.quick else [k for k, _ in namespaces]}
         use = (f"use ssh {self.host(link)} --root {root} --python {self.args.python} --ssh-config {self.cfg} "
                f"--session {{session}}")

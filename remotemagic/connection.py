@@ -54,7 +54,7 @@ def _wake(q: queue.Queue) -> None:
 class Call:
     """One request in flight. Iterate for its data frames; ``result`` once it has ended."""
 
-    def __init__(self, conn: "AgentConnection", rid: int):
+    def __init__(self, conn: "AgentConnection", rid: int, assembler: files.ObjectAssembler | None = None):
         self.conn = conn
         self.id = rid
         self.queue: queue.Queue = queue.Queue(QUEUE_FRAMES)
@@ -63,7 +63,7 @@ class Call:
         self.done = False
         #: set by :meth:`AgentConnection.start_object`: the reader thread builds the streamed value
         #: in it, and queues only ``{"more": true, "placed": n}`` markers for the data frames
-        self.assembler: files.ObjectAssembler | None = None
+        self.assembler = assembler
         self.assembly_error: Exception | None = None  # the bytes were not a value (set by the reader)
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], bytearray]]:
@@ -168,12 +168,13 @@ class AgentConnection:
         assert asm is not None
         if header.get("z"):
             packed = wire.read_exact(readinto, plen)
+            if call.assembly_error is not None:
+                return {"more": True, "placed": plen}
             try:
                 data = wire.unpack(packed, header["z"])
-                if call.assembly_error is None:
-                    asm.feed(data)
+                asm.feed(data)
             except Exception as exc:  # a corrupt frame, a codec error: this call fails, the link lives
-                call.assembly_error = call.assembly_error or ValueError(f"a data frame could not be read: {exc}")
+                call.assembly_error = ValueError(f"a data frame could not be read: {exc}")
                 return {"more": True, "placed": plen}
             return {"more": True, "placed": len(data)}
         left = plen
@@ -216,8 +217,7 @@ class AgentConnection:
     def _start(self, op: str, args: dict[str, Any], assembler: files.ObjectAssembler | None) -> Call:
         if self.lost:
             raise errors.ConnectionLostError(f"connection to {self.name} lost")
-        call = Call(self, next(self.ids))
-        call.assembler = assembler  # before the request goes: its first frame may come at once
+        call = Call(self, next(self.ids), assembler)
         self.calls[call.id] = call
         self.writer.send({"id": call.id, "op": op, **args})
         return call
@@ -302,9 +302,9 @@ def read_streamed_object(call: Call, on_bytes: Callable[[int], None] | None = No
             raise
         reader.drain()
         return value
-    for header, payload in call:
+    for header, _ in call:
         if on_bytes:
-            on_bytes(header.get("placed", len(payload)))
+            on_bytes(header.get("placed", 0))
     if call.assembly_error is not None:
         raise call.assembly_error
     return call.assembler.value()

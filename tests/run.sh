@@ -6,39 +6,28 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
 
-# The SSH tests start a real OpenSSH sshd on 127.0.0.1: it must be installed.
-if ! [ -x /usr/sbin/sshd ]; then
+# need PACKAGE "WHAT NEEDS IT" COMMAND...: unless COMMAND succeeds, install the apt PACKAGE (as
+# root), or stop and say what needs it.
+need() {
+  local package=$1 what=$2
+  shift 2
+  if "$@" >/dev/null 2>&1; then return 0; fi
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing openssh-server (needed by the SSH tests)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server) >/dev/null
+    echo "installing $package (needed by $what)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package") >/dev/null
   else
-    echo "The SSH tests need OpenSSH's sshd: install it (e.g. 'sudo apt-get install openssh-server') and run again." >&2
+    echo "$package is needed by $what: install it (e.g. 'sudo apt-get install $package') and run again." >&2
     exit 2
   fi
-fi
+}
 
+# The SSH tests start a real OpenSSH sshd on 127.0.0.1.
+need openssh-server "the SSH tests" test -x /usr/sbin/sshd
 # The browser tests (tests/test_browser.py) drive Debian's Chromium through Playwright; never
 # `playwright install`: the system browser is launched by its path.
-if ! [ -x /usr/bin/chromium ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing chromium (needed by the browser tests)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
-  else
-    echo "The browser tests need Chromium at /usr/bin/chromium: install it (e.g. 'sudo apt-get install chromium') and run again." >&2
-    exit 2
-  fi
-fi
-
+need chromium "the browser tests" test -x /usr/bin/chromium
 # The EC2 idle-stop script (shipped in the instance's user data) is checked by shellcheck.
-if ! command -v shellcheck >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing shellcheck (needed by the EC2 user-data test)"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck) >/dev/null
-  else
-    echo "The EC2 user-data test needs shellcheck: install it (e.g. 'sudo apt-get install shellcheck') and run again." >&2
-    exit 2
-  fi
-fi
+need shellcheck "the EC2 user-data test" command -v shellcheck
 
 # The SSH tests build fresh venvs and sync packages into them; the targets (and the client's
 # wheel fetches) take wheels from this folder, never from the network (tests talk to 127.0.0.1

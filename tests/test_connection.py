@@ -157,27 +157,20 @@ def test_bytes_that_are_not_a_value_fail_that_call_only(scripted: Any) -> None:
                                   np.arange(300_000))
 
 
-def test_the_agents_error_wins_over_a_cut_value(scripted: Any) -> None:
+@pytest.mark.parametrize("final, raised, message", [
+    ({"ok": False, "error": {"type": "FileNotFoundError", "message": "y was removed"}}, FileNotFoundError,
+     "y was removed"),  # the agent's own error wins over the cut value
+    ({"ok": True, "result": None}, ValueError, "truncated"),  # no error from the agent: the value is cut short
+])
+def test_a_value_cut_short(scripted: Any, final: dict[str, Any], raised: type, message: str) -> None:
     data = object_bytes(np.arange(300_000))
 
     def script(req: dict[str, Any], out: wire.FrameWriter) -> None:
         send_in_frames(out, req["id"], data[:100_000], [65_536, 100_000 - 65_536])
-        out.send({"id": req["id"], "ok": False, "error": {"type": "FileNotFoundError", "message": "y was removed"}})
+        out.send({"id": req["id"], **final})
 
     conn = scripted(script)
-    with pytest.raises(FileNotFoundError, match="y was removed"):
-        read_streamed_object(conn.start_object("read_output"))
-
-
-def test_a_value_cut_short_without_an_error_is_reported_truncated(scripted: Any) -> None:
-    data = object_bytes(np.arange(300_000))
-
-    def script(req: dict[str, Any], out: wire.FrameWriter) -> None:
-        send_in_frames(out, req["id"], data[:100_000], [100_000])
-        out.send({"id": req["id"], "ok": True, "result": None})
-
-    conn = scripted(script)
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(raised, match=message):
         read_streamed_object(conn.start_object("read_output"))
 
 

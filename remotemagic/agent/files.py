@@ -273,14 +273,13 @@ class ObjectAssembler:
         elif what == "counts":
             self._parsed_counts()
         elif what == "lengths":
-            self._lengths = [_LEN.unpack_from(self._lengths_raw, i * _LEN.size)[0] for i in range(len(self._lengths))]
+            self._lengths = [n for (n,) in _LEN.iter_unpack(self._lengths_raw)]
             self._plan()
         if self._todo and not len(self._todo[0][0]):
             self.filled(0)  # an empty pickle or buffer: nothing to wait for
 
     def _parsed_counts(self) -> None:
         nbuf, hlen = _COUNT.unpack(self._counts)
-        self._lengths = [0] * nbuf
         self._lengths_raw = bytearray(_LEN.size * nbuf)
         self._header = bytearray(hlen)
         self._todo.append((memoryview(self._lengths_raw), "lengths"))
@@ -307,10 +306,6 @@ class ObjectAssembler:
             view[:n] = src[:n]
             src = src[n:]
             self.filled(n)
-
-    @property
-    def complete(self) -> bool:
-        return not self._todo
 
     def value(self) -> Any:
         """Unpickle the complete object; ValueError if bytes are missing."""

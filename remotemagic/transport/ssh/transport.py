@@ -75,9 +75,10 @@ class ChannelStream:
                                 self.name, status, self.log_path)
             return 0
         n = min(len(view), len(data))
-        view[:n] = memoryview(data)[:n]  # (data[:n] would copy the bytes once more)
+        received = memoryview(data)  # (slicing the bytes would copy them once more)
+        view[:n] = received[:n]
         if n < len(data):
-            self.pending = memoryview(data)[n:]
+            self.pending = received[n:]
         return n
 
     def write(self, data: Any) -> None:
