@@ -390,12 +390,15 @@ def test_hosts_cluster_survives_a_cut_link(ssh_members: dict[str, Any]) -> None:
         assert "".join(e.get("text", "") for e in job.events() if e.get("type") == "stream").strip() == "5"
 
         pids = client.run(os.getpid)
+        # a busy client: its event loop learns that its connection died only 3 s after the cut;
+        # a task submitted before then would be cancelled ("scheduler-connection-lost")
+        client.loop.add_callback(time.sleep, 3)
         proxy.cut()  # the SSH link to the primary (and the tunnel on it) is gone
-        st = c.status()  # reconnects, opens the tunnels again on the same ports
+        client = c.connect()  # reconnects, opens the tunnels again on the same ports
+        assert client.submit(sum, [1, 1]).result() == 2
+        st = c.status()
         assert st["scheduler_alive"] and len(st["workers"]) == 2
         assert all(s["alive"] and s["restarts"] == 0 for s in st["services"].values())
-        client = c.connect()
-        assert client.submit(sum, [1, 1]).result() == 2
         assert client.run(os.getpid) == pids  # the same worker processes: nothing restarted
         assert proxy.cuts == 1 and proxy.accepted >= 2
     finally:

@@ -233,20 +233,36 @@ class Cluster:
 
         byvalue.install()
         values.register_local_modules()
-        dropped = 0
+        deadline = time.monotonic() + timeout
         if self.tunnels:
             self.primary.remote.connection()  # after a drop: reconnect (with backoff) first
-            dropped = sum(t.drop_stale() for t in self.tunnels)
+            for t in self.tunnels:
+                t.drop_stale()
+            if self.client is not None:  # tunnels[0] leads to the scheduler
+                self._await_reconnect(self.client, self.tunnels[0].live_peers(), deadline)
         if self.client is None or self.client.status in ("closed", "closing"):
             self.client = Client(self.local_address, security=security(self.local_paths, "client"), timeout=timeout)
-        elif dropped:  # the client's connection was on the old link: let it notice, then reconnect
-            notice_by = time.monotonic() + 2.0
-            while self.client.status == "running" and time.monotonic() < notice_by:
-                time.sleep(0.02)
-        deadline = time.monotonic() + timeout
         while self.client.status == "connecting" and time.monotonic() < deadline:
             time.sleep(0.05)  # reconnecting after a dropped link (the forward reconnects with it)
         return self.client
+
+    @staticmethod
+    def _await_reconnect(client: Any, live_peers: set[int], deadline: float) -> None:
+        """Wait until ``client`` has left its connection to the scheduler if that connection is
+        not one the forward holds open on the live link (by its local port, ``live_peers``):
+        it was closed under the client, which learns so when its event loop next reads -- on a
+        busy machine that can take seconds, and a task submitted before then is cancelled when
+        it does. The client reconnects by itself ("connecting") to the same local address; the
+        forward opens the new connection's channel on the live link."""
+        batched = client.scheduler_comm
+        old = batched.comm if batched is not None else None
+        if old is None or int(old.local_address.rsplit(":", 1)[1]) in live_peers:
+            return  # reconnecting already, or on a connection that is alive
+        while time.monotonic() < deadline and client.status not in ("closed", "closing"):
+            batched = client.scheduler_comm
+            if batched is None or batched.comm is not old:
+                return
+            time.sleep(0.02)
 
     def bind_primary_session(self) -> None:
         """Make ``distributed.get_client()`` work in ``%%ec2 run`` cells on the primary target:

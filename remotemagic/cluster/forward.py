@@ -36,7 +36,7 @@ class LinkForward:
         self.local_port: int = self._server.getsockname()[1]
         self._closed = threading.Event()
         self._open: set[Any] = set()
-        self._links: dict[Any, Any] = {}  # local socket -> the SSH transport its channel is on
+        self._links: dict[Any, tuple[Any, int]] = {}  # local socket -> (SSH transport of its channel, peer port)
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name=f"remotemagic-forward-{self.local_port}", daemon=True).start()
 
@@ -75,7 +75,7 @@ class LinkForward:
             return
         with self._lock:
             self._open.update((sock, chan))
-            self._links[sock] = chan.get_transport()
+            self._links[sock] = (chan.get_transport(), peer[1])
         t = threading.Thread(target=self._pump, args=(chan.recv, sock.sendall, sock, chan), daemon=True)
         t.start()
         self._pump(sock.recv, chan.sendall, sock, chan)
@@ -101,16 +101,22 @@ class LinkForward:
                 except Exception:
                     pass
 
+    def _live(self) -> tuple[dict[Any, int], dict[Any, int]]:
+        """This forward's connections, (on the live link, on a link that is gone), each as
+        local socket -> its local peer's port."""
+        with self._lock:
+            links = dict(self._links)
+        if not links:
+            return {}, {}
+        live = self.transport.link().transport
+        on_live = {s: port for s, (t, port) in links.items() if t is live and t.is_active() and s.fileno() != -1}
+        return on_live, {s: port for s, (_t, port) in links.items() if s not in on_live}
+
     def drop_stale(self) -> int:
         """Close the connections whose channel is on a link that is not the live one any more
         (after a drop): their far end is gone, and the local peer should learn it now, not when
         its next write fails. Returns how many were closed."""
-        with self._lock:
-            links = dict(self._links)
-        if not links:
-            return 0
-        live = self.transport.link().transport
-        stale = [sock for sock, t in links.items() if t is not live or not t.is_active()]
+        stale = self._live()[1]
         for sock in stale:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -118,6 +124,10 @@ class LinkForward:
             except OSError:
                 pass
         return len(stale)
+
+    def live_peers(self) -> set[int]:
+        """The local ports of the peers whose connections are open on the live link."""
+        return set(self._live()[0].values())
 
     def close(self) -> None:
         self._closed.set()
