@@ -284,6 +284,9 @@ def test_idle_cluster_stops_itself(local_root: Path) -> None:
         st = c._services(c.primary)
         assert st["scheduler"]["exit"] == 0 and st["scheduler"]["restarts"] == 0
         assert "idle" in c.logs("scheduler").lower()
+        # the worker's supervisor saw its scheduler end on this machine: no 30 s wait for it
+        assert "scheduler has ended here: not waiting for" in c.logs("w0")
+        assert st["w0"]["restarts"] == 0
     finally:
         c.stop()
         remote.close()

@@ -532,6 +532,7 @@ class ServiceStartRequest(_ServiceStartKeys, total=False):
     env: dict[str, str] | None
     max_restarts: int
     restart_while_reachable: str | None  # host:port: restart only while it answers
+    reachable_via: str | None  # the group's service behind that address: ended here, not waited for
 
 
 class ServiceStatusRequest(Header, total=False):

@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import files
 from . import protocol as P
@@ -79,13 +79,16 @@ def alive(sdir: str) -> bool:
 
 def start(root: str, agent_dir: str, group: str, name: str, module: str, args: list[str],
           env: dict[str, str] | None = None, max_restarts: int = 5,
-          restart_while_reachable: str | None = None) -> dict[str, Any]:
+          restart_while_reachable: str | None = None, reachable_via: str | None = None) -> dict[str, Any]:
     """Start ``python -m module *args`` as a supervised, detached service; return its state.
     A service of that name that is still alive is left alone (its state is returned).
 
     ``restart_while_reachable`` (``host:port``): also start it again after a *clean* exit while
     that address accepts connections (a Dask nanny closes itself when its scheduler's connection
-    breaks; the scheduler, started again, is back at the same address)."""
+    breaks; the scheduler, started again, is back at the same address). ``reachable_via``: the
+    service of the same group that serves that address; when it has ended for good on this
+    machine (its supervisor is gone: a clean exit, e.g. an idle scheduler), the address is not
+    waited for."""
     sdir = service_dir(root, group, name)
     files.private_dir(sdir)
     if alive(sdir):
@@ -97,7 +100,7 @@ def start(root: str, agent_dir: str, group: str, name: str, module: str, args: l
     args = [_fill_ports(str(a)) for a in args]
     spec = {"module": module, "args": args, "env": {str(k): str(v) for k, v in (env or {}).items()},
             "max_restarts": int(max_restarts), "python": sys.executable, "root": root,
-            "restart_while_reachable": restart_while_reachable}
+            "restart_while_reachable": restart_while_reachable, "reachable_via": reachable_via}
     files.write_json(os.path.join(sdir, "spec.json"), spec)
     penv = dict(os.environ)
     penv["PYTHONPATH"] = agent_dir
@@ -232,6 +235,7 @@ def supervise(sdir: str) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    gone = _ended_sibling(sdir, spec.get("reachable_via"))
     info: dict[str, Any] = {"supervisor_pid": os.getpid(), "restarts": 0, "started": time.time()}
     rc = 0
     while True:
@@ -245,9 +249,12 @@ def supervise(sdir: str) -> int:
             break
         if rc < 0:
             why = f"died of signal {-rc}"
-        elif spec.get("restart_while_reachable") and _reachable(spec["restart_while_reachable"], stopping):
+        elif spec.get("restart_while_reachable") and _reachable(spec["restart_while_reachable"], stopping, gone):
             why = f"exited ({rc}) while {spec['restart_while_reachable']} answers"
         else:
+            if spec.get("restart_while_reachable") and gone():
+                print(f"[remotemagic] {spec['module']} exited ({rc}); {spec['reachable_via']} has ended here: "
+                      f"not waiting for {spec['restart_while_reachable']}", flush=True)
             break
         info["restarts"] += 1
         print(f"[remotemagic] {spec['module']} {why}: starting it again "
@@ -260,11 +267,25 @@ def supervise(sdir: str) -> int:
     return 0
 
 
-def _reachable(address: str, stopping: list[bool], wait: float = REACHABLE_WAIT) -> bool:
-    """Whether ``host:port`` accepts a TCP connection within ``wait`` seconds (tried each second)."""
+def _ended_sibling(sdir: str, name: str | None) -> Callable[[], bool]:
+    """Whether service ``name`` of the same group has ended for good here (its supervisor wrote
+    its end and is gone); never, when there is no such service on this machine."""
+    sibling = os.path.join(os.path.dirname(sdir), name) if name else None
+
+    def ended() -> bool:
+        if sibling is None or not os.path.isfile(os.path.join(sibling, "spec.json")):
+            return False
+        return bool((files.read_json(os.path.join(sibling, "state.json")) or {}).get("ended")) and not alive(sibling)
+    return ended
+
+
+def _reachable(address: str, stopping: list[bool], gone: Callable[[], bool] = lambda: False,
+               wait: float = REACHABLE_WAIT) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``wait`` seconds (tried each second);
+    not waited for once ``gone()`` says the service behind it has ended for good."""
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + wait
-    while not stopping[0]:
+    while not stopping[0] and not gone():
         try:
             with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
                 return True
@@ -288,7 +309,8 @@ def op_files(agent: Any, rid: int, req: dict[str, Any]) -> dict[str, Any]:
 
 def op_start(agent: Any, rid: int, req: dict[str, Any]) -> dict[str, Any]:
     return start(agent.root, agent.agent_dir, req["group"], req["name"], req["module"], list(req.get("args") or []),
-                 req.get("env"), int(req.get("max_restarts", 5)), req.get("restart_while_reachable"))
+                 req.get("env"), int(req.get("max_restarts", 5)), req.get("restart_while_reachable"),
+                 req.get("reachable_via"))
 
 
 def op_status(agent: Any, rid: int, req: dict[str, Any]) -> dict[str, Any]:

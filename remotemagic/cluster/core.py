@@ -344,7 +344,7 @@ class Cluster:
                          args=launch.worker_args(m.paths, self.address, m.address, self.dask_name(name),
                                                  self.nthreads, self.memory_limit),
                          env=launch.environment(), max_restarts=10,
-                         restart_while_reachable=self.address.split("://", 1)[-1])
+                         restart_while_reachable=self.address.split("://", 1)[-1], reachable_via=launch.SCHEDULER)
 
     def forget_workers(self, names: list[str]) -> None:
         """Tell the scheduler that workers ``names`` are gone (their machine vanished: their
