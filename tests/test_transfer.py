@@ -122,3 +122,37 @@ def test_push_pull_magics(ip: Any, tree: Path, tmp_path: Path, capsys: pytest.Ca
     assert (tmp_path / "run.sh").read_text() == "#!/bin/sh\necho hi\n"
     result = ip.run_cell(f"%ec2 push {tmp_path / 'missing'}")
     assert "does not exist" in str(result.error_in_exec)
+
+
+def test_durable_writes_start_their_writeback_as_they_grow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uploads and object files hand the kernel their pages every 8 MiB (so the final fsync waits
+    for the last stretch only): contiguous ranges from where the write began, the bytes intact."""
+    from remotemagic.agent import files, uploads
+
+    real = files._writeback_call()
+    assert real is not None  # Linux with ctypes: the call is there
+    ranges: list[tuple[int, int]] = []
+
+    def spy(fd: int, start: int, length: int, flags: int) -> int:
+        ranges.append((start, length))
+        return int(real(fd, start, length, flags))
+
+    monkeypatch.setattr(files, "_sync_file_range", spy)
+    data = os.urandom(20 * 2**20)
+    files.atomic_write(str(tmp_path / "obj"), [data[i:i + 2**20] for i in range(0, len(data), 2**20)])
+    assert (tmp_path / "obj").read_bytes() == data
+    assert ranges == [(0, 8 * 2**20), (8 * 2**20, 8 * 2**20)]
+
+    ranges.clear()  # an upload resumed at 5 MiB: its writeback starts there
+    part = tmp_path / "up.part"
+    part.write_bytes(data[: 5 * 2**20])
+    up = uploads.Upload(str(part), str(tmp_path / "up"), len(data), None, offset=5 * 2**20)
+    for i in range(5 * 2**20, len(data), 256 * 1024):
+        up.write(data[i:i + 256 * 1024])
+    assert up.finish() == {"size": len(data), "path": str(tmp_path / "up")}
+    assert (tmp_path / "up").read_bytes() == data
+    assert ranges == [(5 * 2**20, 8 * 2**20)]
+
+    ranges.clear()  # a marker written without fsync: no writeback either
+    files.atomic_write(str(tmp_path / "marker"), [data], durable=False)
+    assert ranges == []

@@ -40,12 +40,14 @@ class Upload:
             self.f.seek(offset)
         self.received = offset
         self.error: str | None = None
+        self.writeback = files.Writeback(self.f, offset)
 
     def write(self, data: bytes | bytearray) -> None:
         if self.error:
             return
         try:
             self.f.write(data)
+            self.writeback.wrote(self.received + len(data))
         except OSError as exc:  # disk full: remember, answer at the end, keep reading frames
             self.error = f"{type(exc).__name__}: {exc}"
         self.received += len(data)
