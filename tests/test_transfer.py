@@ -137,7 +137,7 @@ def test_durable_writes_start_their_writeback_as_they_grow(tmp_path: Path, monke
         ranges.append((start, length))
         return int(real(fd, start, length, flags))
 
-    monkeypatch.setattr(files, "_sync_file_range", spy)
+    monkeypatch.setattr(files, "_writeback_call", lambda: spy)
     data = os.urandom(20 * 2**20)
     files.atomic_write(str(tmp_path / "obj"), [data[i:i + 2**20] for i in range(0, len(data), 2**20)])
     assert (tmp_path / "obj").read_bytes() == data

@@ -19,6 +19,7 @@ final bytearray, so a 1 GiB array needs 1 GiB, not 2.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -72,25 +73,21 @@ def fsync_dir(path: str) -> None:
 
 
 WRITEBACK_EVERY = 8 * 2**20  # bytes of a durable file between two starts of its writeback
-_UNSET: Any = object()
-_sync_file_range: Any = _UNSET
 
 
+@functools.cache
 def _writeback_call() -> Any:
     """libc's ``sync_file_range`` (Linux), or None where it is missing (another OS, a Python
-    built without ctypes)."""
-    global _sync_file_range
-    if _sync_file_range is _UNSET:
-        try:
-            import ctypes
+    built without ctypes). Looked up once, on first use."""
+    try:
+        import ctypes
 
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _sync_file_range = fn
-        except (ImportError, OSError, AttributeError):
-            _sync_file_range = None
-    return _sync_file_range
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 class Writeback:

@@ -236,10 +236,9 @@ class Cluster:
         deadline = time.monotonic() + timeout
         if self.tunnels:
             self.primary.remote.connection()  # after a drop: reconnect (with backoff) first
-            for t in self.tunnels:
-                t.drop_stale()
+            live_peers = [t.drop_stale() for t in self.tunnels]
             if self.client is not None:  # tunnels[0] leads to the scheduler
-                self._await_reconnect(self.client, self.tunnels[0].live_peers(), deadline)
+                self._await_reconnect(self.client, live_peers[0], deadline)
         if self.client is None or self.client.status in ("closed", "closing"):
             self.client = Client(self.local_address, security=security(self.local_paths, "client"), timeout=timeout)
         while self.client.status == "connecting" and time.monotonic() < deadline:

@@ -101,33 +101,27 @@ class LinkForward:
                 except Exception:
                     pass
 
-    def _live(self) -> tuple[dict[Any, int], dict[Any, int]]:
-        """This forward's connections, (on the live link, on a link that is gone), each as
-        local socket -> its local peer's port."""
+    def drop_stale(self) -> set[int]:
+        """Close the connections whose channel is on a link that is not the live one any more
+        (after a drop): their far end is gone, and the local peer should learn it now, not when
+        its next write fails. Returns the local ports of the peers whose connections remain open
+        on the live link."""
         with self._lock:
             links = dict(self._links)
         if not links:
-            return {}, {}
+            return set()
         live = self.transport.link().transport
-        on_live = {s: port for s, (t, port) in links.items() if t is live and t.is_active() and s.fileno() != -1}
-        return on_live, {s: port for s, (_t, port) in links.items() if s not in on_live}
-
-    def drop_stale(self) -> int:
-        """Close the connections whose channel is on a link that is not the live one any more
-        (after a drop): their far end is gone, and the local peer should learn it now, not when
-        its next write fails. Returns how many were closed."""
-        stale = self._live()[1]
-        for sock in stale:
+        alive: set[int] = set()
+        for sock, (t, port) in links.items():
+            if t is live and t.is_active() and sock.fileno() != -1:
+                alive.add(port)
+                continue
             try:
                 sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
             except OSError:
                 pass
-        return len(stale)
-
-    def live_peers(self) -> set[int]:
-        """The local ports of the peers whose connections are open on the live link."""
-        return set(self._live()[0].values())
+        return alive
 
     def close(self) -> None:
         self._closed.set()
