@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -139,3 +141,31 @@ def test_a_foreground_cell_ends_with_one_index_write(fresh_shell: Any) -> None:
     bg = remote.last_job
     bg.wait()
     assert not bg.marked_watched and not bg.meta.get("watched")  # nobody showed it: %ec2 output will say
+
+
+def test_a_follower_wakes_on_the_workers_write_not_on_its_next_poll(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent follows a job's folder with a DirWatch: another process's append or rename
+    wakes it (a 60 s wait returns at once), a folder nobody writes does not."""
+    from remotemagic.agent import dirwatch
+
+    jdir = tmp_path / "job"
+    jdir.mkdir()
+    (jdir / "events.jsonl").write_bytes(b"")
+    with dirwatch.DirWatch(str(jdir)) as watch:
+        assert watch.active  # Linux: inotify
+        assert not watch.wait(0.01)
+        writer = ("import os, sys\n"
+                  "open(os.path.join(sys.argv[1], 'events.jsonl'), 'ab').write(b'{}\\n')\n")
+        subprocess.run([sys.executable, "-c", writer, str(jdir)], check=True)
+        assert watch.wait(60)
+        assert not watch.wait(0.01)  # drained: one wake-up for what happened so far
+        renamer = ("import os, sys\n"
+                   "open(os.path.join(sys.argv[1], '.s.part'), 'w').write('{}')\n"
+                   "os.replace(os.path.join(sys.argv[1], '.s.part'), os.path.join(sys.argv[1], 'status.json'))\n")
+        subprocess.run([sys.executable, "-c", renamer, str(jdir)], check=True)
+        assert watch.wait(60)
+    assert watch.fd == -1
+    monkeypatch.setattr(dirwatch, "_libc", lambda: None)  # no inotify: it sleeps, as polling did
+    with dirwatch.DirWatch(str(jdir)) as blind:
+        assert not blind.active and not blind.wait(0.001)

@@ -169,6 +169,8 @@ def test_what_the_agent_writes_matches_the_protocol(local: tuple[remotemagic.Rem
         assert spec["id"] == job_id
         P.check_status(status)
         assert status["state"] in P.TERMINAL
+        if "error" not in status or status["error"]["ename"] != "WorkerDied":  # the worker's own end:
+            assert events[-1]["status"] == status  # its last event carries the whole final status
         for event in events:
             P.check_event(event)
             kinds.add(event["type"])

@@ -446,3 +446,36 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def test_a_final_status_a_machine_crash_lost_comes_back_from_the_log(
+        target: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker fsyncs the log -- whose last event carries the job's whole final status --
+    before it renames status.json into place, and fsyncs that file only after the cell has its
+    answer. What a machine crash in between leaves on disk (the running status.json beside the
+    whole log, and no process at all) must come back as the job ended, with its -o value: not
+    as a job whose worker died."""
+    remote = target.connect()
+    try:
+        job = remote.run("y = 6 * 7\nprint('made y')", pull=["y"])
+        assert job.result() == {"y": 42}
+        jdir = target.root / "jobs" / job.id
+        ended = json.loads((jdir / "status.json").read_text())
+        last = json.loads((jdir / "events.jsonl").read_bytes().splitlines()[-1])
+        assert (last["type"], last["state"], last["status"]) == ("status", "done", ended)
+        pid = int((files.read_json(str(target.root / "sessions" / remote.session / "worker.json"), {}) or {})["pid"])
+        os.killpg(os.getpgid(pid), signal.SIGKILL)  # the reboot: worker and supervisor gone
+        running = {"state": "running", "started": ended["started"], "pid": ended["pid"]}
+        files.atomic_write(str(jdir / "status.json"), [json.dumps(running).encode()])
+    finally:
+        remote.close()
+    monkeypatch.setenv("REMOTEMAGIC_STATE_DIR", str(tmp_path / "another-kernel"))  # its own index
+    other = target.connect()
+    try:
+        again = other.job(job.id)
+        assert again.wait(timeout=60) == "done"
+        assert again.result() == {"y": 42}
+        assert [e["text"] for e in again.events() if e["type"] == "stream"] == ["made y\n"]
+        assert json.loads((jdir / "status.json").read_text()) == ended
+    finally:
+        other.close()

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any
 
+from .protocol import TERMINAL
+
 FLUSH_INTERVAL = 0.05  # stdout/stderr text waits at most this long (the worker's flusher thread) ...
 FLUSH_BYTES = 64 * 1024  # ... or until this much has come
 
@@ -57,6 +59,29 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (set, tuple)):
         return list(obj)
     return repr(obj)
+
+
+TAIL = 256 * 1024  # how far back from a log's end its final status event is looked for
+
+
+def final_status(path: str) -> dict[str, Any] | None:
+    """The job status carried by the log's last line, if that line is a final ``status`` event
+    (the worker writes the whole status there and fsyncs the log before ``status.json``)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - TAIL))
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    try:
+        event = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("type") != "status" or not isinstance(event.get("status"), dict):
+        return None
+    status: dict[str, Any] = event["status"]
+    return status if status.get("state") == event.get("state") and status.get("state") in TERMINAL else None
 
 
 class EventLog:

@@ -72,6 +72,16 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str) -> None:
+    """Make a file that is already in place durable, and its folder's entry for it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
 WRITEBACK_EVERY = 8 * 2**20  # bytes of a durable file between two starts of its writeback
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import files, wire
 from . import protocol as P
+from .dirwatch import DirWatch
 from .ops_files import check_object, stream_file
 from .ops_sessions import kill_job, read_current, submit, worker_alive
 from .protocol import RequestError
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from .server import Agent
 
 DATA = 1024 * 1024  # the most of an event log sent in one data frame
+WATCHED_NAP = 0.05  # with a DirWatch, changes wake the follower; this only bounds a missed one
 
 
 def job_dir(agent: Agent, job_id: str) -> str:
@@ -81,7 +83,9 @@ def events(agent: Agent, rid: int, req: dict[str, Any]) -> Any:
     packer = agent.packer(req)
     nap = 0.001
     checked = active = time.monotonic()
-    with open(log_path, "rb") as f:
+    # watching the folder before the first read: an append or the status's rename wakes us at
+    # once (a warm cell waited ~1 ms for the next poll); without inotify, polls as before
+    with DirWatch(jdir) as watch, open(log_path, "rb") as f:
         while rid not in agent.cancelled:
             f.seek(offset)
             data = f.read(DATA)
@@ -108,8 +112,8 @@ def events(agent: Agent, rid: int, req: dict[str, Any]) -> Any:
             if time.monotonic() - checked > 2.0:
                 checked = time.monotonic()
                 check_orphan(agent, jdir, status)
-            time.sleep(nap)
-            # a short cell's end is seen within 2 ms; after a quiet second, polls slow to 50 ms
+            watch.wait(WATCHED_NAP if watch.active else nap)
+            # unwatched, a short cell's end is seen within 2 ms; after a quiet second, polls slow to 50 ms
             nap = min(nap * 2, 0.05 if time.monotonic() - active > 1.0 else 0.002)
     return {"job": job_id, "detached": True, "offset": offset}
 

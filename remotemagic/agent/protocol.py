@@ -267,9 +267,13 @@ class PageEvent(_EventBase):
     start: int
 
 
-class StatusEvent(_EventBase):
+class _StatusEventKeys(_EventBase):
     type: Literal["status"]
     state: str
+
+
+class StatusEvent(_StatusEventKeys, total=False):
+    status: JobStatus  # a final status event: the job's whole status (what status.json holds)
 
 
 class SpotNoticeEvent(TypedDict):

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from . import files, recover
-from .events import EventLog
+from .events import EventLog, final_status
 from .protocol import FAILED, TERMINAL
 
 STOPPING = "stopping.json"  # in the session folder while the agent stops its worker (restart, cancel --kill)
@@ -37,7 +37,13 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
     for job_id in job_ids:
         jdir = os.path.join(jroot, job_id)
         status = files.read_json(os.path.join(jdir, "status.json"), {})
-        if status.get("state") in TERMINAL or not status:
+        if status.get("state") in TERMINAL:
+            continue
+        ended = final_status(os.path.join(jdir, "events.jsonl"))
+        if ended is not None:  # it finished: a machine crash lost status.json's rename, not the log
+            files.write_json(os.path.join(jdir, "status.json"), ended)
+            continue
+        if not status:
             continue
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
         if spec.get("session") != session:

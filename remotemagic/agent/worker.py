@@ -156,12 +156,16 @@ class Worker:
             pass
 
     def write_status(self, jdir: str, status: dict[str, Any]) -> None:
+        """Replace the job's ``status.json``. Made durable only *after* the rename: a running
+        status means nothing after a machine crash, and a final one is already on disk in the
+        log's last event (``run_job`` fsyncs the log first; after a crash, ``mark_orphans``
+        takes it from there) -- so the agent, which answers once the final status is in place,
+        does not wait for this file's own fsync."""
         path = os.path.join(jdir, "status.json")
         try:
-            if status.get("state") == P.RUNNING:  # means nothing after a machine crash: no fsync
-                files.atomic_write(path, [json.dumps(status, indent=1, sort_keys=True).encode()], durable=False)
-            else:
-                files.write_json(path, status)
+            files.atomic_write(path, [json.dumps(status, indent=1, sort_keys=True).encode()], durable=False)
+            if status.get("state") != P.RUNNING:
+                files.fsync_file(path)
             return
         except OSError as exc:
             first = exc
@@ -252,7 +256,9 @@ class Worker:
         status.update({"state": state, "finished": time.time()})
         if error:
             status["error"] = error
-        log.emit({"type": "status", "state": state})
+        # the whole final status rides in the log's last event, and the log is fsynced (close)
+        # before status.json appears: the one fsync a cell's answer waits for
+        log.emit({"type": "status", "state": state, "status": status})
         self.router.log = None
         log.close()
         self.write_status(jdir, status)
