@@ -301,8 +301,10 @@ class Job:
 
     def wait(self, timeout: float | None = None, on_event: EventHandler | None = None) -> str:
         """Block until the job ends (``TimeoutError`` after ``timeout`` s); return its state."""
-        if self.meta.get("state") in protocol.TERMINAL and self._status is None:
-            self._status = self.meta.get("status")
+        if self._status is None:  # (a job followed to its end here has it: no read of the index)
+            meta = self.meta
+            if meta.get("state") in protocol.TERMINAL:
+                self._status = meta.get("status")
         if self._status and self._status.get("state") in protocol.TERMINAL:
             return self._status["state"]
         return self.follow(on_event, timeout)
