@@ -26,7 +26,9 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
                  details: dict[str, Any] | None = None) -> list[str]:
     """Fail the unfinished jobs of ``session`` that were handed to worker ``pid`` (or the
     ``job_ids`` given) with ``cause``; return their ids. A job handed to another worker, or to
-    none yet, is left alone: a live worker will run it."""
+    none yet, is left alone: a live worker will run it. A job whose log ends with its final
+    status event (it finished; a machine crash lost the rename of its ``status.json``) gets
+    that status back, not a failure."""
     jroot = os.path.join(root, "jobs")
     marked: list[str] = []
     if job_ids is None:
@@ -38,12 +40,6 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
         jdir = os.path.join(jroot, job_id)
         status = files.read_json(os.path.join(jdir, "status.json"), {})
         if status.get("state") in TERMINAL:
-            continue
-        ended = final_status(os.path.join(jdir, "events.jsonl"))
-        if ended is not None:  # it finished: a machine crash lost status.json's rename, not the log
-            files.write_json(os.path.join(jdir, "status.json"), ended)
-            continue
-        if not status:
             continue
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
         if spec.get("session") != session:
@@ -60,6 +56,12 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
                 # the agent hands it to the next worker
                 files.remove(os.path.join(jdir, "handed"))
                 continue
+        ended = final_status(os.path.join(jdir, "events.jsonl"))
+        if ended is not None:  # it finished: a machine crash lost status.json's rename, not the log
+            files.write_json(os.path.join(jdir, "status.json"), ended)
+            continue
+        if not status:
+            continue
         files.remove(os.path.join(jdir, "queued"))
         error = {"ename": ename, "evalue": cause, "traceback": [], **(details or {})}
         log = EventLog(os.path.join(jdir, "events.jsonl"))
