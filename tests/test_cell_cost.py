@@ -166,6 +166,6 @@ def test_a_follower_wakes_on_the_workers_write_not_on_its_next_poll(tmp_path: Pa
         subprocess.run([sys.executable, "-c", renamer, str(jdir)], check=True)
         assert watch.wait(60)
     assert watch.fd == -1
-    monkeypatch.setattr(dirwatch, "_libc", lambda: None)  # no inotify: it sleeps, as polling did
+    monkeypatch.setattr(dirwatch, "_inotify", lambda: None)  # no inotify: it sleeps, as polling did
     with dirwatch.DirWatch(str(jdir)) as blind:
         assert not blind.active and not blind.wait(0.001)

@@ -320,12 +320,7 @@ def _prepare() -> None:
     import cloudpickle  # type: ignore[import-untyped]  # noqa: F401  (files.encode imports it; the child inherits it loaded)
 
     if _prctl is None and sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            _prctl = ctypes.CDLL(None, use_errno=True).prctl
-        except Exception:
-            _prctl = False
+        _prctl = files.libc_function("prctl") or False
 
 
 def _lower_priority() -> None:

@@ -14,7 +14,6 @@ the descriptor to one background thread that closes it, so the answer goes out f
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import queue
@@ -23,6 +22,8 @@ import sys
 import threading
 import time
 from typing import Any
+
+from .files import libc_function
 
 IN_MODIFY = 0x002
 IN_CLOSE_WRITE = 0x008
@@ -44,18 +45,13 @@ def _start_closer() -> None:
     threading.Thread(target=_closer, name="dirwatch-closer", daemon=True).start()
 
 
-@functools.cache
-def _libc() -> Any:
-    """The C library's inotify calls, or None where there are none."""
+def _inotify() -> tuple[Any, Any] | None:
+    """The C library's ``inotify_init1`` and ``inotify_add_watch``, or None where there are none."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.inotify_init1.argtypes = [ctypes.c_int]
-        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-    except (OSError, AttributeError):
-        return None
-    return libc
+    init = libc_function("inotify_init1", ("c_int",))
+    add_watch = libc_function("inotify_add_watch", ("c_int", "c_char_p", "c_uint32"))
+    return (init, add_watch) if init is not None and add_watch is not None else None
 
 
 class DirWatch:
@@ -64,15 +60,17 @@ class DirWatch:
     Create it *before* reading what it watches: a change made after that wakes the next
     :meth:`wait` even if it landed before the wait began (inotify queues it)."""
 
-    def __init__(self, path: str, mask: int = CHANGES):
+    def __init__(self, path: str, mask: int = CHANGES, enabled: bool = True):
+        """``enabled=False``: a watch that only sleeps (for a caller that will not wait)."""
         self.fd = -1
-        libc = _libc()
-        if libc is None:
+        calls = _inotify() if enabled else None
+        if calls is None:
             return
-        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        init, add_watch = calls
+        fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:  # EMFILE: max_user_instances reached -- sleep instead
             return
-        if libc.inotify_add_watch(fd, os.fsencode(path), mask) < 0:
+        if add_watch(fd, os.fsencode(path), mask) < 0:
             os.close(fd)
             return
         self.fd = fd

@@ -86,18 +86,25 @@ WRITEBACK_EVERY = 8 * 2**20  # bytes of a durable file between two starts of its
 
 
 @functools.cache
-def _writeback_call() -> Any:
-    """libc's ``sync_file_range`` (Linux), or None where it is missing (another OS, a Python
-    built without ctypes). Looked up once, on first use."""
+def libc_function(name: str, argtypes: tuple[str, ...] | None = None, restype: str = "c_int") -> Any:
+    """The C library's function ``name`` (errno kept), typed with the ``ctypes`` type names
+    given; None where there is none (another OS, a Python built without ctypes). Looked up
+    once, on first use: ctypes is imported only then, not when an agent starts."""
     try:
         import ctypes
 
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (ImportError, OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
+    if argtypes is not None:
+        fn.argtypes = [getattr(ctypes, t) for t in argtypes]
+        fn.restype = getattr(ctypes, restype)
     return fn
+
+
+def _writeback_call() -> Any:
+    """libc's ``sync_file_range`` (Linux), or None where it is missing."""
+    return libc_function("sync_file_range", ("c_int", "c_int64", "c_int64", "c_uint"))
 
 
 class Writeback:

@@ -84,8 +84,9 @@ def events(agent: Agent, rid: int, req: dict[str, Any]) -> Any:
     nap = 0.001
     checked = active = time.monotonic()
     # watching the folder before the first read: an append or the status's rename wakes us at
-    # once (a warm cell waited ~1 ms for the next poll); without inotify, polls as before
-    with DirWatch(jdir) as watch, open(log_path, "rb") as f:
+    # once (a warm cell waited ~1 ms for the next poll); without inotify, polls as before.
+    # A one-off read (not ``follow``) never waits: no inotify instance for it
+    with DirWatch(jdir, enabled=follow) as watch, open(log_path, "rb") as f:
         while rid not in agent.cancelled:
             f.seek(offset)
             data = f.read(DATA)
