@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import remotemagic
-from remotemagic.agent import files
+from remotemagic.agent import events, files
 
 from .conftest import stop_workers
 
@@ -479,3 +479,27 @@ def test_a_final_status_a_machine_crash_lost_comes_back_from_the_log(
         assert json.loads((jdir / "status.json").read_text()) == ended
     finally:
         other.close()
+
+
+def test_a_final_status_is_read_from_the_log_whatever_its_size(tmp_path: Path) -> None:
+    """The restore above reads the log's last line: a status of a few MiB (a %ec2_store of
+    thousands of names) comes back whole, a last line cut short by the crash does not count,
+    and neither does a log whose last event is not a final status."""
+    path = str(tmp_path / "events.jsonl")
+    log = events.EventLog(path)
+    log.emit({"type": "stream", "name": "stdout", "text": "x" * 5000 + "\n"})
+    status = {"state": "done", "started": 1.0, "finished": 2.0,
+              "stored": [f"name_{i:07d}_{'v' * 40}" for i in range(60_000)]}  # ~3.5 MB of JSON
+    log.emit({"type": "status", "state": "done", "status": status})
+    log.close()
+    assert os.path.getsize(path) > 3_000_000
+    assert events.final_status(path) == status
+    with open(path, "ab") as f:
+        f.write(b'{"type":"status","state":"failed","status":{"state":"fa')  # torn by the crash
+    assert events.final_status(path) is None
+    with open(path, "ab") as f:
+        f.write(b'\n{"type":"stream","name":"stdout","text":"late\\n"}\n')
+    assert events.final_status(path) is None
+    assert events.final_status(str(tmp_path / "missing.jsonl")) is None
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert events.final_status(str(tmp_path / "empty.jsonl")) is None

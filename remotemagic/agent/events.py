@@ -61,21 +61,43 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
-TAIL = 256 * 1024  # how far back from a log's end its final status event is looked for
+_BACK_STEP = 1 << 20  # how far each step of the backward search for a log's last line reads
+
+
+def last_line(path: str) -> bytes | None:
+    """The last whole line of a file (without its newline), however long; None for a missing or
+    empty file, or one whose last line was cut short (it does not end with a newline)."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end == 0:
+                return None
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                return None
+            parts: list[bytes] = []
+            pos = end - 1
+            while pos > 0:
+                step = min(_BACK_STEP, pos)
+                pos -= step
+                f.seek(pos)
+                chunk = f.read(step)
+                cut = chunk.rfind(b"\n")
+                if cut >= 0:
+                    parts.append(chunk[cut + 1:])
+                    break
+                parts.append(chunk)
+            return b"".join(reversed(parts))
+    except OSError:
+        return None
 
 
 def final_status(path: str) -> dict[str, Any] | None:
     """The job status carried by the log's last line, if that line is a final ``status`` event
     (the worker writes the whole status there and fsyncs the log before ``status.json``)."""
+    line = last_line(path)
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - TAIL))
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    try:
-        event = json.loads(lines[-1]) if lines else None
+        event = json.loads(line) if line else None
     except ValueError:
         return None
     if not isinstance(event, dict) or event.get("type") != "status" or not isinstance(event.get("status"), dict):
