@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -181,3 +182,26 @@ def test_interrupt_from_the_only_page_still_interrupts(nb: dict[str, Any]) -> No
     text, errs = collect(k.kc, msg_id, 30)
     assert "Interrupting job" in text
     wait_for("the job to be interrupted", lambda: target_state(nb["root"], job["id"]) == "interrupted")
+
+
+def test_one_watcher_thread_serves_every_cell_and_fires_only_for_a_page_gone(tmp_path: Path) -> None:
+    """The page watch of a foreground cell: a page still connected never interrupts, however
+    many cells come and go, and they share one thread; a page gone interrupts the main thread
+    (as the kernel's Ctrl-C would) -- for the next cell too, once the first has fired."""
+    def watchers() -> int:
+        return sum(t.name == "remotemagic-frontend-watch" for t in threading.enumerate())
+
+    origin = {"kernel": "kernel-1", "client": "page-a"}
+    notebook.write_frontends("kernel-1", ["page-a"], tmp_path)
+    for _ in range(30):
+        with notebook.FrontendWatch(origin, every=0.001, grace=0.0, root=tmp_path) as watch:
+            time.sleep(0.003)  # (checked while it runs: the page is there, nothing happens)
+        assert not watch.fired
+    assert watchers() == 1
+    notebook.write_frontends("kernel-1", ["page-b"], tmp_path)  # page-a was closed
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            with notebook.FrontendWatch(origin, every=0.01, grace=0.0, root=tmp_path) as watch:
+                wait_for("the watch to interrupt the cell", lambda: False, timeout=60)
+        assert watch.fired
+    assert watchers() == 1
