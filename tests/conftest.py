@@ -8,6 +8,7 @@ locally and over SSH.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -143,6 +144,14 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
             return got
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The Ctrl-C tests press Ctrl-C (SIGINT to this process). A background job of a script
+    starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler: install
+    it, so the suite passes however it is started (CI, nohup, a script's ``&``)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
