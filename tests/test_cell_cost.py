@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -169,3 +170,49 @@ def test_a_follower_wakes_on_the_workers_write_not_on_its_next_poll(tmp_path: Pa
     monkeypatch.setattr(dirwatch, "_inotify", lambda: None)  # no inotify: it sleeps, as polling did
     with dirwatch.DirWatch(str(jdir)) as blind:
         assert not blind.active and not blind.wait(0.001)
+
+
+def test_a_swapped_in_file_is_whole_for_readers_and_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's status.json and a worker's ``current`` are replaced by exchanging them with the
+    new file (renameat2 RENAME_EXCHANGE: no ext4 flush of the new file on the cell's path): a
+    reader meanwhile sees the old or the new file, whole, never none; no temporary file stays;
+    a first write, or a system without the exchange, renames as before."""
+    path = tmp_path / "status.json"
+    files.atomic_write(str(path), [b'{"state": "queued"}'], durable=False, swap=True)  # no file yet: a rename
+    assert json.loads(path.read_text()) == {"state": "queued"}
+    seen: list[bytes] = []
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(path.read_bytes())
+            except OSError as exc:  # no file for a moment: what a swap must never show
+                failed.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(300):
+            files.atomic_write(str(path), [json.dumps({"state": "running", "n": i, "pad": "x" * 3000}).encode()],
+                               durable=False, swap=True)
+    finally:
+        stop.set()
+        reader.join()
+    assert not failed and seen and all(json.loads(b)["state"] in ("queued", "running") for b in seen)
+    assert json.loads(path.read_text())["n"] == 299
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+    assert files.swap_in(str(path), str(tmp_path / "nothing-there")) is False  # nothing changed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+    if sys.platform == "linux":  # the exchange itself, here (ext4 or tmpfs)
+        (tmp_path / "new").write_bytes(b"new")
+        assert files.swap_in(str(tmp_path / "new"), str(path)) is True
+        assert path.read_bytes() == b"new" and json.loads((tmp_path / "new").read_text())["n"] == 299
+        (tmp_path / "new").unlink()
+
+    monkeypatch.setattr(files, "_exchange_call", lambda: None)  # e.g. macOS: a plain rename
+    files.atomic_write(str(path), [b'{"state": "done"}'], durable=False, swap=True)
+    assert json.loads(path.read_text()) == {"state": "done"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]

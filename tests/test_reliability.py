@@ -503,3 +503,36 @@ def test_a_final_status_is_read_from_the_log_whatever_its_size(tmp_path: Path) -
     assert events.final_status(str(tmp_path / "missing.jsonl")) is None
     (tmp_path / "empty.jsonl").write_bytes(b"")
     assert events.final_status(str(tmp_path / "empty.jsonl")) is None
+
+
+def test_a_status_a_crash_left_empty_is_failed_or_restored_never_left_hanging(tmp_path: Path) -> None:
+    """status.json is swapped in without an fsync, so a machine crash may leave it empty: the
+    job whose worker is gone is then failed (or, had it ended, restored from its log) like one
+    with a readable status -- not left "running" forever. A job with no status.json yet (being
+    created) is left alone."""
+    from remotemagic.agent import supervisor
+
+    def job(job_id: str, status: bytes | None, final: dict[str, Any] | None) -> Path:
+        jdir = tmp_path / "jobs" / job_id
+        jdir.mkdir(parents=True)
+        (jdir / "spec.json").write_text(json.dumps({"session": "s"}))
+        (jdir / "handed").write_text("4242")
+        if status is not None:
+            (jdir / "status.json").write_bytes(status)
+        log = events.EventLog(str(jdir / "events.jsonl"))
+        log.emit({"type": "stream", "name": "stdout", "text": "working\n"})
+        if final is not None:
+            log.emit({"type": "status", "state": final["state"], "status": final})
+        log.close()
+        return jdir
+
+    lost = job("20261203-000000-000-0001", b"", None)
+    ended = {"state": "done", "started": 1.0, "finished": 2.0, "pid": 4242}
+    finished = job("20261203-000000-000-0002", b"\0" * 40, ended)
+    creating = job("20261203-000000-000-0003", None, None)
+    marked = supervisor.mark_orphans(str(tmp_path), "s", "worker died, signal 9 (SIGKILL)", pid=4242)
+    assert marked == [lost.name]
+    failed = json.loads((lost / "status.json").read_text())
+    assert failed["state"] == "failed" and failed["error"]["evalue"] == "worker died, signal 9 (SIGKILL)"
+    assert json.loads((finished / "status.json").read_text()) == ended
+    assert not (creating / "status.json").exists()

@@ -18,6 +18,7 @@ final bytearray, so a 1 GiB array needs 1 GiB, not 2.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import hashlib
@@ -131,12 +132,56 @@ class Writeback:
         self.started = end
 
 
+_RENAME_EXCHANGE = 2  # renameat2's flag (Linux 3.15; ext4, xfs, btrfs, tmpfs)
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _exchange_call() -> Any:
+    """libc's ``renameat2`` (Linux, glibc 2.28), or None where it is missing."""
+    return libc_function("renameat2", ("c_int", "c_char_p", "c_int", "c_char_p", "c_uint"))
+
+
+_exchange_unsupported: set[int] = set()  # st_dev of file systems that refused the exchange
+
+
+def swap_in(tmp: str, path: str) -> bool:
+    """Exchange the files ``tmp`` and ``path`` in one atomic step (``path`` then holds what
+    ``tmp`` held, and ``tmp`` the old file, to be unlinked). False, with nothing changed, where
+    it cannot: no ``path`` yet, no ``renameat2``, a file system without the exchange."""
+    call = _exchange_call()
+    if call is None:
+        return False
+    dev = os.stat(tmp).st_dev
+    if dev in _exchange_unsupported:
+        return False
+    if call(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE) == 0:
+        return True
+    import ctypes  # (loaded already: libc_function found renameat2 through it)
+
+    err = ctypes.get_errno()
+    if err == errno.ENOENT:
+        return False
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        _exchange_unsupported.add(dev)
+        return False
+    raise OSError(err, os.strerror(err), path)
+
+
 def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], durable: bool = True,
-                 on_open: Callable[[], None] | None = None) -> int:
+                 on_open: Callable[[], None] | None = None, swap: bool = False) -> int:
     """Write to a temporary file beside ``path``, fsync, rename over ``path``. Returns bytes.
 
     ``durable=False`` skips the fsyncs (the rename stays atomic): for markers that mean nothing
     after a machine crash -- the processes they describe are gone then too.
+
+    ``swap`` (with ``durable=False``): an existing ``path`` is replaced by exchanging it with the
+    new file (:func:`swap_in`), then the old one is unlinked -- as atomic for readers as a
+    rename, but it skips what ext4 does on a rename over a file (``auto_da_alloc``: it starts
+    writing the new file out; a small file's replace took 0.34-0.38 ms here, by exchange
+    0.12-0.17 ms), so a machine crash soon after may leave the file empty. Only for files
+    nobody needs then: a worker's ``current`` and a job's ``status.json`` (a final status
+    comes back from the job's log).
 
     With ``on_open``, the temporary file has the well-known name ``<path>.part`` (so a reader
     can follow it while it is written; it reads the same inode after the rename), and
@@ -165,7 +210,10 @@ def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], du
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if swap and not durable and swap_in(tmp, path):
+            os.unlink(tmp)  # the old file
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.truncate(tmp, 0)  # frees the blocks now, even while a reader holds the file open

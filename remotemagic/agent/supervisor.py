@@ -9,6 +9,7 @@ it stopped (``stop_session``, ``cancel --kill``) or found gone.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 from . import files, recover
 from .events import EventLog, final_status
-from .protocol import FAILED, TERMINAL
+from .protocol import FAILED, RUNNING, TERMINAL
 
 STOPPING = "stopping.json"  # in the session folder while the agent stops its worker (restart, cancel --kill)
 
@@ -38,7 +39,7 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
             return marked
     for job_id in job_ids:
         jdir = os.path.join(jroot, job_id)
-        status = files.read_json(os.path.join(jdir, "status.json"), {})
+        status = _status(os.path.join(jdir, "status.json"))
         if status.get("state") in TERMINAL:
             continue
         spec = files.read_json(os.path.join(jdir, "spec.json"), {})
@@ -72,6 +73,20 @@ def mark_orphans(root: str, session: str, cause: str, pid: int | None = None,
         files.write_json(os.path.join(jdir, "status.json"), status)
         marked.append(job_id)
     return marked
+
+
+def _status(path: str) -> dict[str, Any]:
+    """A job's status; {} while it has none yet (the agent is creating the job). A file that is
+    there but empty or cut short -- what a machine crash can leave of a status swapped in
+    without an fsync (``files.atomic_write(swap=True)``) -- reads as a job that was running."""
+    try:
+        with open(path, "rb") as f:
+            status = json.loads(f.read())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {"state": RUNNING}
+    return status if isinstance(status, dict) else {"state": RUNNING}
 
 
 def describe_exit(status: int, memory: dict[str, int] | None = None) -> str:

@@ -163,7 +163,8 @@ class Worker:
         does not wait for this file's own fsync."""
         path = os.path.join(jdir, "status.json")
         try:
-            files.atomic_write(path, [json.dumps(status, indent=1, sort_keys=True).encode()], durable=False)
+            files.atomic_write(path, [json.dumps(status, indent=1, sort_keys=True).encode()], durable=False,
+                              swap=True)
             if status.get("state") != P.RUNNING:
                 files.fsync_file(path)
             return
@@ -206,7 +207,7 @@ class Worker:
         if isinstance(spec_idle, (int, float)) and spec_idle >= 0:
             self.idle_hours = float(spec_idle)
         # "current" before "running": a cancel that sees the job running also finds it current
-        files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()], durable=False)
+        files.atomic_write(os.path.join(self.sdir, "current"), [job_id.encode()], durable=False, swap=True)
         log = EventLog(os.path.join(jdir, "events.jsonl"))
         status: dict[str, Any] = {"state": P.RUNNING, "started": time.time(), "pid": os.getpid()}
         self.write_status(jdir, status)
