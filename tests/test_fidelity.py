@@ -47,15 +47,17 @@ ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 CELL_FILE = re.compile(r"<ipython-input-\d+-[0-9a-f]+>|/tmp/ipykernel_\d+/\d+\.py|\b\d{5,}\.py\b")
 RANDOM_ID = re.compile(r"\b[0-9a-f]{32}\b")  # display ids (uuid4().hex)
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+SLOWEST = re.compile(r"The slowest run took [^\n]*(?:\n|$)")
 
 
 def _norm(text: str, source: str, workdir: str) -> str:
     text = ANSI.sub("", text).replace(workdir, "<workdir>")
     text = RANDOM_ID.sub("<id>", CELL_FILE.sub("<cell>", ADDRESS.sub("0x?", text)))
+    # %timeit's warning depends on the machine's load: drop it, not what was printed before it on
+    # its line (``print('size:', n, end=' ')`` then ``%timeit``: "size: 200 The slowest run took...")
+    text = SLOWEST.sub("", text)
     lines = []
     for line in text.split("\n"):
-        if "The slowest run took" in line:  # %timeit's warning depends on the machine's load
-            continue
         if "per loop" in line or "Wall time" in line or "CPU times" in line:
             line = re.sub(r"\b(?:ns|[µμ]s|us|ms|s)\b", "<unit>", NUMBER.sub("N", line))
             line = line.replace("N loop each", "N loops each")
