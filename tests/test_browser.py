@@ -346,10 +346,14 @@ def test_one_interrupt_from_a_second_page_does_not_cancel(lab: Lab, browser: Any
     second.locator(".jp-NotebookPanel .jp-Cell").nth(0).locator(".jp-InputArea-prompt").click()
     second.keyboard.press("i")
     second.keyboard.press("i")  # JupyterLab's "interrupt the kernel", once
-    # (read once: the page soon fills the let-go cell with the job's own outputs, without this line)
-    said = wait_for("the first page to say it detached and how to cancel",
-                    lambda: next((t for t in [output_text(first, 1)] if f"%ec2 cancel {job['id'][-4:]}" in t), None),
-                    timeout=30)
+
+    def detached_text() -> str | None:
+        """The first page's cell text once it says how to cancel -- read once, as the page soon
+        fills the let-go cell with the job's own outputs, without that line."""
+        text = output_text(first, 1)
+        return text if f"%ec2 cancel {job['id'][-4:]}" in text else None
+
+    said = wait_for("the first page to say it detached and how to cancel", detached_text, timeout=30)
     assert "did not start it" in said
     assert_kernel_answers(second)
     assert target_state(lab, job["id"]) == "running"  # not cancelled

@@ -136,7 +136,6 @@ _RENAME_EXCHANGE = 2  # renameat2's flag (Linux 3.15; ext4, xfs, btrfs, tmpfs)
 _AT_FDCWD = -100
 
 
-@functools.cache
 def _exchange_call() -> Any:
     """libc's ``renameat2`` (Linux, glibc 2.28), or None where it is missing."""
     return libc_function("renameat2", ("c_int", "c_char_p", "c_int", "c_char_p", "c_uint"))
@@ -152,8 +151,7 @@ def swap_in(tmp: str, path: str) -> bool:
     call = _exchange_call()
     if call is None:
         return False
-    dev = os.stat(tmp).st_dev
-    if dev in _exchange_unsupported:
+    if _exchange_unsupported and os.stat(tmp).st_dev in _exchange_unsupported:  # (no stat per write)
         return False
     if call(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE) == 0:
         return True
@@ -163,7 +161,7 @@ def swap_in(tmp: str, path: str) -> bool:
     if err == errno.ENOENT:
         return False
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-        _exchange_unsupported.add(dev)
+        _exchange_unsupported.add(os.stat(tmp).st_dev)
         return False
     raise OSError(err, os.strerror(err), path)
 
