@@ -244,18 +244,36 @@ def start_job(lab: Lab, browser: Any, pages: list[Any], name: str) -> tuple[Any,
     return page, job_meta(lab)
 
 
-def assert_kernel_answers(page: Any, within: float = 2.0) -> float:
-    """Type a cell under the job's cell and run it: its answer must come within ``within`` s."""
+def timed_answer(page: Any, index: int, code: str, answer: str) -> float:
+    """Type ``code`` into the (new, empty) cell ``index``, run it: seconds until ``answer`` shows."""
+    page.keyboard.type(code)
+    t0 = time.monotonic()
+    page.keyboard.press("Shift+Enter")  # runs it and opens a new cell below, in edit mode
+    wait_for(f"the kernel's answer in cell {index}", lambda: answer in output_text(page, index), timeout=60)
+    return time.monotonic() - t0
+
+
+def assert_kernel_answers(lab: Lab, page: Any, job: dict[str, Any], within: float = 2.0) -> float:
+    """The kernel is free: a cell typed under the job's cell answers within ``within`` s of what the
+    page and kernel take for a cell right then.
+
+    Timed from once this page is connected to the kernel (JupyterLab's own start-up is not the
+    kernel's), and against a second, identical cell run right after it: what that one takes is
+    the machine's load and the browser's rendering, not a kernel held by the job; the first one
+    waits longer only as long as the kernel is not free. (The answer coming at all while the job
+    still waits for its go-ahead is what shows the job does not hold the kernel.)"""
+    kid = job["origin"]["kernel"]
+    wait_for("this page's connection to the kernel",
+             lambda: any(c != job["origin"]["client"] for c in notebook.connected_clients(kid, lab.state_dir) or ()),
+             timeout=60)
     cells = page.locator(".jp-NotebookPanel .jp-Cell")
     cells.nth(1).locator(".jp-InputArea-prompt").click()  # command mode on the job's cell
     page.keyboard.press("b")  # a new cell below
     page.keyboard.press("Enter")
-    page.keyboard.type("print('kernel answers', 6 * 7)")
-    t0 = time.monotonic()
-    page.keyboard.press("Shift+Enter")
-    wait_for("the kernel's answer", lambda: "kernel answers 42" in output_text(page, 2), timeout=30)
-    took = time.monotonic() - t0
-    assert took < within, f"the kernel took {took:.1f}s to answer after the page came back"
+    took = timed_answer(page, 2, "print('kernel answers', 6 * 7)", "kernel answers 42")
+    then = timed_answer(page, 3, "print('kernel answers again', 6 * 7)", "kernel answers again 42")
+    assert took - then < within, (f"the kernel took {took:.1f}s to answer after the page came back, "
+                                  f"{then:.1f}s for the next cell")
     return took
 
 
@@ -283,7 +301,7 @@ def test_reopen_while_running_then_live_and_saved(lab: Lab, browser: Any, pages:
     assert target_state(lab, job["id"]) == "running"  # still waiting for the go-ahead
     wait_for("the first lines back in the original cell",
              lambda: lines(output_text(page, 1)) == expected(FIRST), timeout=30)
-    assert_kernel_answers(page)
+    assert_kernel_answers(lab, page, job)
     go(lab, 8)
     wait_for("lines 8-11 while the job still runs (live)",
              lambda: lines(output_text(page, 1)) == expected(12), timeout=60)
@@ -305,7 +323,7 @@ def test_reopen_after_the_job_finished(lab: Lab, browser: Any, pages: list[Any])
 
     page = open_notebook(lab, browser, pages, "finished.ipynb")
     wait_for("every line, once, in the original cell", lambda: lines(output_text(page, 1)) == expected(ALL), timeout=30)
-    assert_kernel_answers(page)
+    assert_kernel_answers(lab, page, job)
     save(page)
     wait_for("the output in the saved .ipynb",
              lambda: saved_lines(lab.dir / "finished.ipynb") == expected(ALL), timeout=30)
@@ -355,7 +373,7 @@ def test_one_interrupt_from_a_second_page_does_not_cancel(lab: Lab, browser: Any
 
     said = wait_for("the first page to say it detached and how to cancel", detached_text, timeout=30)
     assert "did not start it" in said
-    assert_kernel_answers(second)
+    assert_kernel_answers(lab, second, job)
     assert target_state(lab, job["id"]) == "running"  # not cancelled
     go(lab, 8)
     go(lab, 12)
