@@ -216,3 +216,25 @@ def test_a_swapped_in_file_is_whole_for_readers_and_leaves_nothing_behind(
     files.atomic_write(str(path), [b'{"state": "done"}'], durable=False, swap=True)
     assert json.loads(path.read_text()) == {"state": "done"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+
+
+def test_what_the_inputs_replace_is_released_beside_the_cell_not_before_it(r: remotemagic.Remote,
+                                                                           tmp_path: Path) -> None:
+    """Pushing a new value under a name frees the old one in a thread of the worker's own: the
+    cell does not wait for it (freeing a pushed 512 MiB array whose object was evicted took
+    0.4 s). Here the old value's release waits for a file the test creates after the cell."""
+    gate, freed = tmp_path / "go", tmp_path / "freed"
+    ok(r, "import os, time\n"
+          "class Held:\n"
+          "    def __del__(self):\n"
+          "        deadline = time.monotonic() + 60\n"
+          f"        while not os.path.exists({str(gate)!r}) and time.monotonic() < deadline:\n"
+          "            time.sleep(0.01)\n"
+          f"        open({str(freed)!r}, 'w').close()\n"
+          "x = Held()\n")
+    job = r.run("y = x + 1", push={"x": 41}, pull=["y"])
+    assert job.state == "done" and job.result() == {"y": 42}
+    assert not freed.exists()  # still being released, while the cell is done
+    gate.touch()
+    wait_for("the old value's release to end", freed.exists, timeout=60)
+    assert r.run("z = x", pull=["z"]).result() == {"z": 41}

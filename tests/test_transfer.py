@@ -6,7 +6,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -124,35 +124,51 @@ def test_push_pull_magics(ip: Any, tree: Path, tmp_path: Path, capsys: pytest.Ca
     assert "does not exist" in str(result.error_in_exec)
 
 
-def test_durable_writes_start_their_writeback_as_they_grow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Uploads and object files hand the kernel their pages every 8 MiB (so the final fsync waits
-    for the last stretch only): contiguous ranges from where the write began, the bytes intact."""
+def test_durable_writes_are_flushed_in_the_background_as_they_grow(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uploads and object files are flushed to disk every 8 MiB by another thread while they are
+    still being written (so the final fsync waits for the last stretch only); the bytes intact."""
+    import threading
+
     from remotemagic.agent import files, uploads
 
-    real = files._writeback_call()
-    assert real is not None  # Linux with ctypes: the call is there
-    ranges: list[tuple[int, int]] = []
+    real = os.fdatasync
+    flushed: list[tuple[int, str]] = []  # (the file's size then, the thread that flushed)
+    first = threading.Event()
 
-    def spy(fd: int, start: int, length: int, flags: int) -> int:
-        ranges.append((start, length))
-        return int(real(fd, start, length, flags))
+    def spy(fd: int) -> None:
+        flushed.append((os.fstat(fd).st_size, threading.current_thread().name))
+        first.set()
+        real(fd)
 
-    monkeypatch.setattr(files, "_writeback_call", lambda: spy)
+    monkeypatch.setattr(os, "fdatasync", spy)
     data = os.urandom(20 * 2**20)
-    files.atomic_write(str(tmp_path / "obj"), [data[i:i + 2**20] for i in range(0, len(data), 2**20)])
-    assert (tmp_path / "obj").read_bytes() == data
-    assert ranges == [(0, 8 * 2**20), (8 * 2**20, 8 * 2**20)]
+    mib = 2**20
 
-    ranges.clear()  # an upload resumed at 5 MiB: its writeback starts there
+    def chunks(start: int) -> Iterator[bytes]:
+        """1 MiB pieces; past the first 8 MiB, the next waits until a flush has begun."""
+        for i in range(start, len(data), mib):
+            if i - start >= 9 * mib:
+                assert first.wait(60), "no flush while the file was being written"
+            yield data[i:i + mib]
+
+    files.atomic_write(str(tmp_path / "obj"), chunks(0))
+    assert (tmp_path / "obj").read_bytes() == data
+    assert flushed and all(name == "remotemagic-writeback" for _, name in flushed)
+    assert 8 * mib <= flushed[0][0] < len(data)  # while it was written, once 8 MiB were there
+
+    flushed.clear()  # an upload resumed at 5 MiB: 8 MiB more before the first flush
+    first.clear()
     part = tmp_path / "up.part"
-    part.write_bytes(data[: 5 * 2**20])
-    up = uploads.Upload(str(part), str(tmp_path / "up"), len(data), None, offset=5 * 2**20)
-    for i in range(5 * 2**20, len(data), 256 * 1024):
-        up.write(data[i:i + 256 * 1024])
+    part.write_bytes(data[: 5 * mib])
+    up = uploads.Upload(str(part), str(tmp_path / "up"), len(data), None, offset=5 * mib)
+    for piece in chunks(5 * mib):
+        up.write(piece)
     assert up.finish() == {"size": len(data), "path": str(tmp_path / "up")}
     assert (tmp_path / "up").read_bytes() == data
-    assert ranges == [(5 * 2**20, 8 * 2**20)]
+    assert flushed and 13 * mib <= flushed[0][0] < len(data)
+    assert up.writeback.flushes == len(flushed)
 
-    ranges.clear()  # a marker written without fsync: no writeback either
+    flushed.clear()  # a marker written without fsync: no flush, no thread
     files.atomic_write(str(tmp_path / "marker"), [data], durable=False)
-    assert ranges == []
+    assert flushed == []

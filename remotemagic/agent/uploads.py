@@ -54,6 +54,7 @@ class Upload:
 
     def finish(self) -> dict[str, Any]:
         """fsync, check, rename into place; the answer's result."""
+        self.writeback.close()
         try:
             self.f.flush()
             os.fsync(self.f.fileno())
@@ -76,6 +77,7 @@ class Upload:
 
     def abandon(self) -> None:
         """The link dropped mid-upload: an object's temporary file goes, a file's ``.rmpart`` stays."""
+        self.writeback.close()
         self.f.close()
         if self.digest:
             try:
