@@ -42,6 +42,14 @@ def test_object_cache_is_bounded_lru(remote: remotemagic.Remote, target) -> None
         objects = [p for p in (Path(target.root) / "objects").iterdir() if not p.name.startswith(".")]
         assert sum(p.stat().st_size for p in objects) <= 3_000_000
         assert len(objects) == 2
+        # the evicted ones were renamed out at once and are unlinked after the answer
+        wait_for("the evicted objects' files to go",
+                 lambda: not [p for p in (Path(target.root) / "objects").iterdir() if p.name.startswith(".evicted-")],
+                 timeout=30)
+        leftover = Path(target.root) / "objects" / ".evicted-0123"  # what a dead agent left renamed
+        leftover.write_bytes(b"x")
+        remote.request("evict_objects", limit=3_000_000, keep=[])
+        wait_for("a dead agent's evicted leftover to go", lambda: not leftover.exists(), timeout=30)
     # an evicted value the client thought was there is sent again, not an error
     assert remote.run("t = float(v[0])", push={"v": np.full(125_000, 0.0)}, pull=["t"]).result() == {"t": 0.0}
     # the newest is still there: pushing it again sends nothing
