@@ -172,3 +172,41 @@ def test_durable_writes_are_flushed_in_the_background_as_they_grow(tmp_path: Pat
     flushed.clear()  # a marker written without fsync: no flush, no thread
     files.atomic_write(str(tmp_path / "marker"), [data], durable=False)
     assert flushed == []
+
+
+def test_a_write_error_met_by_a_background_flush_fails_the_write(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reports a write error to one fsync of an open file: when the background flush
+    met it, the final fsync may succeed -- the write must fail anyway, and leave nothing behind."""
+    import errno
+    import threading
+
+    from remotemagic.agent import files, uploads
+
+    met = threading.Event()
+
+    def failing(fd: int) -> None:
+        met.set()
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)  # the final fsync (os.fsync) is the real one
+    data = os.urandom(12 * 2**20)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(data), 2**20):
+            if i >= 9 * 2**20:
+                assert met.wait(60), "no flush while the file was being written"
+            yield data[i:i + 2**20]
+
+    with pytest.raises(OSError, match="Input/output error"):
+        files.atomic_write(str(tmp_path / "obj"), chunks())
+    assert list(tmp_path.iterdir()) == []
+
+    met.clear()
+    up = uploads.Upload(str(tmp_path / "up.part"), str(tmp_path / "up"), len(data), "f" * 32)
+    for piece in chunks():
+        up.write(piece)
+    with pytest.raises(Exception, match="Input/output error") as info:
+        up.finish()
+    assert getattr(info.value, "kind", "") == "RemoteDiskError"
+    assert list(tmp_path.iterdir()) == []

@@ -88,7 +88,7 @@ def save(sdir: str, items: Iterable[tuple[str, Any]], limit: int, job_id: str,
             skipped[name] = _too_large(limit)
             too_large[name] = key
             continue
-        files.write_object(os.path.join(new, name + ".obj"), enc)
+        files.write_object(os.path.join(new, name + ".obj"), enc, flush_behind=False)  # (no thread here)
         saved[name] = {"size": enc.size, "type": files.type_name(value)}
         del enc
     if not saved and skipped and previous.get("saved"):

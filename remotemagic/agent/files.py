@@ -114,11 +114,13 @@ class Writeback:
     cache flush still waited for all of them -- 512 MiB written at 170 MB/s, fsync 0.6 s with
     ``sync_file_range`` every 8 MiB, 0.01 s with this (docs/performance.md). Nothing is promised
     before that final fsync; :meth:`close` (before it, and before the file is closed) stops the
-    thread. Its errors are left to that fsync, which reports the same failure."""
+    thread and returns the error a flush met: the kernel reports a write error to one fsync of
+    an open file only, so the final fsync may not see it again -- the writer must raise it."""
 
     def __init__(self, f: Any, start: int = 0):
         self.f, self.started = f, start
         self.flushes = 0  # fdatasync calls made (tests read it)
+        self.error: OSError | None = None  # what a flush met (see close)
         self._cond = threading.Condition()
         self._pending = self._closed = False
         self._thread: threading.Thread | None = None
@@ -140,6 +142,7 @@ class Writeback:
             self._cond.notify()
 
     def _run(self, fd: int) -> None:
+        datasync = getattr(os, "fdatasync", os.fsync)  # (macOS has no fdatasync)
         while True:
             with self._cond:
                 while not self._pending and not self._closed:
@@ -148,18 +151,23 @@ class Writeback:
                     return
                 self._pending = False
             try:
-                os.fdatasync(fd)
-            except OSError:
-                return  # (the final fsync raises it for the writer)
+                datasync(fd)
+            except OSError as exc:
+                self.error = exc  # no more flushes: the writer raises it at close
+                return
             self.flushes += 1
 
-    def close(self) -> None:
-        """Stop the thread (a flush under way is waited for: the final fsync needs it anyway)."""
+    def close(self) -> OSError | None:
+        """Stop the thread (a flush under way is waited for: the final fsync needs it anyway);
+        the error a flush met, if any: the file is not durable then, whatever fsync says next."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+        return self.error
+
+
 
 
 _RENAME_EXCHANGE = 2  # renameat2's flag (Linux 3.15; ext4, xfs, btrfs, tmpfs)
@@ -197,11 +205,13 @@ def swap_in(tmp: str, path: str) -> bool:
 
 
 def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], durable: bool = True,
-                 on_open: Callable[[], None] | None = None, swap: bool = False) -> int:
+                 on_open: Callable[[], None] | None = None, swap: bool = False, flush_behind: bool = True) -> int:
     """Write to a temporary file beside ``path``, fsync, rename over ``path``. Returns bytes.
 
     ``durable=False`` skips the fsyncs (the rename stays atomic): for markers that mean nothing
-    after a machine crash -- the processes they describe are gone then too.
+    after a machine crash -- the processes they describe are gone then too. A durable file past
+    8 MiB is flushed by a thread while it is written (:class:`Writeback`), unless
+    ``flush_behind=False`` (a forked checkpoint writer starts no thread).
 
     ``swap`` (with ``durable=False``): an existing ``path`` is replaced by exchanging it with the
     new file (:func:`swap_in`), then the old one is unlinked -- as atomic for readers as a
@@ -227,7 +237,7 @@ def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], du
     size = 0
     try:
         with os.fdopen(fd, "wb") as f:
-            writeback = Writeback(f) if durable else None
+            writeback = Writeback(f) if durable and flush_behind else None
             try:
                 if on_open is not None:
                     on_open()
@@ -237,8 +247,9 @@ def atomic_write(path: str, chunks: Iterable[bytes | bytearray | memoryview], du
                     if writeback is not None:
                         writeback.wrote(size)
             finally:
-                if writeback is not None:
-                    writeback.close()  # before the file is closed, whatever happened
+                failed = writeback.close() if writeback is not None else None  # before the file is closed
+            if failed is not None:
+                raise failed
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -337,10 +348,11 @@ def encode(value: Any, dumps: Any = None, hasher: Any = None) -> Encoded:
     return Encoded(header, buffers, hasher)
 
 
-def write_object(path: str, enc: Encoded, on_open: Callable[[], None] | None = None) -> int:
+def write_object(path: str, enc: Encoded, on_open: Callable[[], None] | None = None,
+                 flush_behind: bool = True) -> int:
     """Write an object file atomically. With ``on_open``, it is written as ``<path>.part`` (a
     reader may stream it while it grows: see ``atomic_write``)."""
-    return atomic_write(path, enc.chunks(), on_open=on_open)
+    return atomic_write(path, enc.chunks(), on_open=on_open, flush_behind=flush_behind)
 
 
 class Readable(Protocol):

@@ -63,7 +63,8 @@ def evict_objects(agent: Agent, rid: int, req: dict[str, Any]) -> dict[str, Any]
             break
         if name in keep:
             continue
-        os.replace(os.path.join(odir, name), os.path.join(odir, EVICTED_PREFIX + name))
+        # (a name of its own: one evicted before and not unlinked yet is not freed here)
+        os.replace(os.path.join(odir, name), os.path.join(odir, f"{EVICTED_PREFIX}{name}.{os.urandom(4).hex()}"))
         total -= size
         removed += 1
     if removed or leftovers:

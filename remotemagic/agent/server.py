@@ -69,7 +69,9 @@ class Agent:
                 try:
                     uploads.on_frame(self, rid, op, header, payload)
                 except Exception as exc:
-                    self.uploads.pop(rid, None)
+                    failed = self.uploads.pop(rid, None)
+                    if failed is not None:
+                        failed.abandon()  # its file (and its flush thread) go now, not at exit
                     self.fail(rid, exc)
                 continue
             if op == P.OP_CANCEL_STREAM:

@@ -54,7 +54,9 @@ class Upload:
 
     def finish(self) -> dict[str, Any]:
         """fsync, check, rename into place; the answer's result."""
-        self.writeback.close()
+        failed = self.writeback.close()
+        if failed is not None:
+            self.error = self.error or f"{type(failed).__name__}: {failed}"
         try:
             self.f.flush()
             os.fsync(self.f.fileno())

@@ -49,7 +49,9 @@ class Releaser:
     that object was evicted from the store, its release frees the file's blocks and pages --
     0.40 s on the push of the next value (docs/performance.md). Python runs finalizers in
     whichever thread drops the last reference (its garbage collector does so anyway), so
-    moving the drop to this thread changes when, not what."""
+    moving the drop to this thread changes when, not what. Limits: one thread, in order (a
+    finalizer that blocks holds up the values after it), and a checkpoint writer forked while a
+    release is under way keeps that value's pages until it exits."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
@@ -357,6 +359,7 @@ class Worker:
             if name in ns:
                 replaced.append(ns[name])
             ns[name] = value
+            del value  # the namespace holds it now, and only it (a cell may drop it)
             try:
                 os.utime(path)  # most recently used
             except OSError:
