@@ -249,7 +249,8 @@ class AgentConnection:
         return call.wait()
 
     def close(self) -> None:
-        self.lost = True
+        self._mark_lost()  # wakes every call still waiting (it gets ConnectionLostError): the
+        # reader's own _mark_lost, once the stream is closed, finds the connection lost already
         try:
             self.stream.close()
         except Exception:

@@ -388,7 +388,7 @@ class Job:
             if name not in self._values:
                 self._values[name] = self._take_prefetched(name, meta.get("size", 0))
             got[name] = self._values[name]
-        self._prefetch.clear()
+        self._cancel_prefetch()  # streams of values the status does not list (not saved): stopped
         problems = []
         if st.get("missing"):
             problems.append("not defined by the cell: " + ", ".join(st["missing"]))
@@ -419,4 +419,6 @@ class Job:
             except Exception as exc:
                 log.debug("streaming %s of job %s while it was written failed (%s); reading it again",
                           name, self.id, exc)
+        elif pf is not None:
+            pf.cancel()  # another size than announced: that stream is not this value
         return read_output(self.remote, self.id, name, size)

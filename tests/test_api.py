@@ -240,6 +240,38 @@ def test_worker_killed_mid_job(remote: remotemagic.Remote, capsys: pytest.Captur
     assert [e["text"] for e in nxt.events() if e["type"] == "stream"] == ["False\n"]
 
 
+def test_closing_a_connection_wakes_every_call_still_waiting(target, tmp_path: Path) -> None:
+    """A stream still open when the connection is closed (a job's log followed by a thread, a
+    value nobody took) ends at once with ConnectionLostError instead of waiting forever (the
+    close marked the link lost first, so the reader's end woke nobody)."""
+    from remotemagic.agent import protocol
+
+    r = target.connect()
+    gate = tmp_path / "go"
+    try:
+        job = r.run(f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.02)",
+                    background=True)
+        call = r.connection().start(protocol.OP_EVENTS, job=job.id, offset=0, follow=True)
+        ended: list[BaseException] = []
+
+        def follow() -> None:
+            try:
+                for _ in call:
+                    pass
+            except BaseException as exc:
+                ended.append(exc)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        r.close()
+        follower.join(30)
+        assert not follower.is_alive(), "a call left waiting after its connection was closed"
+        assert ended and isinstance(ended[0], remotemagic.errors.ConnectionLostError)
+    finally:
+        gate.touch()
+        r.close()
+
+
 def test_sessions_side_by_side(target) -> None:
     a = target.connect(session="nb-a")
     b = target.connect(session="nb-b")
