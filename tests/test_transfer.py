@@ -124,6 +124,15 @@ def test_push_pull_magics(ip: Any, tree: Path, tmp_path: Path, capsys: pytest.Ca
     assert "does not exist" in str(result.error_in_exec)
 
 
+def pieces_past_a_flush(data: bytes, start: int, flushed: Any) -> Iterator[bytes]:
+    """``data`` from ``start`` in 1 MiB pieces; past the first 8 MiB, the next waits until a
+    background flush has begun (``flushed``, a threading.Event the test's fdatasync sets)."""
+    for i in range(start, len(data), 2**20):
+        if i - start >= 9 * 2**20:
+            assert flushed.wait(60), "no flush while the file was being written"
+        yield data[i:i + 2**20]
+
+
 def test_durable_writes_are_flushed_in_the_background_as_they_grow(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Uploads and object files are flushed to disk every 8 MiB by another thread while they are
@@ -145,14 +154,7 @@ def test_durable_writes_are_flushed_in_the_background_as_they_grow(tmp_path: Pat
     data = os.urandom(20 * 2**20)
     mib = 2**20
 
-    def chunks(start: int) -> Iterator[bytes]:
-        """1 MiB pieces; past the first 8 MiB, the next waits until a flush has begun."""
-        for i in range(start, len(data), mib):
-            if i - start >= 9 * mib:
-                assert first.wait(60), "no flush while the file was being written"
-            yield data[i:i + mib]
-
-    files.atomic_write(str(tmp_path / "obj"), chunks(0))
+    files.atomic_write(str(tmp_path / "obj"), pieces_past_a_flush(data, 0, first))
     assert (tmp_path / "obj").read_bytes() == data
     assert flushed and all(name == "remotemagic-writeback" for _, name in flushed)
     assert 8 * mib <= flushed[0][0] < len(data)  # while it was written, once 8 MiB were there
@@ -162,7 +164,7 @@ def test_durable_writes_are_flushed_in_the_background_as_they_grow(tmp_path: Pat
     part = tmp_path / "up.part"
     part.write_bytes(data[: 5 * mib])
     up = uploads.Upload(str(part), str(tmp_path / "up"), len(data), None, offset=5 * mib)
-    for piece in chunks(5 * mib):
+    for piece in pieces_past_a_flush(data, 5 * mib, first):
         up.write(piece)
     assert up.finish() == {"size": len(data), "path": str(tmp_path / "up")}
     assert (tmp_path / "up").read_bytes() == data
@@ -192,19 +194,13 @@ def test_a_write_error_met_by_a_background_flush_fails_the_write(tmp_path: Path,
     monkeypatch.setattr(os, "fdatasync", failing)  # the final fsync (os.fsync) is the real one
     data = os.urandom(12 * 2**20)
 
-    def chunks() -> Iterator[bytes]:
-        for i in range(0, len(data), 2**20):
-            if i >= 9 * 2**20:
-                assert met.wait(60), "no flush while the file was being written"
-            yield data[i:i + 2**20]
-
     with pytest.raises(OSError, match="Input/output error"):
-        files.atomic_write(str(tmp_path / "obj"), chunks())
+        files.atomic_write(str(tmp_path / "obj"), pieces_past_a_flush(data, 0, met))
     assert list(tmp_path.iterdir()) == []
 
     met.clear()
     up = uploads.Upload(str(tmp_path / "up.part"), str(tmp_path / "up"), len(data), "f" * 32)
-    for piece in chunks():
+    for piece in pieces_past_a_flush(data, 0, met):
         up.write(piece)
     with pytest.raises(Exception, match="Input/output error") as info:
         up.finish()

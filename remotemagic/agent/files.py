@@ -168,8 +168,6 @@ class Writeback:
         return self.error
 
 
-
-
 _RENAME_EXCHANGE = 2  # renameat2's flag (Linux 3.15; ext4, xfs, btrfs, tmpfs)
 _AT_FDCWD = -100
 
