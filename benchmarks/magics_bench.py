@@ -37,6 +37,12 @@ def _median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1000
 
 
+def _in_turn(rep: int, *contenders: tuple[str, list[float]]) -> tuple[tuple[str, list[float]], ...]:
+    """The contenders in turn: the first of a repetition comes last in the next (the first pull
+    after the pushes, or after scp's copy, meets other memory and caches than the second)."""
+    return contenders if rep % 2 == 0 else contenders[::-1]
+
+
 def settle() -> None:
     """Flush dirty pages from the previous step so it does not slow down the next one."""
     os.sync()
@@ -125,10 +131,10 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
         res["cell_p90_ms"] = sorted(cells)[int(len(cells) * 0.9)] * 1000
         if arr is not None and key in spec["transfer"]:
             push_m, push_a, pull_m, pull_a, push_s, pull_s = [], [], [], [], [], []
-            for _ in range(spec["reps"]):
+            for rep in range(spec["reps"]):
                 if spec.get("scp"):
                     push_s.append(scp("upload"))
-                for contender, times in (("magics", push_m), ("api", push_a)):
+                for contender, times in _in_turn(rep, ("magics", push_m), ("api", push_a)):
                     arr[:8] = np.frombuffer(os.urandom(8), dtype=np.uint8)  # a new hash: nothing to dedup
                     r.request("evict_objects", limit=0, keep=[])
                     settle()
@@ -141,10 +147,10 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
                     times.append(time.perf_counter() - t0)
             ip.user_ns.pop("x", None)
             previous = None
-            for _ in range(spec["reps"]):
+            for rep in range(spec["reps"]):
                 if spec.get("scp"):
                     pull_s.append(scp("download"))
-                for contender, times in (("magics", pull_m), ("api", pull_a)):
+                for contender, times in _in_turn(rep, ("magics", pull_m), ("api", pull_a)):
                     if previous is not None:  # the previous copy goes, as scp's does
                         try:
                             os.unlink(os.path.join(spec["root"], "jobs", previous, "outputs", "y.obj"))
@@ -162,7 +168,11 @@ def drive(spec: dict[str, Any]) -> dict[str, Any]:
                         previous = job.id
                     times.append(time.perf_counter() - t0)
                     assert y.nbytes == arr.nbytes and bool(np.array_equal(y[-4096:], arr[-4096:]))
+                    # Nothing of this pull outlives it: a value kept (by ``job`` or ``r.last_job``)
+                    # was freed inside the other contender's timing, whose allocation then reused
+                    # those pages -- on this VM a fresh 512 MiB costs ~1 s, reused pages ~0.1 s.
                     del y
+                    job = r.last_job = None
             magic("run", "del x, y")
             res.update(push_magics=push_m, push_api=push_a, pull_magics=pull_m, pull_api=pull_a)
             if spec.get("scp"):

@@ -399,6 +399,12 @@ class Job:
                 f"job {self.id}: some outputs did not arrive -- " + "; ".join(problems), got)
         return got
 
+    def release_values(self) -> None:
+        """Forget the pulled values this job holds: whoever took them from :meth:`result` now
+        holds the only reference, so deleting them frees their memory. A later
+        :meth:`result` reads them from the target again."""
+        self._values.clear()
+
     def _prefetch_output(self, event: dict[str, Any]) -> None:
         """An ``output`` event: start streaming that value if it is too big to come inline."""
         name, size = event.get("name"), event.get("size")

@@ -336,6 +336,8 @@ class Ec2Magics(Magics):
         return count if isinstance(count, int) else self.ip.execution_count
 
     def _pull_into_namespace(self, job: api.Job) -> None:
+        """The job's ``-o`` values into the notebook's namespace -- the only place they stay:
+        ``del y`` in the notebook frees a pulled ``y`` (the job, kept as ``last_job``, lets go)."""
         try:
             got = job.result()
         except errors.MissingOutputError as exc:
@@ -345,6 +347,8 @@ class Ec2Magics(Magics):
             if exc.ename == "UsageError":  # shown as one "UsageError: ..." line, like a local one
                 raise UsageError(exc.evalue) from None
             raise
+        finally:
+            job.release_values()
         self.ip.user_ns.update(got)
 
     def _job(self, ref: str | None) -> api.Job:

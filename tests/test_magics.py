@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,17 @@ def test_jobs_status_cancel(ip: Any, capsys: pytest.CaptureFixture) -> None:
     result = ip.run_cell(f"%ec2 wait {job_id}")
     assert isinstance(result.error_in_exec, remotemagic.RemoteError)
     assert result.error_in_exec.ename == "KeyboardInterrupt"
+
+
+def test_a_pulled_value_deleted_in_the_notebook_is_freed(ip: Any) -> None:
+    # one value small enough to come inline with the job's end, one streamed as a file
+    run_ok(ip, "%%ec2 run -o small,big\nimport numpy as np\nsmall = np.zeros(10)\nbig = np.ones(1 << 21)")
+    gone = [weakref.ref(ip.user_ns["small"]), weakref.ref(ip.user_ns["big"])]
+    run_ok(ip, "del small, big")
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]  # no copy kept beside the notebook's
+    run_ok(ip, "%ec2 wait")  # the same job's values, read from the target again
+    assert ip.user_ns["small"].sum() == 0 and ip.user_ns["big"].sum() == 1 << 21
 
 
 def test_ctrl_c_interrupts_remote_code_and_session_survives(ip: Any, tmp_path: Path,
