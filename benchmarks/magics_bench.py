@@ -69,9 +69,10 @@ def time_copy(cmd: list[str], dest: str, size: int) -> float:
 def drive(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure in the running IPython (shell or kernel) whose Ec2Magics is connected already.
 
-    ``spec``: ``runs`` (warm cells per contender), ``reps`` (transfers per contender),
-    ``size`` and ``src`` (the array pushed and pulled, read from a random file), ``root`` (the
-    remote root: each pull's previous ``-o`` file is deleted, as scp's previous copy is),
+    ``spec``: ``runs`` (warm cells per contender), ``reps`` (timed transfers per contender,
+    after one untimed round), ``size`` and ``src`` (the array pushed and pulled, read from a
+    random file), ``root`` (the remote root: each pull's previous ``-o`` file is deleted, as
+    scp's previous copy is),
     ``namespaces`` ([key, setup cell]) and ``transfer`` (the keys whose transfers are timed);
     ``scp``: the scp commands (``upload``, ``download``) and the files they write
     (``upload_dest``, ``download_dest``), run interleaved with each push and pull so that every
