@@ -822,7 +822,7 @@ class Bench:
         shown = f"{array_mb} MiB" if array_mb < 1024 else f"{array_mb / 1024:g} GiB"
         labels = {key: label.replace("{array_label}", shown) for key, label, _ in magics_bench.NAMESPACES}
         root = self.root("magics")
-        spec = {"runs": self.args.latency_runs, "reps": self.reps(link), "size": size, "src": str(src),
+        spec = {"runs": self.args.magics_runs, "reps": self.args.magics_repeat, "size": size, "src": str(src),
                 "root": str(root), "namespaces": namespaces, "scp": copies,
                 "transfer": ["empty", "dicts"] if self.args.quick else [k for k, _ in namespaces]}
         use = (f"use ssh {self.host(link)} --root {root} --python {self.args.python} --ssh-config {self.cfg} "
@@ -845,7 +845,7 @@ class Bench:
             spec["transfer"] = ["empty"]
         t0 = time.perf_counter()
         got = magics_bench.kernel_drive(dict(os.environ), use.format(session=f"kernel-{uuid.uuid4().hex[:6]}"),
-                                        spec, str(REPO), self.args.latency_runs)
+                                        spec, str(REPO), self.args.magics_runs)
         trip = got.pop("_round_trip")
         self.results.add(Row(link, "kernel round trip: execute -> idle", "Jupyter client, %%ec2 run pass (median)",
                              trip["magics_ms"], "ms", baseline="a local 'pass' cell",
@@ -1069,6 +1069,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-magics", action="store_true", help="only the magics rows (and their scp baseline)")
     p.add_argument("--magics-mb", type=int, default=None,
                    help="array pushed and pulled through the magics, in MiB (default 512; --quick 256)")
+    p.add_argument("--magics-runs", type=int, default=None,
+                   help="warm cells per contender through the magics, interleaved (default 200; --quick 100): "
+                   "the magics' own cost is a few %% of a cell, so its ratio to the API needs many cells")
+    p.add_argument("--magics-repeat", type=int, default=None,
+                   help="timed pushes and pulls per contender through the magics (default 5; --quick 3): "
+                   "one 512 MiB transfer varies by +-30 %% between repetitions on a busy VM")
     p.add_argument("--python", default=base_python(),
                    help="interpreter for the remote venv (default: this one, or the base of the venv it runs in)")
     p.add_argument("--tmp", default=None, help="folder for the temporary files (default: the system's)")
@@ -1083,6 +1089,8 @@ def main(argv: list[str] | None = None) -> int:
     args.size_mb = args.size_mb or (256 if args.quick else 1024)
     args.files = args.files or (2000 if args.quick else 10000)
     args.magics_mb = args.magics_mb or (256 if args.quick else 512)
+    args.magics_runs = args.magics_runs or (100 if args.quick else 200)
+    args.magics_repeat = args.magics_repeat or (3 if args.quick else 5)
     args.links = [x.strip() for x in args.links.split(",") if x.strip()]
     for x in args.links:
         if x not in LINK_NAMES:

@@ -30,10 +30,14 @@ def _showing_notices(method: Any) -> Any:
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with notices.collect(Renderer()):
+        with notices.collect(_show_notice):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+def _show_notice(notice: Any) -> None:
+    Renderer()(notice)  # (made when a notice comes: most cells raise none)
 
 
 @contextlib.contextmanager

@@ -9,11 +9,9 @@ from . import fidelity
 
 
 def _in_ipython() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
+    """Whether an IPython shell runs in this process (no shell if IPython was never imported)."""
+    ipython = sys.modules.get("IPython")
+    return ipython is not None and ipython.get_ipython() is not None
 
 
 class Renderer:

@@ -185,3 +185,22 @@ def test_parsed_values_keep_their_old_shape() -> None:
     assert pip is not None and pip.args.words == ["install", "-U", "numpy<3", "pandas"]
     jobs = magic_parsers.parse_ec2("jobs", is_cell=False)
     assert jobs is not None and jobs.args.n == 20
+
+
+def test_a_repeated_cell_line_parses_alike_each_time(capsys: pytest.CaptureFixture) -> None:
+    """%%ec2 run lines are parsed once (see parse_ec2); each cell still gets its own arguments,
+    help is printed every time and a bad line fails every time."""
+    first = magic_parsers.parse_ec2("run -i a,b -o c --timeout 3", is_cell=True)
+    assert first is not None
+    first.args.push.append("z")
+    first.args.timeout = 99
+    again = magic_parsers.parse_ec2("run -i a,b -o c --timeout 3", is_cell=True)
+    assert again is not None and again.args is not first.args
+    assert (again.args.push, again.args.pull, again.args.timeout) == (["a", "b"], ["c"], 3.0)
+    for _ in range(2):
+        assert magic_parsers.parse_ec2("run -h", is_cell=True) is None
+        assert capsys.readouterr().out == magic_parsers.VERBS["run"].format_help()
+        with pytest.raises(UsageError, match="'1x' is not a variable name"):
+            magic_parsers.parse_ec2("run -i 1x", is_cell=True)
+        with pytest.raises(UsageError, match="is a cell magic"):
+            magic_parsers.parse_ec2("run -i a,b -o c --timeout 3", is_cell=False)
