@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -854,6 +855,27 @@ class Bench:
                              "(the kernel's and the client's own cost)"))
         self.magics_rows(link, "Jupyter kernel", got, labels, scp)
         print(f"  (magics in a Jupyter kernel took {time.perf_counter() - t0:.0f} s)", flush=True)
+        self.magics_pooled(link)
+
+    def magics_pooled(self, link: str) -> None:
+        """The transfer rows' magics ÷ API ratios together (information: one 512 MiB transfer
+        varies by +-20 % between repetitions here, so a single row's median of a few is coarse;
+        their geometric mean says whether the magics path as such is slower)."""
+        ratios = {verb: [r.ratio for r in self.results.rows if r.link == link and r.target == "magics >= 0.90x API"
+                         and r.what.startswith(verb) and r.ratio] for verb in ("push", "pull")}
+        every = ratios["push"] + ratios["pull"]
+        if not every:
+            return
+
+        def geo(xs: list[float]) -> float:
+            return math.exp(statistics.fmean(math.log(x) for x in xs))
+
+        parts = ", ".join(f"{verb}: {geo(xs):.3f} ({min(xs):.2f}-{max(xs):.2f}, {len(xs)} rows)"
+                          for verb, xs in ratios.items() if xs)
+        self.results.add(Row(link, "push and pull through the magics, every namespace",
+                             "magics / API, geometric mean of the rows", geo(every), "x",
+                             note=f"{parts}; {self.args.magics_repeat} timed transfers per contender and row",
+                             extra={k: v for k, v in ratios.items()}))
 
     def magics_rows(self, link: str, where: str, got: dict[str, Any], labels: dict[str, str],
                     scp: dict[str, float]) -> None:

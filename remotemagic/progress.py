@@ -3,6 +3,7 @@ one-line status lines for waits (an instance starting, a port opening)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -10,13 +11,21 @@ from typing import Any, Callable
 SHOW_ABOVE = 16 * 1024 * 1024  # bytes: smaller transfers finish before a bar is worth drawing
 
 
+def _tqdm() -> Any:
+    """tqdm's class for here: a notebook widget in a Jupyter kernel with ipywidgets, else text.
+    (Without ipywidgets, ``tqdm.auto`` warns "IProgress not found. Please update jupyter and
+    ipywidgets" into the user's cell before it falls back to text: our bars fall back quietly.)"""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from tqdm.auto import tqdm
+    return tqdm
+
+
 def bar(total: int, desc: str, enabled: bool = True) -> tuple[Callable[[int], None], Callable[[], None]]:
     """Return ``(update(nbytes), close())`` for a byte progress bar, or no-ops when small."""
     if not enabled or total < SHOW_ABOVE:
         return (lambda n: None), (lambda: None)
-    from tqdm.auto import tqdm
-
-    t: Any = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
+    t: Any = _tqdm()(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
     # tqdm.update per 256 KiB frame was ~20 ms of CPU per 256 MiB (~7 % of a loopback push's
     # client CPU): hand it the bytes in steps of 1/200 of the total (at least 1 MiB)
     step = max(total // 200, 1 << 20)
@@ -46,9 +55,7 @@ class Status:
     def __init__(self, desc: str, enabled: bool = True):
         self._bar: Any = None
         if enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=None, desc=desc, bar_format="{desc}{postfix} [{elapsed}]", leave=False)
+            self._bar = _tqdm()(total=None, desc=desc, bar_format="{desc}{postfix} [{elapsed}]", leave=False)
         self._last = ""
 
     def message(self, text: str) -> None:
