@@ -64,6 +64,7 @@ LINK_NAMES = {"lo": "loopback", "wan": "WAN", "env": "machine"}
 
 
 # -- results -----------------------------------------------------------------------------------
+MAGICS_VS_API = "magics >= 0.90x API"  # the target of each transfer row's magics / API ratio
 @dataclass
 class Row:
     link: str
@@ -861,7 +862,7 @@ class Bench:
         """The transfer rows' magics ÷ API ratios together (information: one 512 MiB transfer
         varies by +-20 % between repetitions here, so a single row's median of a few is coarse;
         their geometric mean says whether the magics path as such is slower)."""
-        ratios = {verb: [r.ratio for r in self.results.rows if r.link == link and r.target == "magics >= 0.90x API"
+        ratios = {verb: [r.ratio for r in self.results.rows if r.link == link and r.target == MAGICS_VS_API
                          and r.what.startswith(verb) and r.ratio] for verb in ("push", "pull")}
         every = ratios["push"] + ratios["pull"]
         if not every:
@@ -875,7 +876,7 @@ class Bench:
         self.results.add(Row(link, "push and pull through the magics, every namespace",
                              "magics / API, geometric mean of the rows", geo(every), "x",
                              note=f"{parts}; {self.args.magics_repeat} timed transfers per contender and row",
-                             extra={k: v for k, v in ratios.items()}))
+                             extra=dict(ratios)))
 
     def magics_rows(self, link: str, where: str, got: dict[str, Any], labels: dict[str, str],
                     scp: dict[str, float]) -> None:
@@ -911,7 +912,7 @@ class Bench:
                             extra={"times_s": r[magic_key], "scp_times_s": scp_times, "scp_mb_s": scp_rate}))
                 res.add(Row(link, f"{verb} {mb} MiB array, namespace: {labels[key]}", f"API r.run({verb}), {where}",
                             api_rate, "MB/s", ta, baseline="magics / API", ratio=rate / api_rate,
-                            target="magics >= 0.90x API", status=status_of(rate >= 0.9 * api_rate),
+                            target=MAGICS_VS_API, status=status_of(rate >= 0.9 * api_rate),
                             note=f"x{api_rate / scp_rate:.2f} of scp", extra={"times_s": r[api_key]}))
 
     # -- the machine ------------------------------------------------------------------------------

@@ -347,18 +347,19 @@ class Command(NamedTuple):
     args: argparse.Namespace
 
 
-_CELL_LINES: dict[str, argparse.Namespace] = {}  # the valid %%ec2 lines parsed so far (see parse_ec2)
+_CELL_LINES: dict[str, Command] = {}  # the valid %%ec2 lines parsed so far (see parse_ec2)
 
 
 def parse_ec2(line: str, is_cell: bool) -> Command | None:
     """Parse a ``%ec2`` line (``is_cell``: it heads a ``%%ec2`` cell). None when ``-h`` printed
     the help; a UsageError for anything that is not a valid command.
 
-    A ``%%ec2 run`` line is parsed once: its arguments depend on nothing but the line, and a
+    A ``%%ec2`` cell line is parsed once: its arguments depend on nothing but the line, and a
     notebook repeats the same few lines cell after cell (argparse is a third of the magic's own
     cost per cell). Each call gets its own copy."""
     if is_cell and line in _CELL_LINES:
-        return Command("run", _copy(_CELL_LINES[line]))
+        kept = _CELL_LINES[line]
+        return Command(kept.verb, _copy(kept.args))
     words = split_line(line, "%ec2")
     if not words:
         raise UsageError(EC2_PARSER.format_help())
@@ -375,10 +376,10 @@ def parse_ec2(line: str, is_cell: bool) -> Command | None:
         raise UsageError(f"%ec2 {verb} is a cell magic: start the cell with %%ec2 {verb}")
     if is_cell and verb not in CELL_VERBS:
         raise UsageError(f"%%ec2 {verb} is not a cell command; did you mean %%ec2 run?")
-    if verb == "run":
+    if is_cell:
         if len(_CELL_LINES) >= 256:
             _CELL_LINES.clear()
-        _CELL_LINES[line] = _copy(args)
+        _CELL_LINES[line] = Command(verb, _copy(args))
     return Command(verb, args)
 
 
