@@ -190,13 +190,16 @@ def test_parsed_values_keep_their_old_shape() -> None:
 def test_a_repeated_cell_line_parses_alike_each_time(capsys: pytest.CaptureFixture) -> None:
     """%%ec2 run lines are parsed once (see parse_ec2); each cell still gets its own arguments,
     help is printed every time and a bad line fails every time."""
-    first = magic_parsers.parse_ec2("run -i a,b -o c --timeout 3", is_cell=True)
-    assert first is not None
-    first.args.push.append("z")
-    first.args.timeout = 99
-    again = magic_parsers.parse_ec2("run -i a,b -o c --timeout 3", is_cell=True)
-    assert again is not None and again.args is not first.args
-    assert (again.args.push, again.args.pull, again.args.timeout) == (["a", "b"], ["c"], 3.0)
+    line = "run -i a,b -o c --timeout 3"
+    seen = []
+    for _ in range(3):  # parsed, then twice from what was kept: no cell sees another's changes
+        command = magic_parsers.parse_ec2(line, is_cell=True)
+        assert command is not None and command.verb == "run"
+        assert all(command.args is not earlier.args for earlier in seen)
+        assert (command.args.push, command.args.pull, command.args.timeout) == (["a", "b"], ["c"], 3.0)
+        command.args.push.append("z")
+        command.args.timeout = 99
+        seen.append(command)
     for _ in range(2):
         assert magic_parsers.parse_ec2("run -h", is_cell=True) is None
         assert capsys.readouterr().out == magic_parsers.VERBS["run"].format_help()
